@@ -1,0 +1,7 @@
+"""MSCA-K: heads take K from frames t-1 / t+1 (head axis)."""
+
+from configs import common
+
+
+def get_config(arg=None):
+  return common.get_config("msca", arg, msca_targets="k")

@@ -1,0 +1,109 @@
+"""Model zoo: `build(config.model)` returns the Flax module for any variant.
+
+    model = models.build(cfg.model)
+    variables = model.init(rng, video)              # video: (B, T, H, W, 3) in [-1, 1]
+    logits = model.apply(variables, video)          # (B, num_classes), inference mode
+    logits = model.apply(variables, video, train=True, rngs={'dropout': rng})
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+from msca_jax.models import msca, shift
+from msca_jax.models.vit import TemporalMixing, VideoClassifier
+
+MODEL_NAMES = ("vit", "tokenshift", "msca")
+
+# name -> (width, depth, num_heads, mlp_dim), the ViT paper's sizes.
+VARIANTS = {
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The logical axis names carried by params and activations; a mesh maps them.
+LOGICAL_AXES = ("batch", "embed", "mlp", "heads", "kv", "classes")
+
+
+def _get(config: Mapping[str, Any], field: str, default=None):
+  value = config.get(field, default)
+  return default if value is None else value
+
+
+def parse_variant(variant: str) -> tuple[str, int]:
+  """'B/16' -> ('B', 16)."""
+  name, _, patch = str(variant).partition("/")
+  if name not in VARIANTS or not patch.isdigit() or int(patch) < 1:
+    raise ValueError(f"config.model.variant: expected '<{'|'.join(VARIANTS)}>/<patch size>' "
+                     f"such as 'B/16', got {variant!r}")
+  return name, int(patch)
+
+
+def architecture(config: Mapping[str, Any]) -> dict[str, int]:
+  """The variant's sizes, with any of width/depth/num_heads/mlp_dim/patch_size overridden."""
+  name, patch = parse_variant(_get(config, "variant", "B/16"))
+  width, depth, heads, mlp = VARIANTS[name]
+  arch = dict(width=_get(config, "width", width), depth=_get(config, "depth", depth),
+              num_heads=_get(config, "num_heads", heads), mlp_dim=_get(config, "mlp_dim", mlp),
+              patch_size=_get(config, "patch_size", patch))
+  for field, value in arch.items():
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.model.{field}: expected a positive integer, got {value!r}")
+  if arch["width"] % arch["num_heads"]:
+    raise ValueError(f"config.model.num_heads: {arch['num_heads']} does not divide "
+                     f"width {arch['width']}")
+  return arch
+
+
+def temporal_mixing(config: Mapping[str, Any]) -> TemporalMixing:
+  name = _get(config, "name", "vit")
+  if name not in MODEL_NAMES:
+    raise ValueError(f"config.model.name: expected one of {MODEL_NAMES}, got {name!r}")
+  shift_div = _get(config, "shift_div", 4)
+  if not isinstance(shift_div, int) or shift_div < 1:
+    raise ValueError(f"config.model.shift_div: expected a positive integer, got {shift_div!r}")
+  boundary = _get(config, "boundary", "zero")
+  if boundary not in shift.BOUNDARIES:
+    raise ValueError(f"config.model.boundary: expected one of {shift.BOUNDARIES}, got {boundary!r}")
+  targets = _get(config, "msca_targets", "kv")
+  axis = _get(config, "msca_axis", "head")
+  if name == "msca":
+    if targets not in msca.TARGETS:
+      raise ValueError(f"config.model.msca_targets: expected one of {msca.TARGETS}, got {targets!r}")
+    if axis not in msca.AXES:
+      raise ValueError(f"config.model.msca_axis: expected one of {msca.AXES}, got {axis!r}")
+  return TemporalMixing(kind="none" if name == "vit" else name, shift_div=shift_div,
+                        msca_targets=targets, msca_axis=axis, boundary=boundary)
+
+
+def build(config: Mapping[str, Any]) -> VideoClassifier:
+  """Builds the classifier described by a `config.model` ConfigDict (or any mapping)."""
+  num_classes = config.get("num_classes")
+  if not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"config.model.num_classes: expected a positive integer, got {num_classes!r}")
+  dtype = _get(config, "dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype: expected one of {tuple(DTYPES)}, got {dtype!r}")
+  rates = {}
+  for field in ("dropout_rate", "attention_dropout_rate", "drop_path_rate"):
+    rates[field] = float(_get(config, field, 0.0))
+    if not 0.0 <= rates[field] < 1.0:
+      raise ValueError(f"config.model.{field}: expected a rate in [0, 1), got {rates[field]}")
+  attention_impl = config.get("attention_impl") or None
+  if attention_impl not in (None, "xla", "cudnn"):
+    raise ValueError(f"config.model.attention_impl: expected None, 'xla' or 'cudnn', "
+                     f"got {attention_impl!r}")
+  return VideoClassifier(
+      num_classes=num_classes, **architecture(config), temporal=temporal_mixing(config),
+      **rates, head_zeroinit=bool(_get(config, "head_zeroinit", True)),
+      attention_impl=attention_impl, remat=bool(_get(config, "remat", False)),
+      remat_policy=_get(config, "remat_policy", "nothing_saveable"), dtype=DTYPES[dtype])
+
+
+__all__ = ["build", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
+           "TemporalMixing", "VARIANTS", "MODEL_NAMES", "LOGICAL_AXES"]

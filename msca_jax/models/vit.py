@@ -1,0 +1,252 @@
+"""Frame-wise ViT video classifier, the backbone of every model here.
+
+Each frame of a (B, T, H, W, 3) clip goes through the same 2-D ViT; the logits
+of the T frames are averaged. Parameter names follow Google's
+vision_transformer checkpoints one to one (`embedding`, `cls`,
+`Transformer/posembed_input/pos_embedding`, `encoderblock_{i}/LayerNorm_0`,
+`MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`, ...), so a
+ViT .npz maps onto these params by name.
+
+Activations keep the time axis, (B, T, tokens, channels), so that the temporal
+models (TokenShift, MSCA) shift along axis 1 without any reshape; attention and
+dense layers only see the trailing axes. TokenShift and MSCA are selected by
+`TemporalMixing` and add no parameter and no matmul FLOP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msca_jax.models import msca, tokenshift
+
+Dtype = Any
+LN_EPSILON = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalMixing:
+  """How frames exchange information; kind 'none' is the frame-wise ViT."""
+  kind: str = "none"  # 'none' | 'tokenshift' | 'msca'
+  shift_div: int = 4
+  msca_targets: str = "kv"
+  msca_axis: str = "head"
+  boundary: str = "zero"
+
+
+def _init(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
+  """An initializer whose parameter carries logical axis names for sharding."""
+  return nn.with_logical_partitioning(initializer, names)
+
+
+def _drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jnp.ndarray:
+  """Stochastic depth per clip: all frames of a clip keep or drop the branch together."""
+  if not train or rate == 0.0:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    width = x.shape[-1]
+    dense = lambda features, names, name: nn.Dense(
+        features, dtype=self.dtype, name=name,
+        kernel_init=_init(nn.initializers.xavier_uniform(), names),
+        bias_init=_init(nn.initializers.normal(stddev=1e-6), names[1:]))
+    x = dense(self.mlp_dim, ("embed", "mlp"), "Dense_0")(x)
+    x = nn.with_logical_constraint(x, ("batch", None, None, "mlp"))
+    x = nn.gelu(x, approximate=False)  # the reference uses exact (erf) GELU
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    x = dense(width, ("mlp", "embed"), "Dense_1")(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+
+
+class Attention(nn.Module):
+  """Multi-head attention over the tokens of each frame; MSCA heads look across frames."""
+  num_heads: int
+  temporal: TemporalMixing = TemporalMixing()
+  attention_dropout_rate: float = 0.0
+  attention_impl: str | None = None  # None lets JAX pick (cuDNN where it can)
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    batch, frames, tokens, width = x.shape
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    project = lambda name: nn.DenseGeneral(
+        (self.num_heads, head_dim), dtype=self.dtype, name=name,
+        kernel_init=_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
+        bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
+    q, k, v = (project(name)(x) for name in ("query", "key", "value"))
+    if self.temporal.kind == "msca":
+      q, k, v = msca.cross_frame_qkv(
+          q, k, v, targets=self.temporal.msca_targets, axis=self.temporal.msca_axis,
+          shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
+
+    # Frames are independent attention problems: fold time into the batch.
+    q, k, v = (y.reshape(batch * frames, tokens, self.num_heads, head_dim) for y in (q, k, v))
+    if train and self.attention_dropout_rate > 0.0:
+      out = self._attention_with_dropout(q, k, v)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
+    out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
+    return nn.DenseGeneral(
+        width, axis=(-2, -1), dtype=self.dtype, name="out",
+        kernel_init=_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        bias_init=_init(nn.initializers.zeros, ("embed",)))(out)
+
+  def _attention_with_dropout(self, q, k, v):
+    # jax.nn.dot_product_attention has no dropout, so this path is unfused.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32), axis=-1)
+    weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=False)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+class EncoderBlock(nn.Module):
+  mlp_dim: int
+  num_heads: int
+  temporal: TemporalMixing = TemporalMixing()
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    layer_norm = lambda name: nn.LayerNorm(
+        epsilon=LN_EPSILON, dtype=self.dtype, name=name,
+        scale_init=_init(nn.initializers.ones, ("embed",)),
+        bias_init=_init(nn.initializers.zeros, ("embed",)))
+    shift_cls = self.temporal.kind == "tokenshift"
+
+    if shift_cls:
+      x = tokenshift.shift_cls_token(x, shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
+    y = layer_norm("LayerNorm_0")(x)
+    y = Attention(self.num_heads, self.temporal, self.attention_dropout_rate, self.attention_impl,
+                  self.dtype, name="MultiHeadDotProductAttention_1")(y, train)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
+    x = x + _drop_path(self, y, self.drop_path_rate, train)
+
+    if shift_cls:
+      x = tokenshift.shift_cls_token(x, shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
+    y = layer_norm("LayerNorm_2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, train)
+    x = x + _drop_path(self, y, self.drop_path_rate, train)
+    return nn.with_logical_constraint(x, ("batch", None, None, "embed"))
+
+
+class AddPositionEmbs(nn.Module):
+  """Learned position embedding shared by all frames (no temporal embedding)."""
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (1,) + x.shape[-2:]
+    if self.has_variable("params", "pos_embedding"):
+      found = nn.meta.unbox(self.get_variable("params", "pos_embedding")).shape
+      if tuple(found) != shape:
+        raise ValueError(
+            f"pos_embedding has shape {tuple(found)} but this input needs {shape}: the frame "
+            "size differs from the one the params were built for; resize the position embedding "
+            "for the new resolution (msca_jax.pretrained.resize_pos_embedding)")
+    pos = self.param("pos_embedding", _init(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
+                     shape)
+    return x + pos.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  temporal: TemporalMixing = TemporalMixing()
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  attention_impl: str | None = None
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = AddPositionEmbs(name="posembed_input")(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    block = EncoderBlock
+    if self.remat:
+      # Argument 2 is `train` (self is 0): a Python bool that must stay static.
+      block = nn.remat(EncoderBlock, static_argnums=(2,),
+                       policy=getattr(jax.checkpoint_policies, self.remat_policy))
+    for i in range(self.depth):
+      # Stochastic depth grows linearly with depth, as in DeiT.
+      rate = self.drop_path_rate * i / max(self.depth - 1, 1)
+      x = block(self.mlp_dim, self.num_heads, self.temporal, self.dropout_rate,
+                self.attention_dropout_rate, rate, self.attention_impl, self.dtype,
+                name=f"encoderblock_{i}")(x, train)
+    return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="encoder_norm",
+                        scale_init=_init(nn.initializers.ones, ("embed",)),
+                        bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
+
+
+class VideoClassifier(nn.Module):
+  """(B, T, H, W, 3) clip in [-1, 1] -> (B, num_classes) float32 logits."""
+  num_classes: int
+  patch_size: int = 16
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  temporal: TemporalMixing = TemporalMixing()
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  drop_path_rate: float = 0.0
+  head_zeroinit: bool = True
+  attention_impl: str | None = None
+  remat: bool = False
+  remat_policy: str = "nothing_saveable"
+  dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
+
+  @nn.compact
+  def __call__(self, video, *, train: bool = False):
+    if video.ndim != 5 or video.shape[-1] != 3:
+      raise ValueError(f"video must be (batch, frames, height, width, 3), got shape {video.shape}")
+    batch, frames, height, width, _ = video.shape
+    p = self.patch_size
+    if height % p or width % p:
+      raise ValueError(f"frame size {height}x{width} is not a multiple of the patch size {p}")
+
+    x = video.reshape(batch * frames, height, width, 3).astype(self.dtype)
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
+                name="embedding",
+                kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
+    x = x.reshape(batch, frames, (height // p) * (width // p), self.width)
+    cls = self.param("cls", _init(nn.initializers.zeros, (None, None, "embed")), (1, 1, self.width))
+    cls = jnp.broadcast_to(cls.astype(x.dtype), (batch, frames, 1, self.width))
+    x = jnp.concatenate([cls, x], axis=2)
+    x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))
+
+    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.temporal, self.dropout_rate,
+                self.attention_dropout_rate, self.drop_path_rate, self.attention_impl,
+                self.remat, self.remat_policy, self.dtype, name="Transformer")(x, train)
+
+    head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+    frame_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                            kernel_init=_init(head_init, ("embed", "classes")),
+                            bias_init=_init(nn.initializers.zeros, ("classes",)))(x[:, :, 0])
+    # Average the logits (not the features, not the probabilities) over frames.
+    return frame_logits.astype(jnp.float32).mean(axis=1)
