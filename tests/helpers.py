@@ -1,0 +1,41 @@
+"""Small models and clips shared by the tests."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msca_jax import models
+
+# Tiny sizes: 4 heads so that shift_div 4 moves one head each way, as 12/12 does in B/16.
+SMALL = dict(width=64, depth=2, num_heads=4, mlp_dim=96, patch_size=8, num_classes=7)
+GRID = (4, 4)  # 32x32 frames, patch 8
+
+MSCA_TARGETS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
+# (name, overrides) for every variant the zoo has.
+ALL_VARIANTS = (
+    [("vit", dict(name="vit")), ("tokenshift", dict(name="tokenshift", shift_div=4))]
+    + [(f"msca_{t}", dict(name="msca", msca_targets=t, msca_axis="head", shift_div=4)) for t in MSCA_TARGETS]
+    + [(f"msca_{t}_patch", dict(name="msca", msca_targets=t, msca_axis="patch", shift_div=4))
+       for t in MSCA_TARGETS])
+
+
+def small_config(**overrides) -> dict:
+  config = dict(name="vit", variant="Ti/8", head_zeroinit=False, **SMALL)
+  config.update(overrides)
+  return config
+
+
+def small_model(**overrides):
+  return models.build(small_config(**overrides))
+
+
+def random_clip(seed: int = 0, batch: int = 2, frames: int = 4, height: int = 32, width: int = 32):
+  rng = np.random.RandomState(seed)
+  return jnp.asarray(rng.uniform(-1, 1, (batch, frames, height, width, 3)), jnp.float32)
+
+
+def init_params(model, clip, seed: int = 0):
+  return nn.unbox(model.init(jax.random.key(seed), clip)["params"])
