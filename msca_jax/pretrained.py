@@ -116,8 +116,9 @@ def _fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: Lo
         value = resize_pos_embedding(value, _target_grid(shape[1] - 1, grid))
         report.resized.append(f"{name} ({source_tokens} -> {shape[1]} tokens)")
       if value.shape != shape:
+        hint = " (another label set? skip the head: load_head=False)" if path[0] == HEAD else ""
         raise WeightsError(f"{report.source}: parameter {name!r} has shape {value.shape} in the "
-                           f"checkpoint, but the model expects {shape}")
+                           f"checkpoint, but the model expects {shape}{hint}")
       report.loaded.append(name)
     value = value.astype(dtype)
     filled[path] = leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
