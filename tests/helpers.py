@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msca_jax import models
+from tests import reference
 
 # Tiny sizes: 4 heads so that shift_div 4 moves one head each way, as 12/12 does in B/16.
 SMALL = dict(width=64, depth=2, num_heads=4, mlp_dim=96, patch_size=8, num_classes=7)
@@ -39,3 +40,11 @@ def random_clip(seed: int = 0, batch: int = 2, frames: int = 4, height: int = 32
 
 def init_params(model, clip, seed: int = 0):
   return nn.unbox(model.init(jax.random.key(seed), clip)["params"])
+
+
+def reference_state_dict(seed: int = 0, grid=GRID) -> dict:
+  """Random weights of the SMALL model in the reference PyTorch layout."""
+  s = SMALL
+  return reference.random_state_dict(
+      seed, width=s["width"], depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],
+      patch_size=s["patch_size"], grid=grid, num_classes=s["num_classes"])

@@ -1,6 +1,6 @@
 """Independent NumPy reference for the msca_jax parity tests.
 
-This module is a deliberately plain re-statement of /work/shared/SPEC.md sections 1-4
+This module is a deliberately plain re-statement of ../shared/SPEC.md sections 1-4
 (frame-wise ViT, TokenShift, MSCA, pretrained-weight layouts). It is used as GROUND TRUTH
 by the parity tests of the JAX/Flax package, so it:
 

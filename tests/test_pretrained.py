@@ -17,13 +17,6 @@ from tests import helpers, reference
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _state_dict(seed=0, grid=helpers.GRID):
-  s = helpers.SMALL
-  return reference.random_state_dict(
-      seed, width=s["width"], depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],
-      patch_size=s["patch_size"], grid=grid, num_classes=s["num_classes"])
-
-
 def _template(frames=2, size=32, **overrides):
   model = models.build(helpers.small_config(**overrides))
   clip = jax.ShapeDtypeStruct((1, frames, size, size, 3), np.float32)
@@ -40,7 +33,7 @@ def _write_npz(tmp_path, arrays, name="vit.npz"):
 
 @pytest.mark.parametrize("style", reference.GOOGLE_STYLES)
 def test_google_npz_layouts_load_into_the_model(tmp_path, style):
-  state_dict = _state_dict()
+  state_dict = helpers.reference_state_dict()
   path = _write_npz(tmp_path, reference.to_google_npz(state_dict, num_heads=4, style=style))
   model, template = _template(name="msca", msca_targets="kv", shift_div=4)
   params, report = pretrained.load_vit_npz(path, template, with_report=True)
@@ -63,7 +56,8 @@ def test_google_npz_layouts_load_into_the_model(tmp_path, style):
 
 
 def test_boxed_templates_stay_boxed(tmp_path):
-  path = _write_npz(tmp_path, reference.to_google_npz(_state_dict(), num_heads=4, style="augreg"))
+  arrays = reference.to_google_npz(helpers.reference_state_dict(), num_heads=4, style="augreg")
+  path = _write_npz(tmp_path, arrays)
   model = helpers.small_model()
   variables = model.init(jax.random.key(0), helpers.random_clip())
   params = pretrained.load_vit_npz(path, variables["params"])
@@ -74,7 +68,7 @@ def test_boxed_templates_stay_boxed(tmp_path):
 
 
 def test_scanned_big_vision_layout(tmp_path):
-  arrays = reference.to_google_npz(_state_dict(), num_heads=4, style="big_vision")
+  arrays = reference.to_google_npz(helpers.reference_state_dict(), num_heads=4, style="big_vision")
   blocks = sorted({k.split("/")[2] for k in arrays if k.startswith("params/Transformer/encoderblock_")})
   scanned = {k: v for k, v in arrays.items() if "/encoderblock_" not in k}
   for rest in {k.split("/", 3)[3] for k in arrays if "/encoderblock_0/" in k}:
@@ -87,7 +81,7 @@ def test_scanned_big_vision_layout(tmp_path):
 
 
 def test_position_embedding_is_resampled_for_another_resolution(tmp_path):
-  state_dict = _state_dict(grid=(4, 4))
+  state_dict = helpers.reference_state_dict(grid=(4, 4))
   # A linear ramp over the patch grid stays a linear ramp under linear resampling.
   rows, cols = np.meshgrid(np.arange(4.0), np.arange(4.0), indexing="ij")
   ramp = (rows[..., None] * 1.0 + cols[..., None] * 0.5) * np.ones(64)
@@ -113,7 +107,7 @@ def test_position_embedding_is_resampled_for_another_resolution(tmp_path):
 
 
 def test_npz_errors_name_the_key_and_shapes(tmp_path):
-  arrays = reference.to_google_npz(_state_dict(), num_heads=4, style="augreg")
+  arrays = reference.to_google_npz(helpers.reference_state_dict(), num_heads=4, style="augreg")
   _, template = _template()
   key = "Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"
 
@@ -147,7 +141,7 @@ def test_npz_errors_name_the_key_and_shapes(tmp_path):
 
 def test_torch_state_dict_with_wrappers_and_prefixes():
   torch = pytest.importorskip("torch")
-  state_dict = _state_dict()
+  state_dict = helpers.reference_state_dict()
   _, template = _template()
   plain = nn.unbox(pretrained.load_torch_state_dict(state_dict, template))
   wrapped = {"state_dict": {f"module.base_model.{k}": torch.from_numpy(v) for k, v in state_dict.items()},
@@ -160,7 +154,7 @@ def test_torch_state_dict_with_wrappers_and_prefixes():
 
 
 def test_torch_head_can_be_skipped_for_a_new_label_set():
-  state_dict = _state_dict()
+  state_dict = helpers.reference_state_dict()
   _, template = _template(num_classes=3)
   with pytest.raises(pretrained.WeightsError, match="'head/(bias|kernel)' has shape .*load_head=False"):
     pretrained.load_torch_state_dict(state_dict, template)
@@ -169,7 +163,7 @@ def test_torch_head_can_be_skipped_for_a_new_label_set():
 
 
 def test_torch_unexpected_entry_is_an_error():
-  state_dict = dict(_state_dict(), **{"new_fc.weight": np.zeros((3, 64), np.float32)})
+  state_dict = dict(helpers.reference_state_dict(), **{"new_fc.weight": np.zeros((3, 64), np.float32)})
   _, template = _template()
   with pytest.raises(pretrained.WeightsError, match="unexpected state dict entry 'new_fc.weight'"):
     pretrained.load_torch_state_dict(state_dict, template)
@@ -178,7 +172,7 @@ def test_torch_unexpected_entry_is_an_error():
 def test_convert_torch_cli_roundtrip(tmp_path):
   torch = pytest.importorskip("torch")
   from configs import msca_kv
-  state_dict = _state_dict()
+  state_dict = helpers.reference_state_dict()
   checkpoint = tmp_path / "msca_kv.pth"
   torch.save({"state_dict": {f"module.base_model.{k}": torch.from_numpy(v) for k, v in state_dict.items()}},
              checkpoint)

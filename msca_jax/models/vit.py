@@ -72,6 +72,30 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
+class HeadsDense(nn.Module):
+  """Dense layer to or from (heads, head_dim), with the kernel kept in its 3-D checkpoint shape.
+
+  Same parameters as flax's DenseGeneral (`kernel`, `bias`), but the kernel is
+  created in its final shape, so its logical axis names hold at init too.
+  """
+  features: tuple[int, ...]
+  contract_ndim: int
+  kernel_axes: tuple[str | None, ...]
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape[-self.contract_ndim:] + tuple(self.features)
+    fan_in = tuple(range(self.contract_ndim))
+    fan_out = tuple(range(self.contract_ndim, len(shape)))
+    init = nn.initializers.xavier_uniform(in_axis=fan_in, out_axis=fan_out)
+    kernel = self.param("kernel", _init(init, self.kernel_axes), shape)
+    bias = self.param("bias", _init(nn.initializers.zeros, self.kernel_axes[self.contract_ndim:]),
+                      tuple(self.features))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.tensordot(x, kernel, axes=self.contract_ndim) + bias
+
+
 class Attention(nn.Module):
   """Multi-head attention over the tokens of each frame; MSCA heads look across frames."""
   num_heads: int
@@ -86,10 +110,8 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    project = lambda name: nn.DenseGeneral(
-        (self.num_heads, head_dim), dtype=self.dtype, name=name,
-        kernel_init=_init(nn.initializers.xavier_uniform(), ("embed", "heads", "kv")),
-        bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
+    project = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"),
+                                      self.dtype, name=name)
     q, k, v = (project(name)(x) for name in ("query", "key", "value"))
     if self.temporal.kind == "msca":
       q, k, v = msca.cross_frame_qkv(
@@ -104,15 +126,12 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=_init(nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        bias_init=_init(nn.initializers.zeros, ("embed",)))(out)
+    return HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="out")(out)
 
   def _attention_with_dropout(self, q, k, v):
     # jax.nn.dot_product_attention has no dropout, so this path is unfused.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits / jnp.sqrt(q.shape[-1]).astype(jnp.float32), axis=-1)
+    weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
     weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=False)
     return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
 

@@ -20,13 +20,6 @@ from tests import helpers, reference
 TOLERANCE = 1e-4  # max |logit difference|, float32 against float64
 
 
-def _state_dict(seed=0, grid=helpers.GRID):
-  s = helpers.SMALL
-  return reference.random_state_dict(
-      seed, width=s["width"], depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],
-      patch_size=s["patch_size"], grid=grid, num_classes=s["num_classes"])
-
-
 def _our_logits(overrides, state_dict, clip):
   model = models.build(helpers.small_config(**overrides))
   template = jax.eval_shape(model.init, jax.random.key(0), clip)["params"]
@@ -53,7 +46,7 @@ CASES += [("msca_kv_div2", dict(name="msca", msca_targets="kv", shift_div=2)),
 
 @pytest.mark.parametrize("name,overrides", CASES, ids=[c[0] + "-" + c[1].get("boundary", "zero") for c in CASES])
 def test_variant_matches_numpy_reference(name, overrides):
-  state_dict = _state_dict(seed=3)
+  state_dict = helpers.reference_state_dict(seed=3)
   clip = helpers.random_clip(seed=4, batch=2, frames=4)
   ours = _our_logits(overrides, state_dict, clip)
   want = _reference_logits(overrides, state_dict, clip)
@@ -65,7 +58,7 @@ def test_variant_matches_numpy_reference(name, overrides):
 def test_other_clip_shapes_match_numpy_reference(frames, height, width):
   overrides = dict(name="msca", msca_targets="qkv", shift_div=4)
   grid = (height // 8, width // 8)
-  state_dict = _state_dict(seed=5, grid=grid)
+  state_dict = helpers.reference_state_dict(seed=5, grid=grid)
   clip = helpers.random_clip(seed=6, batch=1, frames=frames, height=height, width=width)
   np.testing.assert_allclose(_our_logits(overrides, state_dict, clip),
                              _reference_logits(overrides, state_dict, clip), atol=TOLERANCE, rtol=0)
