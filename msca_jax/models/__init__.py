@@ -24,6 +24,7 @@ VARIANTS = {
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),
 }
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The logical axis names carried by params and activations; a mesh maps them.
@@ -94,9 +95,9 @@ def build(config: Mapping[str, Any]) -> VideoClassifier:
     rates[field] = float(_get(config, field, 0.0))
     if not 0.0 <= rates[field] < 1.0:
       raise ValueError(f"config.model.{field}: expected a rate in [0, 1), got {rates[field]}")
-  attention_impl = config.get("attention_impl") or None
-  if attention_impl not in (None, "xla", "cudnn"):
-    raise ValueError(f"config.model.attention_impl: expected None, 'xla' or 'cudnn', "
+  attention_impl = _get(config, "attention_impl", "auto")
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config.model.attention_impl: expected one of {ATTENTION_IMPLS}, "
                      f"got {attention_impl!r}")
   return VideoClassifier(
       num_classes=num_classes, **architecture(config), temporal=temporal_mixing(config),

@@ -72,6 +72,21 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
+def attention_implementation(requested: str, platform: str, dtype, head_dim: int) -> str:
+  """Resolves 'auto' to the fused cuDNN kernel where it applies, else XLA.
+
+  jax.nn.dot_product_attention(implementation=None) always means XLA today, so
+  the choice is made here: cuDNN's flash attention needs a GPU, fp16/bf16
+  inputs and a head dimension that is a multiple of 8, at most 128.
+  """
+  if requested != "auto":
+    return requested
+  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
+    return "cudnn"
+  return "xla"
+
+
 class HeadsDense(nn.Module):
   """Dense layer to or from (heads, head_dim), with the kernel kept in its 3-D checkpoint shape.
 
@@ -101,7 +116,7 @@ class Attention(nn.Module):
   num_heads: int
   temporal: TemporalMixing = TemporalMixing()
   attention_dropout_rate: float = 0.0
-  attention_impl: str | None = None  # None lets JAX pick (cuDNN where it can)
+  attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -123,7 +138,9 @@ class Attention(nn.Module):
     if train and self.attention_dropout_rate > 0.0:
       out = self._attention_with_dropout(q, k, v)
     else:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+      implementation = attention_implementation(self.attention_impl, jax.default_backend(),
+                                                q.dtype, head_dim)
+      out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
     return HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="out")(out)
@@ -143,7 +160,7 @@ class EncoderBlock(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -196,7 +213,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32
@@ -234,7 +251,7 @@ class VideoClassifier(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   head_zeroinit: bool = True
-  attention_impl: str | None = None
+  attention_impl: str = "auto"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
   dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32

@@ -115,6 +115,23 @@ class AttentionHeadsTest(chex.TestCase):
     np.testing.assert_allclose(out[:, :, :, 1:3], unshifted[:, :, :, 1:3], atol=1e-6)
 
 
+class AttentionImplementationTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      ("auto", "gpu", jnp.bfloat16, 64, "cudnn"),
+      ("auto", "gpu", jnp.float16, 128, "cudnn"),
+      ("auto", "gpu", jnp.float32, 64, "xla"),     # cuDNN's fused kernel is half precision only
+      ("auto", "gpu", jnp.bfloat16, 12, "xla"),    # head dim not a multiple of 8
+      ("auto", "gpu", jnp.bfloat16, 256, "xla"),
+      ("auto", "cpu", jnp.bfloat16, 64, "xla"),
+      ("auto", "tpu", jnp.bfloat16, 64, "xla"),
+      ("cudnn", "cpu", jnp.float32, 64, "cudnn"),  # an explicit choice is passed through
+  )
+  def test_resolution(self, requested, platform, dtype, head_dim, expected):
+    from msca_jax.models import vit
+    self.assertEqual(vit.attention_implementation(requested, platform, dtype, head_dim), expected)
+
+
 class ShiftPrimitiveTest(parameterized.TestCase):
 
   def test_zero_and_circular_boundaries(self):
@@ -257,6 +274,7 @@ class ConfigErrorsTest(parameterized.TestCase):
       (dict(num_heads=5), "config.model.num_heads"),
       (dict(num_classes=0), "config.model.num_classes"),
       (dict(drop_path_rate=1.0), "config.model.drop_path_rate"),
+      (dict(attention_impl="flash"), "config.model.attention_impl"),
   )
   def test_bad_config_names_the_field(self, overrides, field):
     with pytest.raises(ValueError, match=field):
