@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+from absl import logging
 
 from msca_jax.models import msca, shift
 from msca_jax.models.vit import TemporalMixing, VideoClassifier
@@ -82,6 +83,17 @@ def temporal_mixing(config: Mapping[str, Any]) -> TemporalMixing:
                         msca_targets=targets, msca_axis=axis, boundary=boundary)
 
 
+def moved_fraction(temporal: TemporalMixing, arch: Mapping[str, int]) -> float:
+  """The fraction of heads (MSCA), CLS channels (TokenShift) or patches that read other frames."""
+  if temporal.kind == "tokenshift":
+    return 2 * (arch["width"] // temporal.shift_div) / arch["width"]
+  if temporal.kind == "msca" and temporal.msca_axis == "head":
+    return 2 * (arch["num_heads"] // temporal.shift_div) / arch["num_heads"]
+  if temporal.kind == "msca":
+    return min(2, temporal.shift_div) / temporal.shift_div
+  return 0.0
+
+
 def build(config: Mapping[str, Any]) -> VideoClassifier:
   """Builds the classifier described by a `config.model` ConfigDict (or any mapping)."""
   num_classes = config.get("num_classes")
@@ -99,12 +111,18 @@ def build(config: Mapping[str, Any]) -> VideoClassifier:
   if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f"config.model.attention_impl: expected one of {ATTENTION_IMPLS}, "
                      f"got {attention_impl!r}")
+  arch, temporal = architecture(config), temporal_mixing(config)
+  if moved_fraction(temporal, arch) == 0.0:
+    logging.warning(
+        "config.model.shift_div=%d moves nothing with %d heads / width %d: this %s model "
+        "computes exactly the frame-wise ViT", temporal.shift_div, arch["num_heads"], arch["width"],
+        temporal.kind)
   return VideoClassifier(
-      num_classes=num_classes, **architecture(config), temporal=temporal_mixing(config),
+      num_classes=num_classes, **arch, temporal=temporal,
       **rates, head_zeroinit=bool(_get(config, "head_zeroinit", True)),
       attention_impl=attention_impl, remat=bool(_get(config, "remat", False)),
       remat_policy=_get(config, "remat_policy", "nothing_saveable"), dtype=DTYPES[dtype])
 
 
-__all__ = ["build", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
+__all__ = ["build", "moved_fraction", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
            "TemporalMixing", "VARIANTS", "MODEL_NAMES", "LOGICAL_AXES"]

@@ -70,6 +70,10 @@ def main(argv):
             "msca": f"MSCA-{t.msca_targets.upper()} on the {t.msca_axis} axis, shift_div={t.shift_div}, "
                     f"boundary={t.boundary}"}[t.kind]
   print(f"model        {m.name} {m.variant} {ours['arch']}")
+  moved = models.moved_fraction(t, ours["arch"])
+  if t.kind != "none":
+    mixing += (f"; {moved:.1%} of the {'CLS channels' if t.kind == 'tokenshift' else t.msca_axis + 's'} "
+               "read other frames" if moved else "; MOVES NOTHING: this is the frame-wise ViT")
   print(f"temporal     {mixing}")
   print(f"clip         {m.num_frames} x {m.image_size} x {m.image_size} x 3, {m.num_classes} classes, "
         f"compute {m.dtype}, remat {m.remat}")

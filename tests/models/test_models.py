@@ -280,6 +280,19 @@ class ConfigErrorsTest(parameterized.TestCase):
     with pytest.raises(ValueError, match=field):
       models.build(helpers.small_config(**overrides))
 
+  def test_moved_fraction(self):
+    arch = lambda heads, width=768: dict(num_heads=heads, width=width)
+    temporal = lambda **kw: models.TemporalMixing(**kw)
+    self.assertEqual(models.moved_fraction(temporal(kind="msca", shift_div=12), arch(12)), 2 / 12)
+    self.assertEqual(models.moved_fraction(temporal(kind="msca", shift_div=12), arch(6)), 0.0)
+    self.assertEqual(models.moved_fraction(temporal(kind="tokenshift", shift_div=4), arch(12)), 0.5)
+    self.assertEqual(models.moved_fraction(temporal(kind="msca", msca_axis="patch", shift_div=12),
+                                           arch(12)), 2 / 12)
+    self.assertEqual(models.moved_fraction(temporal(kind="none"), arch(12)), 0.0)
+    with self.assertLogs(level="WARNING") as logs:
+      models.build(helpers.small_config(name="msca", shift_div=12))  # 4 heads: fold 0
+    self.assertIn("computes exactly the frame-wise ViT", "".join(logs.output))
+
   def test_bad_inputs(self):
     model = helpers.small_model()
     with pytest.raises(ValueError, match="multiple of the patch size"):
