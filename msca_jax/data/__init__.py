@@ -1,0 +1,1 @@
+"""Input: datasets, clip sampling, augmentation and the tf.data pipeline."""
