@@ -11,6 +11,7 @@ and what `msca_jax.pretrained.restore_params` reads.
 from __future__ import annotations
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +37,10 @@ def abstract_params(model_config):
 def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool = True) -> str:
   import torch  # optional dependency: only this tool needs it
 
+  if not os.path.isfile(checkpoint_path):
+    raise FileNotFoundError(f"PyTorch checkpoint not found: {checkpoint_path}")
   try:
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-  except FileNotFoundError:
-    raise
   except Exception as e:  # torch raises several types for a bad or pickled file
     raise pretrained.WeightsError(
         f"{checkpoint_path}: not a PyTorch checkpoint of tensors that loads with weights_only=True "
