@@ -43,6 +43,12 @@ def _init(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(initializer, names)
 
 
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name,
+                      scale_init=_init(nn.initializers.ones, ("embed",)),
+                      bias_init=_init(nn.initializers.zeros, ("embed",)))
+
+
 def _drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jnp.ndarray:
   """Stochastic depth per clip: all frames of a clip keep or drop the branch together."""
   if not train or rate == 0.0:
@@ -125,8 +131,9 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    project = lambda name: HeadsDense((self.num_heads, head_dim), 1, ("embed", "heads", "kv"),
-                                      self.dtype, name=name)
+    project = lambda name: HeadsDense(features=(self.num_heads, head_dim), contract_ndim=1,
+                                      kernel_axes=("embed", "heads", "kv"), dtype=self.dtype,
+                                      name=name)
     q, k, v = (project(name)(x) for name in ("query", "key", "value"))
     if self.temporal.kind == "msca":
       q, k, v = msca.cross_frame_qkv(
@@ -143,7 +150,8 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
-    return HeadsDense((width,), 2, ("heads", "kv", "embed"), self.dtype, name="out")(out)
+    return HeadsDense(features=(width,), contract_ndim=2, kernel_axes=("heads", "kv", "embed"),
+                      dtype=self.dtype, name="out")(out)
 
   def _attention_with_dropout(self, q, k, v):
     # jax.nn.dot_product_attention has no dropout, so this path is unfused.
@@ -165,24 +173,23 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    layer_norm = lambda name: nn.LayerNorm(
-        epsilon=LN_EPSILON, dtype=self.dtype, name=name,
-        scale_init=_init(nn.initializers.ones, ("embed",)),
-        bias_init=_init(nn.initializers.zeros, ("embed",)))
     shift_cls = self.temporal.kind == "tokenshift"
 
     if shift_cls:
       x = tokenshift.shift_cls_token(x, shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
-    y = layer_norm("LayerNorm_0")(x)
-    y = Attention(self.num_heads, self.temporal, self.attention_dropout_rate, self.attention_impl,
-                  self.dtype, name="MultiHeadDotProductAttention_1")(y, train)
+    y = _layer_norm("LayerNorm_0", self.dtype)(x)
+    y = Attention(num_heads=self.num_heads, temporal=self.temporal,
+                  attention_dropout_rate=self.attention_dropout_rate,
+                  attention_impl=self.attention_impl, dtype=self.dtype,
+                  name="MultiHeadDotProductAttention_1")(y, train)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     x = x + _drop_path(self, y, self.drop_path_rate, train)
 
     if shift_cls:
       x = tokenshift.shift_cls_token(x, shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
-    y = layer_norm("LayerNorm_2")(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, name="MlpBlock_3")(y, train)
+    y = _layer_norm("LayerNorm_2", self.dtype)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                 name="MlpBlock_3")(y, train)
     x = x + _drop_path(self, y, self.drop_path_rate, train)
     return nn.with_logical_constraint(x, ("batch", None, None, "embed"))
 
@@ -230,12 +237,11 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       # Stochastic depth grows linearly with depth, as in DeiT.
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
-      x = block(self.mlp_dim, self.num_heads, self.temporal, self.dropout_rate,
-                self.attention_dropout_rate, rate, self.attention_impl, self.dtype,
+      x = block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, temporal=self.temporal,
+                dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+                drop_path_rate=rate, attention_impl=self.attention_impl, dtype=self.dtype,
                 name=f"encoderblock_{i}")(x, train)
-    return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype, name="encoder_norm",
-                        scale_init=_init(nn.initializers.ones, ("embed",)),
-                        bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
+    return _layer_norm("encoder_norm", self.dtype)(x)
 
 
 class VideoClassifier(nn.Module):
@@ -276,9 +282,12 @@ class VideoClassifier(nn.Module):
     x = jnp.concatenate([cls, x], axis=2)
     x = nn.with_logical_constraint(x, ("batch", None, None, "embed"))
 
-    x = Encoder(self.depth, self.mlp_dim, self.num_heads, self.temporal, self.dropout_rate,
-                self.attention_dropout_rate, self.drop_path_rate, self.attention_impl,
-                self.remat, self.remat_policy, self.dtype, name="Transformer")(x, train)
+    x = Encoder(depth=self.depth, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+                temporal=self.temporal, dropout_rate=self.dropout_rate,
+                attention_dropout_rate=self.attention_dropout_rate,
+                drop_path_rate=self.drop_path_rate, attention_impl=self.attention_impl,
+                remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
+                name="Transformer")(x, train)
 
     head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     frame_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
