@@ -21,6 +21,7 @@ import re
 from typing import Any, Mapping
 
 import flax.linen as nn
+import jax
 import numpy as np
 import scipy.ndimage
 from absl import logging
@@ -94,6 +95,11 @@ def _leaf_shape_dtype(leaf) -> tuple[tuple[int, ...], Any]:
   return tuple(value.shape), value.dtype
 
 
+def _rebox(leaf, value):
+  """`value` in the place of a template leaf, keeping its logical-axis box if it has one."""
+  return leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
+
+
 def _fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: LoadReport, *,
           zero_init: tuple[str, ...] = (), grid: tuple[int, int] | None = None) -> dict:
   """Puts source['a/b/c'] into template['a']['b']['c'] for every template leaf."""
@@ -110,7 +116,7 @@ def _fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: Lo
       if name not in unused:
         raise WeightsError(f"{report.source}: missing parameter {name!r} (expected shape {shape})")
       value = np.asarray(unused.pop(name))
-      if path == POS_EMBEDDING and value.shape != shape and value.ndim == 3 and len(shape) == 3 \
+      if path == POS_EMBEDDING and value.shape != shape and value.ndim == 3 \
           and value.shape[2] == shape[2]:
         source_tokens = value.shape[1]
         value = resize_pos_embedding(value, _target_grid(shape[1] - 1, grid))
@@ -120,8 +126,7 @@ def _fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: Lo
         raise WeightsError(f"{report.source}: parameter {name!r} has shape {value.shape} in the "
                            f"checkpoint, but the model expects {shape}{hint}")
       report.loaded.append(name)
-    value = value.astype(dtype)
-    filled[path] = leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
+    filled[path] = _rebox(leaf, value.astype(dtype))
   if unused:
     raise WeightsError(f"{report.source}: {len(unused)} checkpoint arrays have no place in the "
                        f"model (wrong depth or architecture?): {sorted(unused)[:10]}")
@@ -216,12 +221,9 @@ _TORCH_BLOCK = {
     "attention_norm.bias": ("LayerNorm_0/bias", "identity"),
     "ffn_norm.weight": ("LayerNorm_2/scale", "identity"),
     "ffn_norm.bias": ("LayerNorm_2/bias", "identity"),
-    "attn.query.weight": ("MultiHeadDotProductAttention_1/query/kernel", "qkv"),
-    "attn.query.bias": ("MultiHeadDotProductAttention_1/query/bias", "heads"),
-    "attn.key.weight": ("MultiHeadDotProductAttention_1/key/kernel", "qkv"),
-    "attn.key.bias": ("MultiHeadDotProductAttention_1/key/bias", "heads"),
-    "attn.value.weight": ("MultiHeadDotProductAttention_1/value/kernel", "qkv"),
-    "attn.value.bias": ("MultiHeadDotProductAttention_1/value/bias", "heads"),
+    **{f"attn.{proj}.{torch_name}": (f"MultiHeadDotProductAttention_1/{proj}/{name}", kind)
+       for proj in ("query", "key", "value")
+       for torch_name, name, kind in (("weight", "kernel", "qkv"), ("bias", "bias", "heads"))},
     "attn.out.weight": ("MultiHeadDotProductAttention_1/out/kernel", "out"),
     "attn.out.bias": ("MultiHeadDotProductAttention_1/out/bias", "identity"),
     "ffn.fc1.weight": ("MlpBlock_3/Dense_0/kernel", "linear"),
@@ -315,17 +317,31 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
 
 # ----------------------------------------------------------------------------- our own params checkpoints
 
+def _params_manager(directory: str | os.PathLike, *, for_reading: bool):
+  import orbax.checkpoint as ocp  # heavy import, only where checkpoints are used
+  directory = os.path.abspath(os.fspath(directory))
+  if for_reading and not os.path.isdir(directory):  # checked first: the manager would create it
+    raise FileNotFoundError(f"params checkpoint not found: {directory}")
+  return ocp, ocp.CheckpointManager(directory, item_names=("params", "metadata"))
+
+
+def _latest_step(manager, directory) -> int:
+  step = manager.latest_step()
+  if step is None:
+    raise WeightsError(f"{directory}: no finished checkpoint in this directory")
+  return step
+
+
 def save_params(directory: str | os.PathLike, params: Mapping[str, Any],
                 metadata: Mapping[str, Any] | None = None) -> str:
   """Writes params (and JSON metadata) as an orbax checkpoint at step 0 of `directory`."""
-  import orbax.checkpoint as ocp  # heavy import, only where checkpoints are written
-  directory = os.path.abspath(os.fspath(directory))
-  with ocp.CheckpointManager(directory, item_names=("params", "metadata")) as manager:
+  ocp, manager = _params_manager(directory, for_reading=False)
+  with manager:
     manager.save(0, args=ocp.args.Composite(
         params=ocp.args.StandardSave(nn.meta.unbox(params)),
         metadata=ocp.args.JsonSave(dict(metadata or {}))), force=True)
     manager.wait_until_finished()
-  return directory
+  return os.path.abspath(os.fspath(directory))
 
 
 def restore_params(directory: str | os.PathLike, params: Mapping[str, Any]):
@@ -334,28 +350,19 @@ def restore_params(directory: str | os.PathLike, params: Mapping[str, Any]):
   `params` may be concrete arrays or jax.ShapeDtypeStruct leaves carrying the
   target shardings; boxed (logically partitioned) leaves stay boxed.
   """
-  import jax
-  import orbax.checkpoint as ocp
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"params checkpoint not found: {directory}")
-  with ocp.CheckpointManager(directory, item_names=("params", "metadata")) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise WeightsError(f"{directory}: no finished checkpoint in this directory")
+  ocp, manager = _params_manager(directory, for_reading=True)
+  with manager:
+    step = _latest_step(manager, directory)
     target = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(
             x.shape, x.dtype, sharding=getattr(x, "sharding", None)), nn.meta.unbox(params))
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-  values = restored["params"]
-  return jax.tree.map(
-      lambda leaf, value: leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value,
-      dict(params), values, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+  return jax.tree.map(_rebox, dict(params), restored["params"],
+                      is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def read_params_metadata(directory: str | os.PathLike) -> dict:
-  import orbax.checkpoint as ocp
-  with ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
-                             item_names=("params", "metadata")) as manager:
-    step = manager.latest_step()
+  ocp, manager = _params_manager(directory, for_reading=True)
+  with manager:
+    step = _latest_step(manager, directory)
     return dict(manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))["metadata"])
