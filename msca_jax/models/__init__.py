@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 from absl import logging
 
@@ -112,7 +113,7 @@ def build(config: Mapping[str, Any]) -> VideoClassifier:
     raise ValueError(f"config.model.attention_impl: expected one of {ATTENTION_IMPLS}, "
                      f"got {attention_impl!r}")
   arch, temporal = architecture(config), temporal_mixing(config)
-  if moved_fraction(temporal, arch) == 0.0:
+  if temporal.kind != "none" and moved_fraction(temporal, arch) == 0.0:
     logging.warning(
         "config.model.shift_div=%d moves nothing with %d heads / width %d: this %s model "
         "computes exactly the frame-wise ViT", temporal.shift_div, arch["num_heads"], arch["width"],
@@ -124,5 +125,17 @@ def build(config: Mapping[str, Any]) -> VideoClassifier:
       remat_policy=_get(config, "remat_policy", "nothing_saveable"), dtype=DTYPES[dtype])
 
 
-__all__ = ["build", "moved_fraction", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
+def clip_spec(config: Mapping[str, Any], batch: int = 1) -> jax.ShapeDtypeStruct:
+  """The (batch, num_frames, image_size, image_size, 3) float32 input a config describes."""
+  size = config["image_size"]
+  return jax.ShapeDtypeStruct((batch, config["num_frames"], size, size, 3), jnp.float32)
+
+
+def abstract_variables(config: Mapping[str, Any]):
+  """(model, clip spec, variables as shapes): a config's model, without allocating anything."""
+  model, clip = build(config), clip_spec(config)
+  return model, clip, jax.eval_shape(model.init, jax.random.key(0), clip)
+
+
+__all__ = ["build", "clip_spec", "abstract_variables", "moved_fraction", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
            "TemporalMixing", "VARIANTS", "MODEL_NAMES", "LOGICAL_AXES"]

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -24,14 +22,6 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint (.pth 
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the orbax checkpoint.", required=True)
 _NO_HEAD = flags.DEFINE_bool("no_head", False, "Skip the checkpoint's head; the new head starts at zero.")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/msca_kv.py.")
-
-
-def abstract_params(model_config):
-  """The params template of a config's model, without allocating or computing anything."""
-  model = models.build(model_config)
-  size = model_config.image_size
-  video = jax.ShapeDtypeStruct((1, model_config.num_frames, size, size, 3), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), video)["params"]
 
 
 def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool = True) -> str:
@@ -46,7 +36,7 @@ def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool 
         f"{checkpoint_path}: not a PyTorch checkpoint of tensors that loads with weights_only=True "
         f"({type(e).__name__}: {e})") from e
   params, report = pretrained.load_torch_state_dict(
-      checkpoint, abstract_params(model_config), load_head=load_head, source=checkpoint_path,
+      checkpoint, models.abstract_variables(model_config)[2]["params"], load_head=load_head, source=checkpoint_path,
       with_report=True)
   metadata = {"source": checkpoint_path, "model": model_config.to_dict(),
               "loaded": len(report.loaded), "resized": report.resized,

@@ -14,7 +14,6 @@ import time
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,10 +27,7 @@ _BATCH = flags.DEFINE_integer("batch", 1, "Clips in the timed forward pass.")
 
 def describe(model_config) -> dict:
   """Parameter count and forward FLOPs per clip of a model config, without running it."""
-  model = models.build(model_config)
-  clip = jax.ShapeDtypeStruct(
-      (1, model_config.num_frames, model_config.image_size, model_config.image_size, 3), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), clip)
+  model, clip, variables = models.abstract_variables(model_config)
   flops = jax.jit(model.apply).lower(variables, clip).cost_analysis()["flops"]
   return {"params": sum(x.size for x in jax.tree.leaves(nn.unbox(variables))), "flops": flops,
           "temporal": model.temporal, "arch": models.architecture(model_config)}
@@ -40,8 +36,8 @@ def describe(model_config) -> dict:
 def time_forward(model_config, batch: int, repeats: int = 5) -> tuple[float, float, np.ndarray]:
   """(compile seconds, median seconds per forward, logits) on a random clip."""
   model = models.build(model_config)
-  size, frames = model_config.image_size, model_config.num_frames
-  clip = jax.random.uniform(jax.random.key(1), (batch, frames, size, size, 3), minval=-1, maxval=1)
+  shape = models.clip_spec(model_config, batch).shape
+  clip = jax.random.uniform(jax.random.key(1), shape, minval=-1, maxval=1)
   params = jax.jit(model.init)(jax.random.key(0), clip)
   start = time.perf_counter()
   forward = jax.jit(model.apply).lower(params, clip).compile()

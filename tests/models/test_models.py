@@ -292,6 +292,8 @@ class ConfigErrorsTest(parameterized.TestCase):
     with self.assertLogs(level="WARNING") as logs:
       models.build(helpers.small_config(name="msca", shift_div=12))  # 4 heads: fold 0
     self.assertIn("computes exactly the frame-wise ViT", "".join(logs.output))
+    with self.assertNoLogs(level="WARNING"):
+      models.build(helpers.small_config(name="vit"))  # ViT moves nothing by design: no warning
 
   def test_bad_inputs(self):
     model = helpers.small_model()
