@@ -97,7 +97,6 @@ def test_position_embedding_is_resampled_for_another_resolution(tmp_path):
   np.testing.assert_allclose(pos[0, 1:, 0], (r6 + 0.5 * c6).reshape(36), atol=1e-5)
 
   # Non-square grids need the grid spelled out.
-  _, wide = _template(size=32)
   wide = jax.eval_shape(models.build(helpers.small_config()).init, jax.random.key(0),
                         jax.ShapeDtypeStruct((1, 1, 32, 48, 3), np.float32))["params"]
   with pytest.raises(pretrained.WeightsError, match="not a square grid"):
