@@ -1,0 +1,136 @@
+"""Video lists: Kinetics annotation CSVs, TokShift frame-folder lists, and class-per-folder trees.
+
+Each reader returns `Entry` rows; problems with one row (an unknown label, a missing video) are
+kept on the row as `error`, so that tools report and skip them instead of aborting the whole run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from typing import Iterable, Sequence
+
+from msca_jax.data.dmvr import DataError
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp")
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+
+
+@dataclasses.dataclass
+class Entry:
+  key: str                  # a stable id: Kinetics '{youtube_id}_{start:06d}_{end:06d}', else the path
+  path: str | None          # the video file, or the frame folder; None when it was not found
+  label_name: str | None    # None for frame-folder lists without a class file
+  label: int = -1
+  num_frames: int = 0       # frame folders only: the count the list claims
+  error: str = ""           # why this entry cannot be used ("" when it can)
+
+
+def kinetics_key(youtube_id: str, time_start: float, time_end: float) -> str:
+  """The file stem used by the Kinetics downloaders: abc123_000010_000020."""
+  return f"{youtube_id}_{int(float(time_start)):06d}_{int(float(time_end)):06d}"
+
+
+def index_videos(root: str) -> dict[str, str]:
+  """Every video file under `root`, by file stem (the first one found wins, in sorted order)."""
+  found: dict[str, str] = {}
+  for directory, subdirs, files in os.walk(root):
+    subdirs.sort()
+    for name in sorted(files):
+      stem, ext = os.path.splitext(name)
+      if ext.lower() in VIDEO_EXTENSIONS:
+        found.setdefault(stem, os.path.join(directory, name))
+  return found
+
+
+def read_kinetics_csv(csv_path: str, video_root: str | None = None) -> list[Entry]:
+  """Rows of a Kinetics annotation CSV (label, youtube_id, time_start, time_end[, split, is_cc]).
+
+  Videos are looked up by their downloader file name anywhere under `video_root` (default: the
+  CSV's directory), so both the flat and the class-per-folder download layouts work.
+  """
+  if not os.path.isfile(csv_path):
+    raise DataError(f"annotation file {csv_path} does not exist")
+  with open(csv_path, newline="") as f:
+    reader = csv.DictReader(f)
+    columns = reader.fieldnames or []
+    missing = [c for c in KINETICS_COLUMNS[1:] if c not in columns]
+    if missing:
+      raise DataError(f"{csv_path}: not a Kinetics annotation CSV, columns {missing} missing "
+                      f"(found {columns}; expected {', '.join(KINETICS_COLUMNS)}, split)")
+    rows = list(reader)
+  videos = index_videos(video_root or os.path.dirname(os.path.abspath(csv_path)))
+  entries = []
+  for line, row in enumerate(rows, start=2):
+    try:
+      key = kinetics_key(row["youtube_id"], row["time_start"], row["time_end"])
+    except (TypeError, ValueError):
+      entries.append(Entry(key=f"{csv_path}:{line}", path=None, label_name=None,
+                           error=f"{csv_path} line {line}: bad time_start/time_end {row}"))
+      continue
+    label = (row.get("label") or "").strip() or None
+    path = videos.get(key)
+    entries.append(Entry(key=key, path=path, label_name=label,
+                         error="" if path else f"video {key}.* not found under the video root"))
+  return entries
+
+
+def read_frame_list(list_path: str, root: str | None = None) -> list[Entry]:
+  """A TokShift / TSN list: one 'frame_folder num_frames label_index' line per video."""
+  if not os.path.isfile(list_path):
+    raise DataError(f"video list {list_path} does not exist")
+  root = root or os.path.dirname(os.path.abspath(list_path))
+  entries = []
+  with open(list_path) as f:
+    for line_no, line in enumerate(f, start=1):
+      parts = line.split()
+      if not parts:
+        continue
+      if len(parts) < 3 or not parts[-1].lstrip("-").isdigit() or not parts[-2].isdigit():
+        raise DataError(f"{list_path} line {line_no}: expected 'frame_folder num_frames label', "
+                        f"got {line.strip()!r}")
+      folder = " ".join(parts[:-2])
+      path = folder if os.path.isabs(folder) else os.path.join(root, folder)
+      entries.append(Entry(key=folder, path=path if os.path.isdir(path) else None, label_name=None,
+                           label=int(parts[-1]), num_frames=int(parts[-2]),
+                           error="" if os.path.isdir(path) else f"frame folder {path} not found"))
+  return entries
+
+
+def read_class_folders(root: str) -> list[Entry]:
+  """ROOT/class_name/video.mp4: the label is the parent folder's name."""
+  if not os.path.isdir(root):
+    raise DataError(f"video directory {root} does not exist")
+  entries = []
+  for stem, path in index_videos(root).items():
+    parent = os.path.relpath(os.path.dirname(path), root)
+    label = None if parent == "." else parent.split(os.sep)[0]
+    entries.append(Entry(key=os.path.relpath(path, root), path=path, label_name=label,
+                         error="" if label else f"{path}: not inside a class folder"))
+  if not entries:
+    raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) found under {root}")
+  return entries
+
+
+def assign_labels(entries: Iterable[Entry], class_names: Sequence[str]) -> list[Entry]:
+  """Sets each entry's label index from its name; unknown names become per-entry errors."""
+  index = {name: i for i, name in enumerate(class_names)}
+  out = []
+  for e in entries:
+    if e.label_name is not None:
+      if e.label_name in index:
+        e.label = index[e.label_name]
+      elif not e.error:
+        e.error = f"label {e.label_name!r} is not in the class list"
+    elif not 0 <= e.label < len(class_names) and not e.error:
+      e.error = f"label {e.label} is outside the class list [0, {len(class_names)})"
+    else:
+      e.label_name = class_names[e.label] if 0 <= e.label < len(class_names) else None
+    out.append(e)
+  return out
+
+
+def sorted_class_names(entries: Iterable[Entry]) -> list[str]:
+  """The sorted set of label names: the official Kinetics class order is alphabetical."""
+  return sorted({e.label_name for e in entries if e.label_name is not None})

@@ -1,0 +1,95 @@
+"""Video files to RGB frames with PyAV: a fixed frame rate and a fixed short side.
+
+Kinetics videos come at many frame rates; the recipe's stride (32 frames at 25 fps) only means the
+same time span everywhere once every video is resampled to one rate. Resampling keeps, for each
+output instant k / fps, the source frame shown at that instant (the frame with the latest
+timestamp not after it, as a player would), so nothing is blended and no frame is invented.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import av
+import numpy as np
+
+
+class VideoError(RuntimeError):
+  """A video that cannot be read; the message names the file."""
+
+
+def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
+  """(height, width) with the shorter side equal to `short_side` (0 keeps the size)."""
+  if not short_side or min(height, width) == short_side:
+    return height, width
+  if height <= width:
+    return short_side, max(1, round(width * short_side / height))
+  return max(1, round(height * short_side / width)), short_side
+
+
+def iter_frames(path: str, fps: float = 25.0, short_side: int = 0) -> Iterator[np.ndarray]:
+  """Yields uint8 (H, W, 3) frames of `path` resampled to `fps` (0 keeps every decoded frame)."""
+  if not os.path.exists(path):
+    raise VideoError(f"{path}: no such file")
+  try:
+    container = av.open(path)
+  except (av.error.FFmpegError, OSError, UnicodeDecodeError) as e:
+    raise VideoError(f"{path}: cannot open as a video ({e})") from e
+  with container:
+    if not container.streams.video:
+      raise VideoError(f"{path}: has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    size = None
+    next_time = None  # the output instant waiting for a frame, seconds from the first frame
+    start = None
+    held = None       # the most recent frame, shown until the next one replaces it
+    try:
+      for frame in container.decode(stream):
+        if size is None:
+          size = scaled_size(frame.height, frame.width, short_side)
+        time = frame.time if frame.time is not None else (0.0 if start is None else start)
+        if start is None:
+          start, next_time = time, 0.0
+        rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0],
+                               interpolation="BICUBIC")
+        if not fps:
+          yield rgb
+          continue
+        # Every output instant before this frame's time is showing the held frame.
+        while held is not None and next_time < time - start - 1e-6:
+          yield held
+          next_time += 1.0 / fps
+        held, held_time = rgb, time
+      if held is not None and fps:
+        # The last frame stays on screen for one source frame interval.
+        rate = float(stream.average_rate or stream.guessed_rate or fps)
+        end = held_time - start + 1.0 / rate
+        while next_time < end - 1e-6:
+          yield held
+          next_time += 1.0 / fps
+    except av.error.FFmpegError as e:
+      raise VideoError(f"{path}: decoding failed ({e})") from e
+    if size is None:
+      raise VideoError(f"{path}: no frame could be decoded")
+
+
+def read_video(path: str, fps: float = 25.0, short_side: int = 0) -> np.ndarray:
+  """All frames of a video as uint8 (T, H, W, 3); see `iter_frames`."""
+  frames = list(iter_frames(path, fps, short_side))
+  return np.stack(frames)
+
+
+def write_video(path: str, frames: np.ndarray, fps: float = 25.0, codec: str = "libx264") -> None:
+  """Encodes uint8 (T, H, W, 3) frames (even H and W for H.264); used by tests and tools."""
+  from fractions import Fraction
+  with av.open(path, mode="w") as container:
+    stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+    stream.height, stream.width = frames.shape[1:3]
+    stream.pix_fmt = "yuv420p"
+    for frame in frames:
+      for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
