@@ -16,6 +16,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from msca_jax.data import synthetic
+
 # Shift folds used by the reference code: TokenShift moves C/4 of the CLS
 # channels each way; the released MSCA config moves 12 // 12 = 1 head each way.
 TOKENSHIFT_SHIFT_DIV = 4
@@ -56,19 +58,43 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.model = model_config(model_name, **model_overrides)
   m = config.model
 
-  # Input: 8 frames at stride 32 of 25 fps video (SPEC 5); evaluation 10 clips x 3 crops.
-  config.data = ml_collections.ConfigDict()
-  config.data.dataset = "kinetics400"
-  config.data.num_frames = m.get_ref("num_frames")
-  config.data.stride = 32
-  config.data.fps = 25
-  config.data.image_size = m.get_ref("image_size")
-  config.data.train_short_side_range = (224, 330)   # random short side, then a 224 crop
-  config.data.eval_short_side = 224
-  config.data.eval_clips = 10
-  config.data.eval_crops = 3                         # left, centre, right
-  config.data.val_clips = 1                          # during training: 1 x 3 views
-  config.data.val_crops = 3
+  # Input (SPEC 5): 8 frames at stride 32 of 25 fps video; evaluation 10 clips x 3 crops.
+  config.data = d = ml_collections.ConfigDict()
+  d.source = "dmvr"                  # 'dmvr' shards | 'tfds' prepared dataset | 'synthetic'
+  d.path = ""                        # DMVR shard directory, or the TFDS data_dir
+  d.tfds_name = "kinetics/400"
+  d.train_split = "train"
+  d.eval_split = "validation"
+  d.num_frames = m.get_ref("num_frames")
+  d.image_size = m.get_ref("image_size")
+  d.sampling = "dense"               # 'dense' (T frames at a stride) | 'uniform' (TSN segments)
+  d.stride = 32
+  d.fps = 25                         # the frame rate the data was prepared at (prepare_videos --fps)
+  d.train_short_side_range = (224, 330)   # random short side in [lo, hi), then a random crop
+  d.flip_prob = 0.5
+  d.color_prob = 0.1                 # brightness, saturation, gamma, hue: each with this probability
+  d.randaugment_layers = 0           # RandAugment hook; 0 is off (the recipe)
+  d.randaugment_magnitude = 9.0
+  d.mixup_alpha = 0.0                # batch-level mixup / cutmix hooks; 0 is off (the recipe)
+  d.cutmix_alpha = 0.0
+  d.eval_short_side = 224
+  d.eval_clips = 10                  # test protocol: 10 clips x 3 crops
+  d.eval_crops = 3                   # 3: left, centre, right along the long side; 1: centre
+  d.val_clips = 1                    # validation during training: 1 x 3 views
+  d.val_crops = 3
+  d.shuffle_buffer = 4096            # serialised videos; a few hundred is too small for video
+  d.deterministic = True             # reproducible order (and exact resume); False is faster
+  d.prefetch = 2
+  d.dtype = "float32"                # of the clips handed to JAX: 'float32' | 'bfloat16'
+  # The built-in dataset (config.data.source='synthetic'): written once to DMVR shards.
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.seed = 0
+  d.synthetic.train_size = 4096
+  d.synthetic.eval_size = 512
+  d.synthetic.video_frames = 16
+  d.synthetic.size = 32
+  d.synthetic.num_shards = 8
+  d.synthetic.dir = ""               # '' : $MSCA_JAX_CACHE/synthetic or ~/.cache/msca_jax/synthetic
 
   # Optimisation: SGD, lr 0.1 per 420 clips (42 x 10 accumulation), x0.1 at 10 and 15 of 18 epochs.
   config.train = ml_collections.ConfigDict()
@@ -107,8 +133,17 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   m.head_zeroinit = False
   if m.name == "msca":
     m.shift_div = 4  # 4 heads: one each way, as the B/16 default shifts 1 of 12
-  config.data.dataset = "synthetic"
-  config.data.stride = 1
+  m.num_classes = len(synthetic.CLASSES)
+  d = config.data
+  d.source = "synthetic"
+  d.stride = 1
+  d.train_short_side_range = (32, 40)
+  d.eval_short_side = 32
+  d.flip_prob = 0.0   # a mirror turns move_left into move_right: it would corrupt the labels
+  d.eval_clips = 2
+  d.eval_crops = 1
+  d.val_clips, d.val_crops = 1, 1
+  d.shuffle_buffer = 1024
   config.train.optimizer = "adamw"
   config.train.base_lr = 1e-3
   config.train.base_batch_size = 32

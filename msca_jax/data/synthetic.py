@@ -9,14 +9,23 @@ averages per-frame logits, cannot beat chance within a pair (50%); it can only
 tell the four pairs apart (the motion kind leaves traces such as a shape's
 size range). A model that compares frames can solve all eight classes.
 
-Everything is deterministic from (seed, index), rendered with NumPy alone.
+Everything is deterministic from (seed, index), rendered with NumPy alone. `ensure_shards` writes
+the dataset once as real DMVR shards (JPEG frames, labels.txt) in a cache directory, so that the
+demo goes through exactly the pipeline that Kinetics goes through.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import uuid
 
 import numpy as np
+
+VERSION = 1           # bump when rendering changes, so stale caches are not reused
+EVAL_INDEX_OFFSET = 10**9  # evaluation clips come from a disjoint part of the index space
 
 # Label 2k and 2k + 1 are each other's time reversal.
 CLASSES = ("move_left", "move_right", "move_up", "move_down",
@@ -126,3 +135,59 @@ def clip(seed: int, index: int, num_frames: int = 16, size: int = 32) -> tuple[n
   rng = np.random.default_rng([seed, index])
   label = index % len(CLASSES)
   return render(sample_params(rng), label, num_frames, size), label
+
+
+def cache_root(directory: str = "") -> str:
+  """config.data.synthetic.dir, else $MSCA_JAX_CACHE/synthetic, else ~/.cache/msca_jax/synthetic."""
+  if directory:
+    return directory
+  base = os.environ.get("MSCA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "msca_jax")
+  return os.path.join(base, "synthetic")
+
+
+def ensure_shards(cfg) -> str:
+  """Writes the dataset described by config.data.synthetic once; returns its shard directory.
+
+  Splits 'train' and 'validation'. The directory name encodes every parameter, and it is filled
+  under a temporary name and renamed when complete, so concurrent processes and interrupted runs
+  never see a partial dataset.
+  """
+  import tensorflow as tf
+  from msca_jax.data import dmvr
+
+  for field in ("train_size", "eval_size", "video_frames", "size", "num_shards"):
+    if int(cfg[field]) < 1:
+      raise dmvr.DataError(f"config.data.synthetic.{field} must be >= 1, got {cfg[field]}")
+  name = (f"seed{cfg.seed}-train{cfg.train_size}-eval{cfg.eval_size}-{cfg.video_frames}x{cfg.size}px"
+          f"-shards{cfg.num_shards}-v{VERSION}")
+  directory = os.path.join(cache_root(cfg.dir), name)
+  if os.path.exists(os.path.join(directory, "DONE.json")):
+    return directory
+  tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
+  encode = tf.function(lambda frames: tf.map_fn(
+      lambda f: tf.io.encode_jpeg(f, quality=95), frames, fn_output_signature=tf.string))
+
+  def records(offset: int, count: int):
+    for i in range(count):
+      index = offset + i
+      frames, label = clip(cfg.seed, index, cfg.video_frames, cfg.size)
+      jpegs = [bytes(b) for b in encode(frames).numpy()]
+      yield dmvr.make_example(jpegs, label, CLASSES[label], f"synthetic/{cfg.seed}/{index}")
+
+  try:
+    dmvr.write_labels(tmp, CLASSES)
+    dmvr.write_shards(tmp, "train", records(0, cfg.train_size), min(cfg.num_shards, cfg.train_size))
+    dmvr.write_shards(tmp, "validation", records(EVAL_INDEX_OFFSET, cfg.eval_size),
+                      min(cfg.num_shards, cfg.eval_size))
+    with open(os.path.join(tmp, "DONE.json"), "w") as f:
+      json.dump({k: cfg[k] for k in ("seed", "train_size", "eval_size", "video_frames", "size",
+                                     "num_shards")} | {"version": VERSION}, f)
+    os.replace(tmp, directory)
+  except OSError:
+    # Another process finished the same dataset first: use theirs.
+    shutil.rmtree(tmp, ignore_errors=True)
+    if not os.path.exists(os.path.join(directory, "DONE.json")):
+      raise
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return directory
