@@ -103,6 +103,13 @@ class KineticsConfig(tfds.core.BuilderConfig):
   jpeg_quality: int = 95
 
   def __post_init__(self):
+    # A bad value here would otherwise surface as every single video failing to encode.
+    if self.num_classes < 1 or self.fps < 0 or self.short_side < 0:
+      raise DataError(f"KineticsConfig {self.name!r}: num_classes must be >= 1 and fps, "
+                      f"short_side >= 0 (got {self.num_classes}, {self.fps}, {self.short_side})")
+    if not 0 <= self.jpeg_quality <= 100:
+      raise DataError(f"KineticsConfig {self.name!r}: jpeg_quality must be in [0, 100], "
+                      f"not {self.jpeg_quality}")
     # dataset_info.json keeps only the config's name and description, so the description says
     # how the frames were made (info.metadata has the same values as numbers).
     if self.description is None:
@@ -182,12 +189,10 @@ def _skip_reason(entry: annotations.Entry) -> str:
   return "no label" if entry.label_name is None else "unknown label"
 
 
-class Kinetics(tfds.core.GeneratorBasedBuilder,
-               skip_registration=__name__ == "__main__"):
+# Run as `python -m msca_jax.data.kinetics`, this file is also imported under its package name
+# (see the bottom), which registers `kinetics`; registering it twice would be an error.
+class Kinetics(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
   """Kinetics from a manual download of the videos and the official CSVs."""
-
-  # Run as `python -m msca_jax.data.kinetics`, this file is also imported under its package name
-  # (see the bottom), which registers `kinetics` there; registering twice would be an error.
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release: PyAV decoding, fps and short-side resampling."}
@@ -226,7 +231,6 @@ class Kinetics(tfds.core.GeneratorBasedBuilder,
     manual_dir = os.fspath(dl_manager.manual_dir)
     csvs = find_csvs(manual_dir)
     config = self.builder_config
-    # Scan the videos once: every CSV looks its rows up in the same tree.
     entries = {split: annotations.read_kinetics_csv(path, manual_dir)
                for split, path in csvs.items()}
     class_names = annotations.sorted_class_names(entries["train"])
@@ -352,4 +356,5 @@ if __name__ == "__main__":
   # Use the registered module, so the builder class is the one tfds knows about.
   from msca_jax.data import kinetics as _kinetics  # pylint: disable=import-self
   _kinetics.define_flags()
+  flags.adopt_module_key_flags(_kinetics)  # so that --help lists them
   app.run(_kinetics.main)

@@ -265,3 +265,9 @@ def test_cli_builds_a_config_of_its_own(tmp_path):
   assert int(ex["label"]) == 1
   assert ex["video"].shape == (3,)  # 12 frames at 25 fps = 0.48 s: instants 0, 0.2, 0.4
   assert tf.io.decode_jpeg(ex["video"][0]).shape == (8, 12, 3)
+
+
+@pytest.mark.parametrize("field,value", [("jpeg_quality", 101), ("fps", -1), ("num_classes", 0)])
+def test_bad_config_values_fail_at_once(field, value):
+  with pytest.raises(DataError, match=field):
+    kinetics.KineticsConfig(**dict(TINY, **{field: value}))
