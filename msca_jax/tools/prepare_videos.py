@@ -1,0 +1,673 @@
+r"""Turns a video collection into DMVR TFRecord shards of JPEG frames (SPEC section 6).
+
+    python -m msca_jax.tools.prepare_videos --videos kinetics400/train.csv \
+        --video_root kinetics400/train --classes kinetics400/classes.txt \
+        --output /data/k400_dmvr --split train
+
+--videos is one of
+  * a Kinetics annotation CSV (label, youtube_id, time_start, time_end, split): each row's video is
+    the downloader's file `{youtube_id}_{start:06d}_{end:06d}.*` anywhere under --video_root
+    (default: the CSV's directory);
+  * a TokShift frame-folder list (.txt lines 'frame_folder num_frames label'): the folders hold
+    frames already extracted as images, taken in file-name order;
+  * a directory laid out ROOT/class_name/video.mp4.
+
+Videos are resampled to --fps and resized to --short_side, so that the recipe's stride (32 frames
+at 25 fps) means the same time span for every video. The output directory gets
+  SPLIT-00000-of-000NN ...          the shards; each video's shard is fixed by --seed
+  labels.txt                        the class names in label order
+  SPLIT.manifest.json               inputs, settings and each shard's keys (checked on a rerun)
+  SPLIT-00000-of-000NN.failures.json  per shard: its counts and failed videos
+  SPLIT.failures.tsv                every video that was skipped, and why
+
+A rerun with the same arguments resumes: shards that exist are kept. A video that cannot be used
+is reported and skipped; the run fails only when nothing at all could be written.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import queue as queue_lib
+import re
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+if __name__ == "__main__":
+  # Run as a program, this process and its workers (which inherit the environment) would each
+  # print TensorFlow's start-up notices over the progress line. oneDNN's custom ops only change
+  # float kernels, which this tool does not use (it only reads and writes JPEGs and TFRecords).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+import av
+import numpy as np
+import tensorflow as tf
+
+from msca_jax.data import annotations, dmvr, video
+from msca_jax.progress import Progress
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_MANIFEST_VERSION = 1
+# TFRecord framing per record: 8-byte length, 4-byte length CRC, 4-byte data CRC.
+_RECORD_OVERHEAD = 16
+
+DataError = dmvr.DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+  """One video that was skipped."""
+  key: str
+  path: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything, besides the inputs, that changes the bytes written."""
+  fps: float = 25.0
+  short_side: int = 256
+  jpeg_quality: int = 90
+  max_frames: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Item:
+  key: str
+  path: str
+  label: int
+  text: str
+  frame_folder: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardTask:
+  index: int
+  path: str
+  items: tuple[_Item, ...]
+  settings: Settings
+
+
+@dataclasses.dataclass
+class ShardStats:
+  videos: int = 0
+  frames: int = 0
+  bytes: int = 0
+  failures: list[Failure] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Summary:
+  """What a run did. Counts of written videos, frames and bytes are for this run only."""
+  split: str
+  output: str
+  num_shards: int = 0
+  videos_total: int = 0          # entries in the input list
+  videos_written: int = 0
+  shards_written: int = 0
+  videos_done_before: int = 0    # in shards an earlier run had finished (skipped now)
+  shards_done_before: int = 0
+  shards_failed: int = 0         # shards whose worker crashed; a rerun retries them
+  frames: int = 0
+  bytes: int = 0
+  seconds: float = 0.0
+  failures: list[Failure] = dataclasses.field(default_factory=list)
+  failures_path: str = ""
+
+  @property
+  def videos_failed(self) -> int:
+    return len(self.failures)
+
+  @property
+  def videos_per_s(self) -> float:
+    return self.videos_written / self.seconds if self.seconds > 0 else 0.0
+
+  def format(self, max_failures: int = 10) -> str:
+    """A human-readable report of the run."""
+    lines = [f"split {self.split!r}: {self.num_shards} shards in {self.output}"]
+    per_video = f", {self.frames / self.videos_written:.1f} per video" if self.videos_written else ""
+    lines.append(f"  written       {self.videos_written} videos in {self.shards_written} shards: "
+                 f"{self.frames} frames{per_video}, {_format_bytes(self.bytes)}, "
+                 f"{self.seconds:.1f} s, {self.videos_per_s:.2f} videos/s")
+    if self.shards_done_before:
+      lines.append(f"  already done  {self.videos_done_before} videos in {self.shards_done_before} "
+                   "shards from an earlier run (kept)")
+    if self.shards_failed:
+      lines.append(f"  shard errors  {self.shards_failed} shards could not be written; rerun the "
+                   "same command to retry them")
+    lines.append(f"  failed        {self.videos_failed} of {self.videos_total} videos"
+                 + (f", listed in {self.failures_path}" if self.failures else ""))
+    for failure in self.failures[:max_failures]:
+      lines.append(f"    {failure.key}: {failure.reason}")
+    if len(self.failures) > max_failures:
+      lines.append(f"    ... and {len(self.failures) - max_failures} more")
+    return "\n".join(lines)
+
+
+def _format_bytes(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: which videos, which labels.
+
+
+def _class_folder_entries(root: str) -> list[annotations.Entry]:
+  """ROOT/class_name/.../video.ext, keyed by the path under ROOT.
+
+  annotations.read_class_folders indexes videos by file stem, which silently drops all but one of
+  class_a/001.mp4 and class_b/001.mp4; generic datasets reuse file names across classes.
+  """
+  if not os.path.isdir(root):
+    raise DataError(f"--videos directory {root} does not exist")
+  entries = []
+  for directory, subdirs, files in os.walk(root):
+    subdirs.sort()
+    for name in sorted(files):
+      if os.path.splitext(name)[1].lower() not in annotations.VIDEO_EXTENSIONS:
+        continue
+      path = os.path.join(directory, name)
+      key = os.path.relpath(path, root)
+      label = key.split(os.sep)[0] if os.sep in key else None
+      entries.append(annotations.Entry(key=key, path=path, label_name=label,
+                                       error="" if label else "not inside a class folder"))
+  if not entries:
+    raise DataError(f"--videos directory {root} holds no video files "
+                    f"({', '.join(annotations.VIDEO_EXTENSIONS)}) in class folders")
+  return entries
+
+
+def _is_kinetics_csv(path: str) -> bool:
+  if path.lower().endswith(".csv"):
+    return True
+  with open(path, errors="replace") as f:
+    first = f.readline()
+  return "youtube_id" in first
+
+
+def read_entries(videos: str, video_root: str | None = None) -> tuple[str, list[annotations.Entry]]:
+  """('csv' | 'frame_list' | 'class_folders', entries) for the --videos argument."""
+  if not os.path.exists(videos):
+    raise DataError(f"--videos {videos} does not exist (expected a Kinetics CSV, a frame-folder "
+                    "list or a directory of class folders)")
+  if os.path.isdir(videos):
+    return "class_folders", _class_folder_entries(videos)
+  if video_root is not None and not os.path.isdir(video_root):
+    raise DataError(f"--video_root {video_root} is not a directory")
+  if _is_kinetics_csv(videos):
+    entries = annotations.read_kinetics_csv(videos, video_root)
+    # An unlabelled CSV (or one whose header starts with a byte-order mark) would otherwise turn
+    # into one "label -1" failure per row.
+    if entries and all(e.label_name is None for e in entries):
+      raise DataError(f"{videos}: no row has a label (is the 'label' column missing?)")
+    kind = "csv"
+  else:
+    entries = annotations.read_frame_list(videos, video_root)
+    kind = "frame_list"
+  if not entries:
+    raise DataError(f"--videos {videos} lists no videos")
+  return kind, entries
+
+
+def class_names_for(kind: str, entries: Sequence[annotations.Entry], classes: str | None) -> list[str]:
+  """The class list: the --classes file, else derived from the entries (with a warning)."""
+  if classes:
+    return dmvr.read_class_list(classes)
+  if kind == "frame_list":
+    labels = [e.label for e in entries]
+    if max(labels) < 0:
+      raise DataError("the frame-folder list has no non-negative label; pass --classes")
+    logging.warning("no --classes: the list's integer labels are used, named '0'..'%d'; pass the "
+                    "class list file to store real class names", max(labels))
+    return [str(i) for i in range(max(labels) + 1)]
+  names = annotations.sorted_class_names(entries)
+  if not names:
+    raise DataError("no labelled videos found; pass --classes")
+  logging.warning("no --classes: using the sorted set of the %d label names found. Pass the "
+                  "official class list so that label indices match other splits and runs.",
+                  len(names))
+  return names
+
+
+def _drop_duplicates(entries: Sequence[annotations.Entry]) -> list[annotations.Entry]:
+  seen = set()
+  for e in entries:
+    if e.key in seen and not e.error:
+      e.error = "listed more than once (only the first is used)"
+    seen.add(e.key)
+  return list(entries)
+
+
+def assign_to_shards(keys: Sequence[str], num_shards: int, seed: int) -> list[list[str]]:
+  """Sorted, then shuffled with `seed` (so every shard mixes classes), then cut into even runs."""
+  order = np.random.RandomState(seed).permutation(len(keys))
+  shuffled = [sorted(keys)[i] for i in order]
+  bounds = [len(keys) * i // num_shards for i in range(num_shards + 1)]
+  return [shuffled[bounds[i]:bounds[i + 1]] for i in range(num_shards)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers: one shard per task.
+
+
+def _encode_jpeg(frame: np.ndarray, quality: int) -> bytes:
+  return tf.io.encode_jpeg(frame, quality=quality).numpy()
+
+
+def _resize(image: np.ndarray, short_side: int) -> np.ndarray:
+  """Bicubic resize with the same scaler (swscale) that video.iter_frames uses."""
+  height, width = video.scaled_size(image.shape[0], image.shape[1], short_side)
+  if (height, width) == image.shape[:2]:
+    return image
+  frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+  return frame.reformat(width=width, height=height, format="rgb24",
+                        interpolation="BICUBIC").to_ndarray()
+
+
+def _video_frames(path: str, settings: Settings) -> list[bytes]:
+  frames = []
+  with contextlib.closing(video.iter_frames(path, settings.fps, settings.short_side)) as decoded:
+    for frame in decoded:
+      frames.append(_encode_jpeg(frame, settings.jpeg_quality))
+      if settings.max_frames and len(frames) >= settings.max_frames:
+        break
+  return frames
+
+
+def _folder_frames(path: str, settings: Settings) -> list[bytes]:
+  """A folder's images in name order; JPEGs already at the right size are copied byte for byte."""
+  names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+  if not names:
+    raise video.VideoError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+  if settings.max_frames:
+    names = names[:settings.max_frames]
+  frames = []
+  for name in names:
+    with open(os.path.join(path, name), "rb") as f:
+      data = f.read()
+    try:
+      if data.startswith(_JPEG_MAGIC):
+        height, width = tf.image.extract_jpeg_shape(data).numpy()[:2]
+        if not settings.short_side or min(height, width) == settings.short_side:
+          frames.append(data)
+          continue
+        image = tf.io.decode_jpeg(data, channels=3)
+      else:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    except tf.errors.OpError as e:
+      raise video.VideoError(f"{os.path.join(path, name)}: not a readable image "
+                             f"({e.message.splitlines()[0]})") from e
+    frames.append(_encode_jpeg(_resize(image.numpy(), settings.short_side), settings.jpeg_quality))
+  return frames
+
+
+def _reason(error: Exception, path: str = "") -> str:
+  """One line; without the leading 'path: ' of VideoError messages, as failures list the path."""
+  if isinstance(error, video.VideoError):
+    message = str(error)
+    return message[len(path) + 2:] if path and message.startswith(path + ": ") else message
+  message = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {message}"
+
+
+def _deterministic(record: bytes) -> bytes:
+  """The record with its context map sorted by key.
+
+  make_example's plain SerializeToString writes the context map in the order of protobuf's hash
+  table, whose seed differs between processes; without this, a shard rewritten on resume or by
+  another worker count would hold the same data in different bytes.
+  """
+  return tf.train.SequenceExample.FromString(record).SerializeToString(deterministic=True)
+
+
+def failures_path(shard_path: str) -> str:
+  return shard_path + ".failures.json"
+
+
+def _write_json(path: str, data: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(data, f, indent=1)
+    f.write("\n")
+  os.replace(path + ".tmp", path)
+
+
+def _shard_stats_json(stats: ShardStats) -> dict:
+  return {"videos": stats.videos, "frames": stats.frames, "bytes": stats.bytes,
+          "failures": [dataclasses.asdict(f) for f in stats.failures]}
+
+
+def _read_shard_stats(shard_path: str) -> ShardStats | None:
+  try:
+    with open(failures_path(shard_path)) as f:
+      data = json.load(f)
+    return ShardStats(videos=data["videos"], frames=data["frames"], bytes=data["bytes"],
+                      failures=[Failure(**x) for x in data["failures"]])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+_progress_queue = None  # set in worker processes: (shard index, 1) per video done
+
+
+def _init_worker(progress_queue) -> None:
+  global _progress_queue
+  _progress_queue = progress_queue
+
+
+def write_shard(task: _ShardTask, on_video: Callable[[int], None] | None = None) -> ShardStats:
+  """Writes one shard; a video that fails is recorded and skipped, never raised."""
+  stats = ShardStats()
+  with dmvr.ShardWriter(task.path) as writer:
+    for item in task.items:
+      try:
+        read = _folder_frames if item.frame_folder else _video_frames
+        frames = read(item.path, task.settings)
+        if not frames:
+          raise video.VideoError(f"{item.path}: no frames")
+        record = _deterministic(dmvr.make_example(frames, item.label, item.text, item.key))
+      except Exception as e:  # pylint: disable=broad-except  # one bad video must not stop the run
+        stats.failures.append(Failure(item.key, item.path, _reason(e, item.path)))
+      else:
+        writer.write(record)
+        stats.videos += 1
+        stats.frames += len(frames)
+        stats.bytes += len(record) + _RECORD_OVERHEAD
+      if on_video is not None:
+        on_video(task.index)
+      elif _progress_queue is not None:
+        _progress_queue.put(task.index)
+    # Written before the shard is renamed into place, so a finished shard always has its report.
+    _write_json(failures_path(task.path), _shard_stats_json(stats))
+  return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _manifest_differences(old: dict, new: dict) -> list[str]:
+  keys = sorted(set(old) | set(new), key=lambda k: (k == "shards", k))
+  out = []
+  for key in keys:
+    if old.get(key) == new.get(key):
+      continue
+    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
+      out += [f"{key}.{k}: {old[key].get(k)!r} -> {new[key].get(k)!r}"
+              for k in sorted(set(old[key]) | set(new[key])) if old[key].get(k) != new[key].get(k)]
+    elif key == "shards":
+      out.append("shards: the videos or their shard assignment differ")
+    elif key == "classes":
+      out.append("classes: the class list differs")
+    else:
+      out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
+  return out
+
+
+def _check_output(output: str, split: str, manifest_path: str, manifest: dict) -> None:
+  """Refuses an output directory that holds this split from a different run."""
+  if os.path.exists(manifest_path):
+    try:
+      with open(manifest_path) as f:
+        old = json.load(f)
+    except ValueError as e:
+      raise DataError(f"{manifest_path} is not valid JSON ({e}); use another --output") from e
+    differences = _manifest_differences(old, manifest)
+    if differences:
+      raise DataError(
+          f"{output} already holds split {split!r} prepared from different inputs or settings "
+          f"({'; '.join(differences[:5])}). Use another --output, or delete {manifest_path} and "
+          f"the {split}-* shards to start over.")
+    return
+  pattern = re.compile(rf"^{re.escape(split)}-\d{{5}}-of-\d{{5}}$")
+  stray = sorted(n for n in os.listdir(output) if pattern.match(n)) if os.path.isdir(output) else []
+  if stray:
+    raise DataError(f"{output} already holds {len(stray)} shards of split {split!r} (e.g. "
+                    f"{stray[0]}) but no {os.path.basename(manifest_path)}, so they cannot be "
+                    "checked against this run; use another --output")
+
+
+def _write_failures_tsv(path: str, failures: Sequence[Failure]) -> None:
+  def clean(text: str) -> str:
+    return re.sub(r"[\t\r\n]+", " ", text)
+  with open(path + ".tmp", "w") as f:
+    f.write("key\tpath\treason\n")
+    for failure in failures:
+      f.write(f"{clean(failure.key)}\t{clean(failure.path)}\t{clean(failure.reason)}\n")
+  os.replace(path + ".tmp", path)
+
+
+def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: Progress,
+               on_result: Callable[[_ShardTask, ShardStats | None, str], None]) -> None:
+  """Runs the shard tasks inline (workers <= 1) or in spawned processes, reporting progress."""
+  if workers <= 1:
+    for task in tasks:
+      try:
+        stats = write_shard(task, on_video=lambda _: progress.update(1))
+      except Exception as e:  # pylint: disable=broad-except  # e.g. a full disk: keep other shards
+        progress.update(len(task.items))
+        on_result(task, None, _reason(e))
+      else:
+        on_result(task, stats, "")
+    return
+
+  # TensorFlow's runtime does not survive fork(); spawned workers import it afresh.
+  context = multiprocessing.get_context("spawn")
+  progress_queue = context.Queue()
+  counted = {task.index: 0 for task in tasks}
+
+  def count(index: int, n: int = 1) -> None:
+    n = min(n, len(by_index[index].items) - counted[index])
+    counted[index] += n
+    progress.update(n)
+
+  def drain() -> None:
+    while True:
+      try:
+        index = progress_queue.get_nowait()
+      except queue_lib.Empty:
+        return
+      count(index)
+
+  by_index = {task.index: task for task in tasks}
+  with concurrent.futures.ProcessPoolExecutor(
+      max_workers=workers, mp_context=context, initializer=_init_worker,
+      initargs=(progress_queue,)) as pool:
+    futures = {pool.submit(write_shard, task): task for task in tasks}
+    pending = set(futures)
+    try:
+      while pending:
+        done, pending = concurrent.futures.wait(pending, timeout=0.2)
+        drain()
+        for future in done:
+          task = futures[future]
+          # Messages of a finished shard may still be in flight: count the rest now.
+          count(task.index, len(task.items))
+          try:
+            on_result(task, future.result(), "")
+          except Exception as e:  # pylint: disable=broad-except  # a crashed worker: keep the others
+            on_result(task, None, _reason(e))
+    except BaseException:
+      pool.shutdown(wait=False, cancel_futures=True)
+      raise
+
+
+def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
+            video_root: str | None = None, fps: float = 25.0, short_side: int = 256,
+            jpeg_quality: int = 90, num_shards: int = 0, videos_per_shard: int = 128,
+            workers: int = 0, seed: int = 0, max_frames: int = 0,
+            progress_stream=None) -> Summary:
+  """Writes (or resumes writing) the DMVR shards of one split; see the module docstring.
+
+  `workers` <= 1 runs in this process. Raises DataError for configuration errors and when no
+  video at all can be used; single videos that fail are listed in the returned summary instead.
+  """
+  start = time.monotonic()
+  for name, value, low in (("fps", fps, 0), ("short_side", short_side, 0),
+                           ("max_frames", max_frames, 0), ("num_shards", num_shards, 0),
+                           ("videos_per_shard", videos_per_shard, 1), ("jpeg_quality", jpeg_quality, 1)):
+    if value < low:
+      raise DataError(f"--{name} must be at least {low}, got {value}")
+  if jpeg_quality > 100:
+    raise DataError(f"--jpeg_quality must be at most 100, got {jpeg_quality}")
+  if not split or os.sep in split or not re.fullmatch(r"[\w.\-]+", split):
+    raise DataError(f"--split {split!r} must be a plain name such as 'train' or 'validation'")
+  settings = Settings(fps=float(fps), short_side=int(short_side), jpeg_quality=int(jpeg_quality),
+                      max_frames=int(max_frames))
+
+  kind, entries = read_entries(videos, video_root)
+  names = class_names_for(kind, entries, classes)
+  entries = _drop_duplicates(annotations.assign_labels(entries, names))
+  if kind == "frame_list" and settings.fps:
+    logging.info("frame folders keep the frame rate they were extracted at; --fps=%g applies to "
+                 "video files only", settings.fps)
+  usable = {e.key: e for e in entries if not e.error}
+  early_failures = [Failure(e.key, e.path or "", e.error) for e in entries if e.error]
+
+  summary = Summary(split=split, output=output, videos_total=len(entries))
+  failures_tsv = os.path.join(output, f"{split}.failures.tsv")
+  if not usable:
+    os.makedirs(output, exist_ok=True)
+    _write_failures_tsv(failures_tsv, early_failures)
+    reasons = "; ".join(f"{f.key}: {f.reason}" for f in early_failures[:3])
+    raise DataError(f"none of the {len(entries)} videos listed by {videos} can be used (e.g. "
+                    f"{reasons}); all are listed in {failures_tsv}")
+
+  num_shards = num_shards or math.ceil(len(usable) / videos_per_shard)
+  if num_shards > len(usable):
+    logging.warning("%d shards for %d videos: %d shards will be empty", num_shards, len(usable),
+                    num_shards - len(usable))
+  shard_keys = assign_to_shards(list(usable), num_shards, seed)
+  manifest = {
+      "version": _MANIFEST_VERSION,
+      "split": split,
+      "inputs": {"videos": os.path.abspath(videos), "kind": kind,
+                 "video_root": os.path.abspath(video_root) if video_root else None,
+                 "classes": os.path.abspath(classes) if classes else None},
+      "settings": dict(dataclasses.asdict(settings), seed=seed, num_shards=num_shards),
+      "classes": names,
+      "shards": shard_keys,
+  }
+  manifest_path = os.path.join(output, f"{split}.manifest.json")
+  _check_output(output, split, manifest_path, manifest)
+  dmvr.write_labels(output, names)
+  if not os.path.exists(manifest_path):
+    _write_json(manifest_path, manifest)
+
+  summary.num_shards = num_shards
+  summary.failures_path = failures_tsv
+  shard_failures: dict[int, list[Failure]] = {}
+  tasks = []
+  for index, keys in enumerate(shard_keys):
+    path = os.path.join(output, dmvr.shard_name(split, index, num_shards))
+    if os.path.exists(path):
+      stats = _read_shard_stats(path)
+      if stats is None:
+        logging.warning("%s exists but its report %s is missing or unreadable: its failed videos "
+                        "are not known", path, failures_path(path))
+        stats = ShardStats(videos=len(keys))
+      summary.shards_done_before += 1
+      summary.videos_done_before += stats.videos
+      shard_failures[index] = stats.failures
+      continue
+    items = tuple(_Item(key=k, path=usable[k].path, label=usable[k].label,
+                        text=usable[k].label_name or "", frame_folder=kind == "frame_list")
+                  for k in keys)
+    tasks.append(_ShardTask(index=index, path=path, items=items, settings=settings))
+
+  if summary.shards_done_before:
+    logging.info("resuming: %d of %d shards are already written", summary.shards_done_before,
+                 num_shards)
+
+  def on_result(task: _ShardTask, stats: ShardStats | None, error: str) -> None:
+    if stats is None:
+      summary.shards_failed += 1
+      shard_failures[task.index] = [
+          Failure(i.key, i.path, f"shard {os.path.basename(task.path)} failed: {error}")
+          for i in task.items]
+      return
+    summary.shards_written += 1
+    summary.videos_written += stats.videos
+    summary.frames += stats.frames
+    summary.bytes += stats.bytes
+    shard_failures[task.index] = stats.failures
+    progress.fields["failed"] = len(early_failures) + sum(map(len, shard_failures.values()))
+
+  if tasks:
+    total = sum(len(t.items) for t in tasks)
+    workers = min(workers, len(tasks))
+    with Progress(total, unit="videos", desc=split, stream=progress_stream) as progress:
+      _run_tasks(tasks, workers, progress, on_result)
+
+  summary.failures = early_failures + [f for i in sorted(shard_failures) for f in shard_failures[i]]
+  _write_failures_tsv(failures_tsv, summary.failures)
+  summary.seconds = time.monotonic() - start
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+def _define_flags() -> None:
+  # Defined only when run as a program: importing this module (tests, spawned workers) must not
+  # clash with flags of the same name in other tools, e.g. convert_torch's --output.
+  flags.DEFINE_string("videos", None, "Kinetics annotation CSV, TokShift frame-folder list (.txt), "
+                      "or a directory of class folders (ROOT/class_name/video.mp4).", required=True)
+  flags.DEFINE_string("output", None, "Directory for the shards, labels.txt and reports.",
+                      required=True)
+  flags.DEFINE_string("split", None, "Shard name prefix, e.g. train or validation.", required=True)
+  flags.DEFINE_string("classes", None, "Official class list (one name per line, or 'index,name' "
+                      "rows). Default: the sorted label names found, with a warning.")
+  flags.DEFINE_string("video_root", None, "Where the CSV's videos / the list's frame folders are "
+                      "(searched recursively for CSVs). Default: the list file's directory.")
+  flags.DEFINE_float("fps", 25.0, "Resample videos to this frame rate (0 keeps every frame).")
+  flags.DEFINE_integer("short_side", 256, "Resize so the shorter side has this many pixels "
+                       "(0 keeps the size).")
+  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames (1-100).")
+  flags.DEFINE_integer("num_shards", 0, "Number of shards (default: from --videos_per_shard).")
+  flags.DEFINE_integer("videos_per_shard", 128, "Videos per shard when --num_shards is not given.")
+  flags.DEFINE_integer("workers", None, "Worker processes (default: min(CPU count, 8); 0 or 1 "
+                       "runs in this process).")
+  flags.DEFINE_integer("seed", 0, "Seed of the video-to-shard shuffle.")
+  flags.DEFINE_integer("max_frames", 0, "Keep at most this many frames per video (0: all).")
+
+
+def main(argv: Sequence[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = flags.FLAGS
+  if f.num_shards and f["videos_per_shard"].present:
+    raise app.UsageError("pass either --num_shards or --videos_per_shard, not both")
+  workers = f.workers if f.workers is not None else min(os.cpu_count() or 1, 8)
+  try:
+    summary = prepare(f.videos, f.output, f.split, classes=f.classes, video_root=f.video_root,
+                      fps=f.fps, short_side=f.short_side, jpeg_quality=f.jpeg_quality,
+                      num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
+                      workers=workers, seed=f.seed, max_frames=f.max_frames)
+  except DataError as e:
+    # Configuration errors name the file or flag; a traceback would only bury the message.
+    print(f"prepare_videos: error: {e}", file=sys.stderr)
+    return 1
+  print(summary.format())
+  if summary.videos_written + summary.videos_done_before == 0:
+    print("prepare_videos: error: no video could be written", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
