@@ -1,0 +1,46 @@
+"""Small DMVR datasets written by tests: real JPEG frames, real TFRecord shards."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from configs import common
+from msca_jax.data import dmvr
+
+CLASSES = ("a", "b", "c")
+
+
+def jpegs(frames: np.ndarray) -> list[bytes]:
+  return [tf.io.encode_jpeg(f, quality=95).numpy() for f in frames]
+
+
+def video(index: int, num_frames: int = 12, height: int = 36, width: int = 48) -> np.ndarray:
+  """A clip whose frames are all distinct and identify (video, frame) by their mean colour."""
+  frames = np.zeros((num_frames, height, width, 3), np.uint8)
+  for t in range(num_frames):
+    frames[t] = (index * 37 % 200 + 20, t * 6, 128)
+  return frames
+
+
+def write(directory: str, split: str = "train", num_videos: int = 12, num_shards: int = 3,
+          records: list[bytes] | None = None) -> list[str]:
+  """`num_videos` good videos (label i % 3, filename 'v{i}'), or the given serialised records."""
+  if records is None:
+    records = [dmvr.make_example(jpegs(video(i)), i % len(CLASSES), CLASSES[i % len(CLASSES)], f"v{i}")
+               for i in range(num_videos)]
+  dmvr.write_labels(directory, CLASSES)
+  return dmvr.write_shards(directory, split, records, num_shards)
+
+
+def data_config(path: str, **overrides):
+  """config.data of the demo, reading DMVR shards at `path`, small enough for fast tests."""
+  data = common.get_config("vit", "demo").data
+  data.source, data.path = "dmvr", path
+  data.num_frames = 4
+  data.image_size = 16
+  data.train_short_side_range = (16, 24)
+  data.eval_short_side = 16
+  data.shuffle_buffer = 64
+  data.update(overrides)
+  return data
