@@ -20,8 +20,9 @@ at 25 fps) means the same time span for every video. The output directory gets
   SPLIT-00000-of-000NN.failures.json  per shard: its counts and failed videos
   SPLIT.failures.tsv                every video that was skipped, and why
 
-A rerun with the same arguments resumes: shards that exist are kept. A video that cannot be used
-is reported and skipped; the run fails only when nothing at all could be written.
+A rerun with the same arguments resumes: shards that exist are kept (to retry the failed videos of
+a finished shard, delete that shard and rerun). A video that cannot be used is reported and
+skipped; the run fails only when nothing at all could be written.
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def _class_folder_entries(root: str) -> list[annotations.Entry]:
   if not os.path.isdir(root):
     raise DataError(f"--videos directory {root} does not exist")
   entries = []
-  for directory, subdirs, files in os.walk(root):
+  # Datasets are often assembled from symlinked class folders.
+  for directory, subdirs, files in os.walk(root, followlinks=True):
     subdirs.sort()
     for name in sorted(files):
       if os.path.splitext(name)[1].lower() not in annotations.VIDEO_EXTENSIONS:
@@ -253,8 +255,8 @@ def _drop_duplicates(entries: Sequence[annotations.Entry]) -> list[annotations.E
 
 def assign_to_shards(keys: Sequence[str], num_shards: int, seed: int) -> list[list[str]]:
   """Sorted, then shuffled with `seed` (so every shard mixes classes), then cut into even runs."""
-  order = np.random.RandomState(seed).permutation(len(keys))
-  shuffled = [sorted(keys)[i] for i in order]
+  ordered = sorted(keys)
+  shuffled = [ordered[i] for i in np.random.RandomState(seed).permutation(len(ordered))]
   bounds = [len(keys) * i // num_shards for i in range(num_shards + 1)]
   return [shuffled[bounds[i]:bounds[i + 1]] for i in range(num_shards)]
 
@@ -359,7 +361,7 @@ def _read_shard_stats(shard_path: str) -> ShardStats | None:
     return None
 
 
-_progress_queue = None  # set in worker processes: (shard index, 1) per video done
+_progress_queue = None  # in worker processes: gets the shard index once per video done
 
 
 def _init_worker(progress_queue) -> None:
@@ -530,9 +532,9 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
   kind, entries = read_entries(videos, video_root)
   names = class_names_for(kind, entries, classes)
   entries = _drop_duplicates(annotations.assign_labels(entries, names))
-  if kind == "frame_list" and settings.fps:
-    logging.info("frame folders keep the frame rate they were extracted at; --fps=%g applies to "
-                 "video files only", settings.fps)
+  if kind == "frame_list":
+    logging.warning("frame folders are copied at the frame rate they were extracted at: --fps "
+                    "applies to video files only (the recipe's frame stride assumes 25 fps)")
   usable = {e.key: e for e in entries if not e.error}
   early_failures = [Failure(e.key, e.path or "", e.error) for e in entries if e.error]
 
@@ -560,6 +562,8 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
       "classes": names,
       "shards": shard_keys,
   }
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise DataError(f"--output {output} exists and is not a directory")
   manifest_path = os.path.join(output, f"{split}.manifest.json")
   _check_output(output, split, manifest_path, manifest)
   dmvr.write_labels(output, names)
@@ -609,6 +613,7 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     total = sum(len(t.items) for t in tasks)
     workers = min(workers, len(tasks))
     with Progress(total, unit="videos", desc=split, stream=progress_stream) as progress:
+      progress.update(0, failed=len(early_failures) + sum(map(len, shard_failures.values())))
       _run_tasks(tasks, workers, progress, on_result)
 
   summary.failures = early_failures + [f for i in sorted(shard_failures) for f in shard_failures[i]]

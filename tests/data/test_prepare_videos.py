@@ -246,6 +246,11 @@ def test_assign_to_shards_is_deterministic_balanced_and_order_free():
 # --- Resume --------------------------------------------------------------------------------------
 
 
+def _read(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
 def test_resume_rewrites_only_missing_shards_and_refuses_other_settings(tmp_path):
   for i in range(5):
     make_clip(tmp_path / "v" / f"c{i % 2}" / f"{i}.mp4", num_frames=4, fps=25, step=40 + i)
@@ -254,9 +259,8 @@ def test_resume_rewrites_only_missing_shards_and_refuses_other_settings(tmp_path
   first = run(tmp_path / "v", out, short_side=32, num_shards=3, seed=3)
   assert (first.videos_written, first.videos_failed, first.shards_written) == (5, 1, 3)
   paths = dmvr.list_shards(str(out), "train")
-  before = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns, open(p, "rb").read()) for p in paths}
-  bad_shard = next(p for p in paths
-                   if json.load(open(prepare_videos.failures_path(p)))["failures"])
+  before = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns, _read(p)) for p in paths}
+  bad_shard = next(p for p in paths if json.loads(_read(prepare_videos.failures_path(p)))["failures"])
   removed = next(p for p in paths if p != bad_shard)
   os.remove(removed)
 
@@ -269,7 +273,7 @@ def test_resume_rewrites_only_missing_shards_and_refuses_other_settings(tmp_path
     stat = os.stat(p)
     if p != removed:
       assert (stat.st_ino, stat.st_mtime_ns) == before[p][:2]  # untouched
-    assert open(p, "rb").read() == before[p][2]                # same bytes as the first run
+    assert _read(p) == before[p][2]                            # same bytes as the first run
 
   third = run(tmp_path / "v", out, short_side=32, num_shards=3, seed=3)
   assert (third.shards_written, third.shards_done_before, third.videos_failed) == (0, 3, 1)
