@@ -35,7 +35,7 @@ def kinetics_key(youtube_id: str, time_start: float, time_end: float) -> str:
 def index_videos(root: str) -> dict[str, str]:
   """Every video file under `root`, by file stem (the first one found wins, in sorted order)."""
   found: dict[str, str] = {}
-  for directory, subdirs, files in os.walk(root):
+  for directory, subdirs, files in os.walk(root, followlinks=True):
     subdirs.sort()
     for name in sorted(files):
       stem, ext = os.path.splitext(name)
@@ -52,7 +52,7 @@ def read_kinetics_csv(csv_path: str, video_root: str | None = None) -> list[Entr
   """
   if not os.path.isfile(csv_path):
     raise DataError(f"annotation file {csv_path} does not exist")
-  with open(csv_path, newline="") as f:
+  with open(csv_path, newline="", encoding="utf-8-sig") as f:  # tolerate a byte-order mark
     reader = csv.DictReader(f)
     columns = reader.fieldnames or []
     missing = [c for c in KINETICS_COLUMNS[1:] if c not in columns]
@@ -99,17 +99,27 @@ def read_frame_list(list_path: str, root: str | None = None) -> list[Entry]:
 
 
 def read_class_folders(root: str) -> list[Entry]:
-  """ROOT/class_name/video.mp4: the label is the parent folder's name."""
+  """ROOT/class_name/.../video.ext: the label is the top folder's name, the key the path under ROOT.
+
+  Keys are relative paths, not file stems: generic datasets reuse names such as 001.mp4 across
+  classes. Symlinked class folders are followed.
+  """
   if not os.path.isdir(root):
     raise DataError(f"video directory {root} does not exist")
   entries = []
-  for stem, path in index_videos(root).items():
-    parent = os.path.relpath(os.path.dirname(path), root)
-    label = None if parent == "." else parent.split(os.sep)[0]
-    entries.append(Entry(key=os.path.relpath(path, root), path=path, label_name=label,
-                         error="" if label else f"{path}: not inside a class folder"))
+  for directory, subdirs, files in os.walk(root, followlinks=True):
+    subdirs.sort()
+    for name in sorted(files):
+      if os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
+        continue
+      path = os.path.join(directory, name)
+      key = os.path.relpath(path, root)
+      label = key.split(os.sep)[0] if os.sep in key else None
+      entries.append(Entry(key=key, path=path, label_name=label,
+                           error="" if label else "not inside a class folder"))
   if not entries:
-    raise DataError(f"no video files ({', '.join(VIDEO_EXTENSIONS)}) found under {root}")
+    raise DataError(f"video directory {root} holds no video files ({', '.join(VIDEO_EXTENSIONS)}) "
+                    "in class folders")
   return entries
 
 

@@ -44,7 +44,8 @@ def make_example(frames: Sequence[bytes], label: int, text: str = "", filename: 
   frame_list = example.feature_lists.feature_list[FRAMES_KEY]
   for frame in frames:
     frame_list.feature.add().bytes_list.value.append(frame)
-  return example.SerializeToString()
+  # Deterministic map order: the same video gives the same bytes in every process (resumable shards).
+  return example.SerializeToString(deterministic=True)
 
 
 def parse_example(serialized: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -41,6 +41,8 @@ def iter_frames(path: str, fps: float = 25.0, short_side: int = 0) -> Iterator[n
       raise VideoError(f"{path}: has no video stream")
     stream = container.streams.video[0]
     stream.thread_type = "AUTO"
+    rate = float(stream.average_rate or stream.guessed_rate or fps or 25)
+    held_time = 0.0
     size = None
     next_time = None  # the output instant waiting for a frame, seconds from the first frame
     start = None
@@ -49,7 +51,11 @@ def iter_frames(path: str, fps: float = 25.0, short_side: int = 0) -> Iterator[n
       for frame in container.decode(stream):
         if size is None:
           size = scaled_size(frame.height, frame.width, short_side)
-        time = frame.time if frame.time is not None else (0.0 if start is None else start)
+        time = frame.time
+        if time is None or (held is not None and time <= held_time):
+          # Some containers (AVI with B-frames) give missing or out-of-order timestamps: such a
+          # frame is taken to follow the previous one by one source frame interval.
+          time = 0.0 if held is None else held_time + 1.0 / rate
         if start is None:
           start, next_time = time, 0.0
         rgb = frame.to_ndarray(format="rgb24", width=size[1], height=size[0],
@@ -64,7 +70,6 @@ def iter_frames(path: str, fps: float = 25.0, short_side: int = 0) -> Iterator[n
         held, held_time = rgb, time
       if held is not None and fps:
         # The last frame stays on screen for one source frame interval.
-        rate = float(stream.average_rate or stream.guessed_rate or fps)
         end = held_time - start + 1.0 / rate
         while next_time < end - 1e-6:
           yield held

@@ -166,32 +166,6 @@ def _format_bytes(n: int) -> str:
 # Inputs: which videos, which labels.
 
 
-def _class_folder_entries(root: str) -> list[annotations.Entry]:
-  """ROOT/class_name/.../video.ext, keyed by the path under ROOT.
-
-  annotations.read_class_folders indexes videos by file stem, which silently drops all but one of
-  class_a/001.mp4 and class_b/001.mp4; generic datasets reuse file names across classes.
-  """
-  if not os.path.isdir(root):
-    raise DataError(f"--videos directory {root} does not exist")
-  entries = []
-  # Datasets are often assembled from symlinked class folders.
-  for directory, subdirs, files in os.walk(root, followlinks=True):
-    subdirs.sort()
-    for name in sorted(files):
-      if os.path.splitext(name)[1].lower() not in annotations.VIDEO_EXTENSIONS:
-        continue
-      path = os.path.join(directory, name)
-      key = os.path.relpath(path, root)
-      label = key.split(os.sep)[0] if os.sep in key else None
-      entries.append(annotations.Entry(key=key, path=path, label_name=label,
-                                       error="" if label else "not inside a class folder"))
-  if not entries:
-    raise DataError(f"--videos directory {root} holds no video files "
-                    f"({', '.join(annotations.VIDEO_EXTENSIONS)}) in class folders")
-  return entries
-
-
 def _is_kinetics_csv(path: str) -> bool:
   if path.lower().endswith(".csv"):
     return True
@@ -206,7 +180,7 @@ def read_entries(videos: str, video_root: str | None = None) -> tuple[str, list[
     raise DataError(f"--videos {videos} does not exist (expected a Kinetics CSV, a frame-folder "
                     "list or a directory of class folders)")
   if os.path.isdir(videos):
-    return "class_folders", _class_folder_entries(videos)
+    return "class_folders", annotations.read_class_folders(videos)
   if video_root is not None and not os.path.isdir(video_root):
     raise DataError(f"--video_root {video_root} is not a directory")
   if _is_kinetics_csv(videos):
@@ -325,16 +299,6 @@ def _reason(error: Exception, path: str = "") -> str:
   return f"{type(error).__name__}: {message}"
 
 
-def _deterministic(record: bytes) -> bytes:
-  """The record with its context map sorted by key.
-
-  make_example's plain SerializeToString writes the context map in the order of protobuf's hash
-  table, whose seed differs between processes; without this, a shard rewritten on resume or by
-  another worker count would hold the same data in different bytes.
-  """
-  return tf.train.SequenceExample.FromString(record).SerializeToString(deterministic=True)
-
-
 def failures_path(shard_path: str) -> str:
   return shard_path + ".failures.json"
 
@@ -379,7 +343,7 @@ def write_shard(task: _ShardTask, on_video: Callable[[int], None] | None = None)
         frames = read(item.path, task.settings)
         if not frames:
           raise video.VideoError(f"{item.path}: no frames")
-        record = _deterministic(dmvr.make_example(frames, item.label, item.text, item.key))
+        record = dmvr.make_example(frames, item.label, item.text, item.key)
       except Exception as e:  # pylint: disable=broad-except  # one bad video must not stop the run
         stats.failures.append(Failure(item.key, item.path, _reason(e, item.path)))
       else:

@@ -211,7 +211,7 @@ def test_configuration_errors(tmp_path):
   with pytest.raises(dmvr.DataError, match=r"--videos .*nowhere does not exist"):
     run(tmp_path / "nowhere", out)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(dmvr.DataError, match=r"--videos directory .*empty holds no video files"):
+  with pytest.raises(dmvr.DataError, match=r"video directory .*empty holds no video files"):
     run(tmp_path / "empty", out)
   bad_csv = tmp_path / "bad.csv"
   bad_csv.write_text("label,id,start\nx,y,1\n")
