@@ -84,7 +84,7 @@ def tfds_source(name: str, data_dir: str, split: str) -> Source:
             "key": raw[key_field] if key_field else tf.constant("")}
 
   return Source(description=f"TFDS {name} split {split!r} in {data_dir}",
-                files=tuple(split_info.filepaths), parse=parse,
+                files=tuple(str(p) for p in split_info.filepaths), parse=parse,
                 class_names=tuple(features["label"].names),
                 num_records=int(split_info.num_examples))
 

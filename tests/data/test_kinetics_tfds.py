@@ -271,3 +271,29 @@ def test_cli_builds_a_config_of_its_own(tmp_path):
 def test_bad_config_values_fail_at_once(field, value):
   with pytest.raises(DataError, match=field):
     kinetics.KineticsConfig(**dict(TINY, **{field: value}))
+
+
+def test_training_pipeline_reads_the_tfds_dataset_like_dmvr_shards(tiny):
+  """sources.tfds_source: the same pipeline stages, exact evaluation, class names from TFDS."""
+  from msca_jax.data import pipeline, sources
+  from tests.data import shards
+  _, data_dir, _, _ = tiny
+  data = shards.data_config(data_dir, source="tfds", tfds_name=f"kinetics/{TINY['name']}",
+                            color_prob=0.0, num_frames=4, image_size=16, eval_short_side=16)
+  source = sources.make_source(data, "train")
+  assert source.class_names == tuple(CLASSES) and source.num_records == 3
+  batches = list(pipeline.as_numpy(pipeline.eval_dataset(source, data, batch_size=2, num_clips=2,
+                                                         num_crops=3)))
+  mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
+  keys = [k.decode() for k in np.concatenate([b["key"] for b in batches])[mask]]
+  assert sorted(keys) == sorted(k for k in EXPECTED if EXPECTED[k] and k != "fff_000006_000016")
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  videos = np.concatenate([b["video"] for b in batches])[mask]
+  for key, label, clip in zip(keys, labels, videos):
+    assert label == EXPECTED[key][0]
+    colour = (clip.reshape(-1, 3).mean(axis=0) + 1) / 2 * 255
+    np.testing.assert_allclose(colour, VIDEOS[key[:3]][0], atol=12)
+  b = next(pipeline.as_numpy(pipeline.train_dataset(source, data, batch_size=4, seed=0)))
+  assert b["video"].shape == (4, 4, 16, 16, 3) and set(b["label"]) <= {0, 1}
+  with pytest.raises(DataError, match="has no split 'test'"):
+    sources.make_source(data, "test")

@@ -72,3 +72,51 @@ def test_bad_label():
   params = synthetic.sample_params(np.random.default_rng(0))
   with pytest.raises(ValueError, match="label must be in"):
     synthetic.render(params, 8)
+
+
+def _synthetic_config(directory, **overrides):
+  import ml_collections
+  cfg = ml_collections.ConfigDict(dict(seed=1, train_size=24, eval_size=10, video_frames=6, size=16,
+                                       num_shards=3, dir=str(directory)))
+  cfg.update(overrides)
+  return cfg
+
+
+def test_shards_are_written_once_deterministically_and_read_by_the_pipeline(tmp_path):
+  import os
+  from msca_jax.data import dmvr, pipeline, sources
+  from tests.data import shards
+  first = synthetic.ensure_shards(_synthetic_config(tmp_path / "a"))
+  again = synthetic.ensure_shards(_synthetic_config(tmp_path / "b"))
+  files = sorted(f for f in os.listdir(first))
+  assert files == sorted(os.listdir(again))
+  for name in files:   # same seed, same bytes
+    assert open(os.path.join(first, name), "rb").read() == open(os.path.join(again, name), "rb").read()
+  stamp = os.path.getmtime(os.path.join(first, "train-00000-of-00003"))
+  assert synthetic.ensure_shards(_synthetic_config(tmp_path / "a")) == first   # cached, not rewritten
+  assert os.path.getmtime(os.path.join(first, "train-00000-of-00003")) == stamp
+  assert synthetic.ensure_shards(_synthetic_config(tmp_path / "a", seed=2)) != first
+  assert dmvr.read_labels(first) == list(synthetic.CLASSES)
+  assert not [f for f in os.listdir(tmp_path / "a") if ".tmp" in f]
+
+  data = shards.data_config("", source="synthetic", num_frames=4, image_size=16,
+                            train_short_side_range=(16, 20), eval_short_side=16)
+  data.synthetic = _synthetic_config(tmp_path / "a")
+  batches = list(pipeline.as_numpy(pipeline.eval_dataset(
+      sources.make_source(data, "validation"), data, batch_size=4, num_clips=1, num_crops=1)))
+  labels = np.concatenate([b["label"] for b in batches])[np.concatenate([b["mask"] for b in batches]) == 1]
+  assert sorted(labels) == sorted(i % 8 for i in range(10))
+  # The stored frames are the rendered clip (up to JPEG), so the pipeline sees the real motion.
+  frames, label = synthetic.clip(1, synthetic.EVAL_INDEX_OFFSET, 6, 16)
+  key = f"synthetic/1/{synthetic.EVAL_INDEX_OFFSET}".encode()
+  (clip, read_label), = [(v, l) for b in batches for v, l, k in zip(b["video"], b["label"], b["key"]) if k == key]
+  assert clip.shape == (1, 4, 16, 16, 3) and read_label == label == 0
+  # One centred clip of 4 of the 6 frames starts at frame 1 (JPEG blurs the colours at edges).
+  error = lambda start: np.abs((clip[0] + 1) / 2 * 255 - frames[start:start + 4]).mean()
+  assert error(1) < 4 and error(1) < min(error(0), error(2)) / 2
+
+
+def test_bad_synthetic_config_names_the_field(tmp_path):
+  from msca_jax.data import dmvr
+  with pytest.raises(dmvr.DataError, match="config.data.synthetic.train_size"):
+    synthetic.ensure_shards(_synthetic_config(tmp_path, train_size=0))
