@@ -1,0 +1,1 @@
+"""Training: mesh, optimisation, train state, checkpoints, evaluation."""
