@@ -1,0 +1,97 @@
+"""Train state, initialised directly into its shardings, and the jitted train and eval steps."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msca_jax.train import mesh as mesh_lib
+
+# loss_fn(logits, batch) -> (scalar loss, dict of scalar metrics)
+LossFn = Callable[[jax.Array, dict], tuple[jax.Array, dict]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation, clip: jax.ShapeDtypeStruct):
+  def init(rng: jax.Array) -> TrainState:
+    # Boxed params: the optimiser state mirrors them, boxes included, so both get shardings.
+    params = model.init(rng, jnp.zeros(clip.shape, clip.dtype))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return init
+
+
+def state_shardings(model, tx, clip, mesh: Mesh, logical_rules) -> TrainState:
+  """NamedShardings of the (unboxed) train state, from an abstract init (nothing allocated)."""
+  abstract = jax.eval_shape(_init_fn(model, tx, clip), jax.random.key(0))
+  return mesh_lib.tree_shardings(abstract, mesh, logical_rules)
+
+
+def create(model, tx, clip: jax.ShapeDtypeStruct, mesh: Mesh, logical_rules,
+           rng: jax.Array) -> tuple[TrainState, TrainState]:
+  """(state, shardings): every array is created on its own shards, never whole on one device."""
+  shardings = state_shardings(model, tx, clip, mesh, logical_rules)
+  init = _init_fn(model, tx, clip)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
+    state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
+                    shardings: TrainState, mesh: Mesh, logical_rules):
+  """step(state, batch, rng) -> (state, metrics); the old state's buffers are donated."""
+  batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+
+  def step(state: TrainState, batch: dict, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+
+    def objective(params):
+      logits = model.apply({"params": params}, batch["video"], train=True, rngs={"dropout": rng})
+      loss, metrics = loss_fn(logits, batch)
+      return loss, metrics
+
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params))
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding, mesh_lib.replicated(mesh)),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=(0,))
+
+  def run(state: TrainState, batch: dict, rng: jax.Array):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
+      return jitted(state, batch, rng)
+  return run
+
+
+def make_eval_step(model: nn.Module, shardings: TrainState, mesh: Mesh, logical_rules):
+  """step(params, video (B, V, T, H, W, 3)) -> (B, C) float32 logits averaged over the V views.
+
+  The model already averages over frames; the views are folded into the batch and averaged here.
+  """
+  batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
+
+  def step(params, video):
+    b, v = video.shape[:2]
+    logits = model.apply({"params": params}, video.reshape((b * v,) + video.shape[2:]))
+    return logits.reshape(b, v, -1).astype(jnp.float32).mean(axis=1)
+
+  jitted = jax.jit(step, in_shardings=(shardings.params, batch_sharding), out_shardings=batch_sharding)
+
+  def run(params, video):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
+      return jitted(params, video)
+  return run
