@@ -17,6 +17,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from msca_jax.data import synthetic
+from msca_jax.train import mesh as mesh_lib
 
 # Shift folds used by the reference code: TokenShift moves C/4 of the CLS
 # channels each way; the released MSCA config moves 12 // 12 = 1 head each way.
@@ -112,6 +113,9 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.train.grad_clip_norm = 1.0
   config.train.label_smoothing = 0.1
   config.train.seed = 0
+
+  # Devices: data parallel over everything by default; see msca_jax/train/mesh.py.
+  config.mesh = mesh_lib.mesh_config()
 
   config.init = ml_collections.ConfigDict()
   config.init.vit_npz = ""          # Google ViT .npz (i21k / AugReg / big_vision)
