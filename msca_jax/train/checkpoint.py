@@ -1,0 +1,101 @@
+"""Checkpoints with orbax: the train state, each process's input-stream state, and metadata.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a kill during a
+save leaves the previous step as the latest usable one. Restoring goes through an abstract
+target that carries the *current* shardings, so a checkpoint moves between meshes and device
+counts.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from msca_jax.data.pipeline import SKIP_REASONS, StreamState
+
+
+class Checkpointer:
+  """Periodic, final and on-signal saves into `directory`; resume from the latest step."""
+
+  def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int = 3,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=max(1, save_interval_steps), max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save, create=True)
+    self.manager = ocp.CheckpointManager(directory, options=options,
+                                         item_names=("state", "streams", "metadata"))
+    self.directory = directory
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, streams: jax.Array, metadata: dict, *, force: bool = False) -> bool:
+    """Saves if the interval says so (or `force`); returns whether a save started."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              streams=ocp.args.StandardSave({"streams": streams}),
+                              metadata=ocp.args.JsonSave(metadata))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, abstract_state: Any, mesh: Mesh) -> tuple[Any, list[StreamState], dict]:
+    """(state with the abstract target's shardings, per-process stream states, metadata)."""
+    streams_target = {"streams": jax.ShapeDtypeStruct(
+        (jax.process_count(), 1 + len(SKIP_REASONS)), np.int32, sharding=NamedSharding(mesh, P()))}
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        streams=ocp.args.StandardRestore(streams_target),
+        metadata=ocp.args.JsonRestore()))
+    rows = np.asarray(jax.device_get(restored["streams"]["streams"]))
+    return restored["state"], [StreamState(int(r[0]), tuple(int(x) for x in r[1:])) for r in rows], \
+        dict(restored["metadata"])
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def streams_array(local: StreamState, mesh: Mesh) -> jax.Array:
+  """Every process's StreamState as one replicated (process_count, 1 + reasons) array.
+
+  Each process only knows its own row; they are gathered so that any process count can resume
+  (each process takes its row back).
+  """
+  # int32 (JAX's default): 2**31 records per process is far beyond any schedule.
+  row = np.array([[local.position, *local.skipped]], np.int32)
+  rows = multihost_utils.process_allgather(row) if jax.process_count() > 1 else row
+  rows = np.asarray(rows).reshape(jax.process_count(), -1)
+  return jax.device_put(rows, NamedSharding(mesh, P()))
+
+
+class StopSignal:
+  """Turns SIGTERM (preemption, scancel, kill) into a flag the train loop checks every step."""
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self._event = threading.Event()
+    self.signal_name = ""
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
+
+  @property
+  def requested(self) -> bool:
+    return self._event.is_set()
+
+  def restore_handlers(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
