@@ -107,6 +107,7 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.train.batch_size = 42
   config.train.grad_accum_steps = 10
   config.train.num_epochs = 18
+  config.train.schedule = "step"     # 'step' (x lr_decay_factor at lr_decay_epochs) | 'cosine' (to 0)
   config.train.lr_decay_epochs = (10, 15)
   config.train.lr_decay_factor = 0.1
   config.train.warmup_epochs = 0
@@ -154,6 +155,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.train.batch_size = 32
   config.train.grad_accum_steps = 1
   config.train.num_epochs = 10
+  config.train.schedule = "cosine"
   config.train.lr_decay_epochs = ()
   config.train.warmup_epochs = 1
   config.train.weight_decay = 1e-4
