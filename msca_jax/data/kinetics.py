@@ -48,7 +48,6 @@ import os
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 from absl import app, flags, logging
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from msca_jax.data import annotations, video
@@ -135,9 +134,7 @@ def find_csvs(manual_dir: str) -> dict[str, str]:
 
 def encode_frames(path: str, fps: float, short_side: int, quality: int) -> list[bytes]:
   """One JPEG per frame of `path`, resampled and resized as `video.iter_frames` does."""
-  # Frames are encoded as they are decoded, so a long video never sits in memory as raw RGB.
-  return [tf.io.encode_jpeg(frame, quality=quality).numpy()
-          for frame in video.iter_frames(path, fps=fps, short_side=short_side)]
+  return video.jpeg_frames(path, fps=fps, short_side=short_side, quality=quality)
 
 
 def _map_ahead(fn: Callable[[_T], _R], items: Iterable[_T],

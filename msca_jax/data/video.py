@@ -86,6 +86,25 @@ def read_video(path: str, fps: float = 25.0, short_side: int = 0) -> np.ndarray:
   return np.stack(frames)
 
 
+def jpeg_frames(path: str, fps: float = 25.0, short_side: int = 0, quality: int = 90,
+                max_frames: int = 0) -> list[bytes]:
+  """The frames of `iter_frames` as JPEG bytes (the DMVR / TFDS storage), at most `max_frames`.
+
+  Each frame is encoded as soon as it is decoded, so a long video never sits in memory as raw RGB.
+  """
+  import tensorflow as tf  # only the preparation tools need it
+  frames = []
+  decoded = iter_frames(path, fps, short_side)
+  try:
+    for frame in decoded:
+      frames.append(tf.io.encode_jpeg(frame, quality=quality).numpy())
+      if max_frames and len(frames) >= max_frames:
+        break
+  finally:
+    decoded.close()
+  return frames
+
+
 def write_video(path: str, frames: np.ndarray, fps: float = 25.0, codec: str = "libx264") -> None:
   """Encodes uint8 (T, H, W, 3) frames (even H and W for H.264); used by tests and tools."""
   from fractions import Fraction

@@ -28,7 +28,6 @@ skipped; the run fails only when nothing at all could be written.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import math
@@ -254,13 +253,8 @@ def _resize(image: np.ndarray, short_side: int) -> np.ndarray:
 
 
 def _video_frames(path: str, settings: Settings) -> list[bytes]:
-  frames = []
-  with contextlib.closing(video.iter_frames(path, settings.fps, settings.short_side)) as decoded:
-    for frame in decoded:
-      frames.append(_encode_jpeg(frame, settings.jpeg_quality))
-      if settings.max_frames and len(frames) >= settings.max_frames:
-        break
-  return frames
+  return video.jpeg_frames(path, settings.fps, settings.short_side, settings.jpeg_quality,
+                           settings.max_frames)
 
 
 def _folder_frames(path: str, settings: Settings) -> list[bytes]:

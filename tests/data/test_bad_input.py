@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from msca_jax.data import dmvr, pipeline, sources
 from tests.data import shards

@@ -1,6 +1,5 @@
 """Mesh construction from the config, logical rules, and global batches on 8 fake CPU devices."""
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
