@@ -44,11 +44,13 @@ def index_videos(root: str) -> dict[str, str]:
   return found
 
 
-def read_kinetics_csv(csv_path: str, video_root: str | None = None) -> list[Entry]:
+def read_kinetics_csv(csv_path: str, video_root: str | None = None,
+                      videos: dict[str, str] | None = None) -> list[Entry]:
   """Rows of a Kinetics annotation CSV (label, youtube_id, time_start, time_end[, split, is_cc]).
 
   Videos are looked up by their downloader file name anywhere under `video_root` (default: the
-  CSV's directory), so both the flat and the class-per-folder download layouts work.
+  CSV's directory), so both the flat and the class-per-folder download layouts work. Pass
+  `videos` (an `index_videos` result) to share one walk of a large tree between several CSVs.
   """
   if not os.path.isfile(csv_path):
     raise DataError(f"annotation file {csv_path} does not exist")
@@ -60,7 +62,8 @@ def read_kinetics_csv(csv_path: str, video_root: str | None = None) -> list[Entr
       raise DataError(f"{csv_path}: not a Kinetics annotation CSV, columns {missing} missing "
                       f"(found {columns}; expected {', '.join(KINETICS_COLUMNS)}, split)")
     rows = list(reader)
-  videos = index_videos(video_root or os.path.dirname(os.path.abspath(csv_path)))
+  if videos is None:
+    videos = index_videos(video_root or os.path.dirname(os.path.abspath(csv_path)))
   entries = []
   for line, row in enumerate(rows, start=2):
     try:

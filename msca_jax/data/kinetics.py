@@ -228,7 +228,8 @@ class Kinetics(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "_
     manual_dir = os.fspath(dl_manager.manual_dir)
     csvs = find_csvs(manual_dir)
     config = self.builder_config
-    entries = {split: annotations.read_kinetics_csv(path, manual_dir)
+    videos = annotations.index_videos(manual_dir)  # one walk of the tree for every CSV
+    entries = {split: annotations.read_kinetics_csv(path, videos=videos)
                for split, path in csvs.items()}
     class_names = annotations.sorted_class_names(entries["train"])
     if len(class_names) != config.num_classes:

@@ -141,21 +141,3 @@ def read_records(path: tf.Tensor, size: tf.Tensor) -> tf.data.Dataset:
   marked = records.concatenate(end).scan(tf.constant(0, tf.int64), account)
   return marked.filter(lambda e: tf.logical_or(tf.logical_not(e["end"]), e["corrupt"])).map(
       lambda e: {"record": e["record"], "corrupt": e["corrupt"]})
-
-
-def count_records(path: str) -> int:
-  """Records in a TFRecord file, from the length headers alone (no payload is read)."""
-  count = 0
-  with tf.io.gfile.GFile(path, "rb") as f:
-    total = f.size()
-    offset = 0
-    while offset < total:
-      f.seek(offset)
-      header = f.read(8)
-      if len(header) < 8:
-        break
-      offset += int.from_bytes(header, "little") + RECORD_OVERHEAD
-      if offset > total:
-        break
-      count += 1
-  return count

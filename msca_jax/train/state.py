@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from msca_jax.train import evaluate
 from msca_jax.train import mesh as mesh_lib
 
 # loss_fn(logits, batch) -> (scalar loss, dict of scalar metrics)
@@ -87,7 +88,7 @@ def make_eval_step(model: nn.Module, shardings: TrainState, mesh: Mesh, logical_
   def step(params, video):
     b, v = video.shape[:2]
     logits = model.apply({"params": params}, video.reshape((b * v,) + video.shape[2:]))
-    return logits.reshape(b, v, -1).astype(jnp.float32).mean(axis=1)
+    return evaluate.average_views(logits, num_views=v)
 
   jitted = jax.jit(step, in_shardings=(shardings.params, batch_sharding), out_shardings=batch_sharding)
 

@@ -7,11 +7,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from msca_jax.train.mesh import DEFAULT_RULES as RULES
 from tests import helpers
-
-# MaxText-style rules: the batch over data and fsdp, weights over fsdp (embed) and model (heads, mlp).
-RULES = (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "model"), ("heads", "model"),
-         ("kv", None), ("classes", None))
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 1, 4), (2, 2, 2)],
