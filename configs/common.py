@@ -114,13 +114,24 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.train.grad_clip_norm = 1.0
   config.train.label_smoothing = 0.1
   config.train.seed = 0
+  config.train.num_steps = -1        # train steps (micro-batches); -1: num_epochs of the train split
+  config.train.log_every_steps = 50  # progress line, TensorBoard scalars, NaN/Inf check
+  config.train.checkpoint_every_steps = 1000
+  config.train.max_checkpoints = 3
+  config.train.async_checkpoint = True
+
+  # Evaluation: 'val' (config.data.val_*) during training, 'test' (config.data.eval_*) at the end.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 8         # videos per global batch, each with all its views
+  config.eval.every_epochs = 1       # validation during training; 0 turns it off
 
   # Devices: data parallel over everything by default; see msca_jax/train/mesh.py.
   config.mesh = mesh_lib.mesh_config()
 
   config.init = ml_collections.ConfigDict()
   config.init.vit_npz = ""          # Google ViT .npz (i21k / AugReg / big_vision)
-  config.init.checkpoint = ""       # converted PyTorch checkpoint (tools.convert_torch)
+  config.init.checkpoint = ""       # tools.convert_torch output, or a training workdir of ours
+  config.init.load_head = True      # False: the head starts at zero (another label set)
 
   if arg == "demo":
     _demo(config)
@@ -159,3 +170,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.train.lr_decay_epochs = ()
   config.train.warmup_epochs = 1
   config.train.weight_decay = 1e-4
+  config.train.log_every_steps = 20
+  config.train.checkpoint_every_steps = 200
+  config.eval.batch_size = 64
+  config.eval.every_epochs = 5

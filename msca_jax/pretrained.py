@@ -100,7 +100,7 @@ def _rebox(leaf, value):
   return leaf.replace_boxed(value) if isinstance(leaf, nn.meta.AxisMetadata) else value
 
 
-def _fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: LoadReport, *,
+def fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: LoadReport, *,
           zero_init: tuple[str, ...] = (), grid: tuple[int, int] | None = None) -> dict:
   """Puts source['a/b/c'] into template['a']['b']['c'] for every template leaf."""
   flat = traverse_util.flatten_dict(dict(template))
@@ -199,7 +199,7 @@ def load_vit_npz(path: str | os.PathLike, params: Mapping[str, Any], *,
     if key.split("/")[0] in ("pre_logits", HEAD):
       report.dropped.append(key)
       del arrays[key]
-  params = _fill(params, arrays, report, zero_init=(HEAD,), grid=grid)
+  params = fill(params, arrays, report, zero_init=(HEAD,), grid=grid)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 
@@ -310,7 +310,7 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
       report.dropped.append(key)
       continue
     converted[name] = _convert_torch(key, value, kind, num_heads)
-  params = _fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid)
+  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 

@@ -39,6 +39,22 @@ def state_shardings(model, tx, clip, mesh: Mesh, logical_rules) -> TrainState:
   return mesh_lib.tree_shardings(abstract, mesh, logical_rules)
 
 
+def abstract_state(model, tx, clip, mesh: Mesh, logical_rules) -> tuple[TrainState, TrainState]:
+  """(ShapeDtypeStructs carrying the shardings, shardings): a restore target; nothing allocated."""
+  shardings = state_shardings(model, tx, clip, mesh, logical_rules)
+  shapes = nn.unbox(jax.eval_shape(_init_fn(model, tx, clip), jax.random.key(0)))
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def with_params(params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """A step-0 state around given (e.g. pretrained) params, the optimiser state fresh."""
+  params = jax.device_put(params, shardings.params)
+  init = lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p))
+  return jax.jit(init, out_shardings=shardings)(params)
+
+
 def create(model, tx, clip: jax.ShapeDtypeStruct, mesh: Mesh, logical_rules,
            rng: jax.Array) -> tuple[TrainState, TrainState]:
   """(state, shardings): every array is created on its own shards, never whole on one device."""
@@ -79,20 +95,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
 
 
 def make_eval_step(model: nn.Module, shardings: TrainState, mesh: Mesh, logical_rules):
-  """step(params, video (B, V, T, H, W, 3)) -> (B, C) float32 logits averaged over the V views.
+  """step(params, batch) -> batch without 'video', plus 'logits' (B, C) averaged over the views.
 
-  The model already averages over frames; the views are folded into the batch and averaged here.
+  batch['video'] is (B, V, T, H, W, 3): the views are folded into the batch, the model averages
+  over frames, the step over views. Everything returned is replicated, so every process holds the
+  whole global batch's logits next to the labels, masks and keys they belong to.
   """
-  batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
-
-  def step(params, video):
+  def step(params, batch):
+    video = batch["video"]
     b, v = video.shape[:2]
     logits = model.apply({"params": params}, video.reshape((b * v,) + video.shape[2:]))
-    return evaluate.average_views(logits, num_views=v)
+    rest = {name: value for name, value in batch.items() if name != "video"}
+    return dict(rest, logits=evaluate.average_views(logits, num_views=v))
 
-  jitted = jax.jit(step, in_shardings=(shardings.params, batch_sharding), out_shardings=batch_sharding)
+  jitted = jax.jit(step, in_shardings=(shardings.params, NamedSharding(mesh, P(mesh_lib.BATCH_AXES))),
+                   out_shardings=mesh_lib.replicated(mesh))
 
-  def run(params, video):
+  def run(params, batch: dict):
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
-      return jitted(params, video)
+      return jitted(params, batch)
   return run

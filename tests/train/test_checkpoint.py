@@ -41,9 +41,7 @@ def test_save_on_one_mesh_restore_on_others(tmp_path):
   for shape, devices in [(dict(data=1, fsdp=1, model=1), jax.devices()[:1]),
                          (dict(data=2, fsdp=1, model=4), jax.devices())]:
     model, tx, clip, mesh, rules = _setup(shape, devices)
-    shardings = state_lib.state_shardings(model, tx, clip, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            jax.eval_shape(lambda: state), shardings)
+    abstract, shardings = state_lib.abstract_state(model, tx, clip, mesh, rules)
     reader = ckpt_lib.Checkpointer(str(tmp_path), save_interval_steps=1)
     assert reader.latest_step() == 7
     restored, streams, metadata = reader.restore(7, abstract, mesh)

@@ -40,8 +40,11 @@ def _train(shape, devices, steps=3):
     state, metrics = train_step(state, mesh_lib.global_batch(local, mesh), jax.random.key(1))
     losses.append(float(metrics["loss"]))
   eval_step = state_lib.make_eval_step(model, shardings, mesh, rules)
-  views = mesh_lib.global_batch({"v": rng.uniform(-1, 1, (8, 3, 4, 32, 32, 3)).astype(np.float32)}, mesh)["v"]
-  return state, losses, np.asarray(eval_step(state.params, views)), shardings
+  views = mesh_lib.global_batch({"video": rng.uniform(-1, 1, (8, 3, 4, 32, 32, 3)).astype(np.float32),
+                                 "label": np.arange(8, dtype=np.int32)}, mesh)
+  out = eval_step(state.params, views)
+  np.testing.assert_array_equal(np.asarray(out["label"]), np.arange(8))  # rows stay with their labels
+  return state, losses, np.asarray(out["logits"]), shardings
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,0 +1,93 @@
+"""Initial weights for a training run (config.init), with a report of what came from where.
+
+  config.init.vit_npz      a Google ViT .npz (ImageNet-21k, AugReg, big_vision): every tensor but
+                           the head; the head starts at zero.
+  config.init.checkpoint   an orbax directory of ours: the output of tools.convert_torch (a
+                           converted TokShift/MSCA PyTorch checkpoint), or a training workdir (or
+                           its checkpoints/ or one step of it), whose latest parameters are taken.
+  config.init.load_head    False leaves the head at zero (fine-tuning to another label set).
+
+Only parameters are taken; the optimiser starts fresh. Resuming an interrupted run is not this:
+the trainer resumes from its own workdir automatically, optimiser and data stream included.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from msca_jax import pretrained
+
+# Items that hold parameters: 'params' in params checkpoints, 'state' (TrainState) in training ones.
+_PARAMS_ITEMS = ("params", "state")
+
+
+def step_dir(directory: str) -> str:
+  """The step directory to read: `directory` itself, or the latest step under it (or checkpoints/)."""
+  if any(os.path.isdir(os.path.join(directory, item)) for item in _PARAMS_ITEMS):
+    return directory
+  for root in (directory, os.path.join(directory, "checkpoints")):
+    if not os.path.isdir(root):
+      continue
+    manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    manager.close()
+    if step is not None:
+      return os.path.join(root, str(step))
+  raise pretrained.WeightsError(
+      f"config.init.checkpoint={directory}: no finished checkpoint there; expected the output of "
+      "msca_jax.tools.convert_torch, a training workdir, its checkpoints/ or one of its steps")
+
+
+def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
+  """{'Transformer/encoderblock_0/...': array} from one of our orbax checkpoints, as numpy.
+
+  Read without a target, so the checkpoint may come from any mesh and any device count.
+  """
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"config.init.checkpoint: {directory} does not exist")
+  found = step_dir(directory)
+  item = next(i for i in _PARAMS_ITEMS if os.path.isdir(os.path.join(found, i)))
+  path = os.path.join(found, item)
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  if item == "state":
+    if "params" not in tree:
+      raise pretrained.WeightsError(f"{path}: a train state without 'params' (has {sorted(tree)})")
+    tree = {"params": tree["params"]}
+  as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
+  restore_args = traverse_util.unflatten_dict(
+      {k: as_numpy for k in traverse_util.flatten_dict(tree)})
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      restore_args=restore_args, partial_restore=item == "state"))
+  params = restored["params"] if item == "state" else restored
+  return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.LoadReport] | None:
+  """(params in the template's structure and boxes, report), or None for a random start.
+
+  `params_template` is the model's (abstract, boxed) params; the result holds numpy arrays.
+  """
+  vit_npz, checkpoint, load_head = init_cfg["vit_npz"], init_cfg["checkpoint"], init_cfg["load_head"]
+  if vit_npz and checkpoint:
+    raise ValueError("config.init: set vit_npz or checkpoint, not both")
+  if vit_npz:
+    if not os.path.isfile(vit_npz):
+      raise FileNotFoundError(f"config.init.vit_npz: {vit_npz} does not exist")
+    return pretrained.load_vit_npz(vit_npz, params_template, with_report=True)
+  if checkpoint:
+    arrays = read_checkpoint_params(checkpoint)
+    report = pretrained.LoadReport(source=os.path.abspath(checkpoint))
+    zero_init = () if load_head else (pretrained.HEAD,)
+    if not load_head:
+      report.dropped.extend(k for k in sorted(arrays) if k.startswith(pretrained.HEAD + "/"))
+      arrays = {k: v for k, v in arrays.items() if not k.startswith(pretrained.HEAD + "/")}
+    params = pretrained.fill(params_template, arrays, report, zero_init=zero_init)
+    return params, report
+  return None

@@ -1,0 +1,497 @@
+"""The trainer: config -> mesh -> input -> model and state -> update loop -> checkpoints -> evaluation.
+
+One code path for one CPU, one GPU and a TPU slice: every array lives on the config's device mesh,
+each process feeds its share of the global batch, and the jitted steps do the rest.
+
+    python -m msca_jax.main --config=configs/msca_kv.py:demo --workdir=/tmp/msca_kv_demo
+
+A workdir holds checkpoints/ (orbax), tensorboard/, metrics.jsonl (one line per log or eval) and
+eval/ (JSON, per-video CSV, confusion plot). Rerunning the same command resumes from the latest
+checkpoint, data stream included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Iterable, Iterator
+
+import flax.linen as nn
+import jax
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from jax.experimental import multihost_utils
+from tensorflow.core.framework import summary_pb2
+
+from msca_jax import models
+from msca_jax.data import pipeline, sources
+from msca_jax.data.pipeline import StreamState
+from msca_jax.progress import Progress
+from msca_jax.train import checkpoint as ckpt_lib
+from msca_jax.train import evaluate, initialise, optim
+from msca_jax.train import mesh as mesh_lib
+from msca_jax.train import state as state_lib
+
+MODES = ("train", "evaluate", "train_and_evaluate")
+# What of a training batch goes to the devices ('index' and 'skipped' are stream bookkeeping).
+TRAIN_FIELDS = ("video", "label", "label_mix", "mix_weight")
+EVAL_FIELDS = ("video", "label", "mask", "error", "key")
+KEY_BYTES = 256  # video keys travel with their logits as fixed-width bytes (see _encode_keys)
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped early with a checkpoint; rerun to resume
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradient became NaN or Inf; the run stopped before saving it."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """What a config describes, built once: devices, data, model, optimiser, state layout."""
+  config: Any
+  workdir: str
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model: nn.Module
+  clip: jax.ShapeDtypeStruct
+  eval_source: sources.Source
+  num_eval: int
+  train_source: sources.Source | None = None
+  num_train: int = 0
+  steps_per_epoch: int = 0
+  total_steps: int = 0
+  tx: Any = None
+
+
+# --------------------------------------------------------------------------------------- set-up
+
+def _is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def _log(message: str, *args) -> None:
+  if _is_main():
+    logging.info(message, *args)
+
+
+def _num_records(source: sources.Source) -> int:
+  if source.num_records is not None:
+    return source.num_records
+  return sum(sources.count_records(source.files))
+
+
+def _check_classes(config, source: sources.Source) -> None:
+  if config.model.num_classes != source.num_classes:
+    raise ValueError(f"config.model.num_classes = {config.model.num_classes}, but {source.description} "
+                     f"has {source.num_classes} classes")
+
+
+def build(config, workdir: str, *, train: bool) -> Experiment:
+  """Checks the config, builds the mesh, finds the data and logs what the run will do."""
+  pipeline.check_config(config.data)
+  optim.check_config(config.train)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  rules = mesh_lib.rules(config.mesh)
+  mesh_lib.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+  model = models.build(config.model)
+  eval_source = sources.make_source(config.data, config.data.eval_split)
+  _check_classes(config, eval_source)
+  exp = Experiment(config=config, workdir=workdir, mesh=mesh, rules=rules, model=model,
+                   clip=models.clip_spec(config.model), eval_source=eval_source,
+                   num_eval=_num_records(eval_source))
+  devices = jax.devices()
+  _log("devices: %d x %s (%s), %d process(es), %d local", len(devices), devices[0].device_kind,
+       devices[0].platform, jax.process_count(), jax.local_device_count())
+  _log("mesh: %s", ", ".join(f"{k}={v}" for k, v in mesh.shape.items()))
+  arch = models.architecture(config.model)
+  _log("model: %s %s %s, temporal %s, %s compute, remat %s", config.model.name, config.model.variant,
+       arch, model.temporal, config.model.dtype, config.model.remat)
+  d = config.data
+  _log("clips: %d frames (%s sampling, stride %d at %d fps), %d px crops", d.num_frames, d.sampling,
+       d.stride, d.fps, d.image_size)
+  if train:
+    mesh_lib.check_batch_size(config.train.batch_size, mesh)
+    exp.train_source = sources.make_source(config.data, config.data.train_split)
+    _check_classes(config, exp.train_source)
+    exp.num_train = _num_records(exp.train_source)
+    exp.steps_per_epoch = exp.num_train // config.train.batch_size
+    if exp.steps_per_epoch == 0:
+      raise ValueError(f"config.train.batch_size = {config.train.batch_size} is larger than the "
+                       f"{exp.num_train} training videos in {exp.train_source.description}")
+    exp.total_steps = (config.train.num_steps if config.train.num_steps > 0
+                       else config.train.num_epochs * exp.steps_per_epoch)
+    exp.tx = optim.make_optimizer(config.train, exp.steps_per_epoch)
+    t = config.train
+    _log("train data: %s: %d videos, %d classes", exp.train_source.description, exp.num_train,
+         exp.train_source.num_classes)
+    _log("batch: %d clips per step globally, %d per device, %d per process; x%d accumulation = "
+         "%d clips per update; peak lr %.4g (%s, %s schedule)", t.batch_size,
+         t.batch_size // mesh_lib.batch_shards(mesh), t.batch_size // jax.process_count(),
+         t.grad_accum_steps, optim.effective_batch_size(t), optim.peak_learning_rate(t), t.optimizer,
+         t.schedule)
+    _log("schedule: %d steps per epoch, %d steps (%.2f epochs)", exp.steps_per_epoch,
+         exp.total_steps, exp.total_steps / exp.steps_per_epoch)
+    _log("augmentation: short side %s, flip %.2f, colour %.2f, RandAugment %d, mixup %.2f, "
+         "cutmix %.2f", tuple(d.train_short_side_range), d.flip_prob, d.color_prob,
+         d.randaugment_layers, d.mixup_alpha, d.cutmix_alpha)
+  _log("eval data: %s: %d videos; views: validation %d clip(s) x %d crop(s), test %d clip(s) x "
+       "%d crop(s), short side %d", eval_source.description, exp.num_eval, d.val_clips, d.val_crops,
+       d.eval_clips, d.eval_crops, d.eval_short_side)
+  return exp
+
+
+# ------------------------------------------------------------------------------------ metrics out
+
+_SCALAR_METADATA = summary_pb2.SummaryMetadata(
+    plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+
+class MetricsWriter:
+  """TensorBoard scalars and metrics.jsonl in the workdir, written by process 0 only."""
+
+  def __init__(self, workdir: str):
+    self.enabled = _is_main()
+    if self.enabled:
+      tf.io.gfile.makedirs(workdir)
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+      self._jsonl = tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    with self._tb.as_default(step=step):
+      for name, value in scalars.items():
+        # tf.summary.scalar's body, minus its import of the tensorboard package.
+        tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
+    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The lines of a run's metrics.jsonl (the last write of each step and name wins)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  with tf.io.gfile.GFile(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+def _encode_keys(keys: np.ndarray) -> np.ndarray:
+  """bytes keys -> (B, KEY_BYTES) uint8, so they can ride along in the global batch."""
+  out = np.zeros((len(keys), KEY_BYTES), np.uint8)
+  for i, key in enumerate(keys):
+    raw = bytes(key)[:KEY_BYTES]
+    out[i, :len(raw)] = np.frombuffer(raw, np.uint8)
+  return out
+
+
+def _decode_keys(rows: np.ndarray) -> list[bytes]:
+  return [bytes(row).rstrip(b"\0") for row in np.asarray(rows)]
+
+
+def _lockstep(batches: Iterable[dict], padding: dict) -> Iterator[dict]:
+  """The batches of this process, padded with `padding` until every process has run out.
+
+  Each process's eval shards hold a different number of videos, but the jitted step needs every
+  process at every call; a masked padding batch keeps the done ones in step.
+  """
+  batches = iter(batches)
+  while True:
+    local = next(batches, None)
+    if jax.process_count() > 1:
+      if not multihost_utils.process_allgather(np.array(local is not None)).any():
+        return
+      yield padding if local is None else local
+    elif local is None:
+      return
+    else:
+      yield local
+
+
+def _eval_padding(config, local_batch: int, views: int) -> dict:
+  d = config.data
+  return {"video": np.zeros((local_batch, views, d.num_frames, d.image_size, d.image_size, 3),
+                            pipeline.DTYPES[d.dtype].as_numpy_dtype),
+          "label": np.zeros(local_batch, np.int32), "mask": np.zeros(local_batch, np.int32),
+          "error": np.zeros(local_batch, np.int32), "key": np.zeros((local_batch, KEY_BYTES), np.uint8)}
+
+
+def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_crops: int,
+                   ) -> evaluate.EvalAccumulator:
+  """One exact pass over the eval split with the given views; every process gets the same result."""
+  config = exp.config
+  local_batch = config.eval.batch_size // jax.process_count()
+  ds = pipeline.eval_dataset(exp.eval_source, config.data, batch_size=local_batch,
+                             num_clips=num_clips, num_crops=num_crops,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  accumulator = evaluate.EvalAccumulator(exp.eval_source.num_classes, exp.eval_source.class_names)
+
+  def to_device(local: dict) -> dict:
+    if local["key"].dtype != np.uint8:
+      local = dict(local, key=_encode_keys(local["key"]))
+    return mesh_lib.global_batch({k: local[k] for k in EVAL_FIELDS}, exp.mesh)
+
+  def add(out: dict) -> None:
+    out = jax.device_get(out)
+    accumulator.add(out["logits"], out["label"], out["mask"], _decode_keys(out["key"]), out["error"])
+
+  num_batches = math.ceil(exp.num_eval / config.eval.batch_size)
+  progress = Progress(num_batches, unit="batches", desc=f"eval {num_clips}x{num_crops} views",
+                      min_interval_s=30.0) if _is_main() else None
+  pending = None  # the previous batch's output: fetched after the next one is dispatched
+  for local in _lockstep(pipeline.as_numpy(ds), _eval_padding(config, local_batch, num_clips * num_crops)):
+    out = eval_step(params, to_device(local))
+    if pending is not None:
+      add(pending)
+    pending = out
+    if progress:
+      progress.update(1)
+  if pending is not None:
+    add(pending)
+  if progress:
+    progress.close()
+  return accumulator
+
+
+def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *, name: str,
+                      step: int, num_clips: int, num_crops: int, writer: MetricsWriter | None,
+                      table: bool) -> dict[str, float]:
+  """Writes the reports (process 0), logs the metrics and returns them as scalars."""
+  result = accumulator.result()
+  protocol = {"num_clips": num_clips, "num_crops": num_crops, "split": exp.config.data.eval_split,
+              "step": step}
+  scalars = {f"{name}/{k}": v for k, v in result.metrics().items() if v is not None}
+  scalars[f"{name}/num_videos"] = result.num_videos
+  if exp.eval_source.num_classes % 2 == 0 and exp.config.data.source == "synthetic":
+    # The synthetic classes come in time-reversed pairs: the paper's point in one number.
+    scalars.update({f"{name}/{k}": v for k, v in evaluate.pair_accuracy(result.confusion).items()
+                    if not math.isnan(v)})
+  if _is_main():
+    directory = os.path.join(exp.workdir, "eval", f"{name}_step{step}")
+    evaluate.write_reports(directory, exp.config.data.eval_split, result, accumulator, protocol)
+    if table:
+      print(evaluate.format_summary_table(result, protocol, title=f"{name} at step {step}"), flush=True)
+    logging.info("%s at step %d: %s (reports in %s)", name, step,
+                 ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()), directory)
+  if result.num_videos != exp.num_eval - result.num_skipped and _is_main():
+    logging.warning("%s: evaluated %d videos + %d skipped, but the split has %d records", name,
+                    result.num_videos, result.num_skipped, exp.num_eval)
+  if writer:
+    writer.write(step, scalars)
+  return scalars
+
+
+# ------------------------------------------------------------------------------------ training
+
+def _loss_fn(train_cfg):
+  def loss_fn(logits, batch):
+    mixed = "label_mix" in batch
+    loss, _ = optim.classification_loss(
+        logits, batch["label"], label_smoothing=train_cfg.label_smoothing,
+        label_mix=batch["label_mix"] if mixed else None,
+        mix_weight=batch["mix_weight"] if mixed else None)
+    top1, _ = optim.accuracy_counts(logits, batch["label"])
+    return loss, {"accuracy": top1 / logits.shape[0]}
+  return loss_fn
+
+
+def _initial_state(exp: Experiment, shardings) -> state_lib.TrainState:
+  """Step 0: random, or from config.init (a report says what was loaded)."""
+  abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
+  loaded = initialise.initial_params(exp.config.init, abstract_params)
+  if loaded is None:
+    state, _ = state_lib.create(exp.model, exp.tx, exp.clip, exp.mesh, exp.rules,
+                                jax.random.key(exp.config.train.seed))
+    _log("init: random (seed %d)", exp.config.train.seed)
+    return state
+  params, report = loaded
+  _log("init: %s", report.summary())
+  return state_lib.with_params(nn.unbox(params), exp.tx, shardings)
+
+
+def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step: int):
+  state, streams, metadata = checkpointer.restore(step, abstract, exp.mesh)
+  if len(streams) == jax.process_count():
+    stream = streams[jax.process_index()]
+  else:  # another host count reads other files: continue at the same progress through an epoch
+    position = sum(s.position for s in streams) // jax.process_count()
+    stream = StreamState(position=position)
+    _log("checkpoint written by %d processes, resuming with %d: the data stream continues at "
+         "the same point of the epoch, not the same order", len(streams), jax.process_count())
+  if metadata.get("steps_per_epoch") not in (None, exp.steps_per_epoch):
+    logging.warning("the checkpoint was trained with %s steps per epoch, the data now gives %d: "
+                    "the learning-rate schedule changes", metadata["steps_per_epoch"],
+                    exp.steps_per_epoch)
+  _log("resumed from %s at step %d (stream position %d)", checkpointer.directory, step,
+       stream.position)
+  return state, stream
+
+
+def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, directory: str) -> dict:
+  """Means of the window's metrics; raises NonFiniteLossError at the first bad step."""
+  fetched = jax.device_get([m for _, m in pending])
+  for (step, _), metrics in zip(pending, fetched):
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
+    if bad:
+      where = (f"the last good checkpoint is step {last_good} in {directory}"
+               if last_good is not None else "no checkpoint was written")
+      raise NonFiniteLossError(
+          f"{' and '.join(bad)} became {metrics[bad[0]]} at step {step}; stopping before this state "
+          f"is saved ({where}). Lower config.train.base_lr, check config.train.grad_clip_norm, "
+          f"or use config.model.dtype='float32'.")
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
+  """Trains to exp.total_steps (resuming if the workdir has a checkpoint); returns final metrics.
+
+  Returns {'step', 'interrupted', 'train': last window's means, 'val': ..., 'test': ...}.
+  """
+  config, mesh = exp.config, exp.mesh
+  t = config.train
+  abstract, shardings = state_lib.abstract_state(exp.model, exp.tx, exp.clip, mesh, exp.rules)
+  checkpointer = ckpt_lib.Checkpointer(
+      os.path.join(exp.workdir, "checkpoints"), save_interval_steps=t.checkpoint_every_steps,
+      max_to_keep=t.max_checkpoints, async_save=t.async_checkpoint)
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    state, stream = _resume(exp, checkpointer, abstract, latest)
+  else:
+    state, stream = _initial_state(exp, shardings), StreamState()
+  step = int(jax.device_get(state.step))
+  last_saved = latest
+
+  metadata = {"config": config.to_json_best_effort(), "steps_per_epoch": exp.steps_per_epoch,
+              "total_steps": exp.total_steps}
+  train_step = state_lib.make_train_step(exp.model, exp.tx, _loss_fn(t), shardings, mesh, exp.rules)
+  eval_step = state_lib.make_eval_step(exp.model, shardings, mesh, exp.rules)
+  schedule = optim.learning_rate_schedule(t, exp.steps_per_epoch)
+  eval_every = config.eval.every_epochs * exp.steps_per_epoch
+  local_batch = t.batch_size // jax.process_count()
+  batches = pipeline.as_numpy(pipeline.train_dataset(
+      exp.train_source, config.data, batch_size=local_batch, seed=t.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(), state=stream))
+  rng = jax.random.key(t.seed)
+  writer = MetricsWriter(exp.workdir)
+  stop = ckpt_lib.StopSignal()
+  result: dict[str, Any] = {"step": step, "interrupted": False}
+  progress = Progress(exp.total_steps, unit="steps", desc="train", initial=step,
+                      min_interval_s=None) if _is_main() else None
+
+  def save(force: bool) -> None:
+    nonlocal last_saved
+    if checkpointer.save(step, state, ckpt_lib.streams_array(stream, mesh), metadata, force=force):
+      last_saved = step
+
+  try:
+    pending: list[tuple[int, dict]] = []
+    fields: dict[str, Any] = {}
+    window_start, window_step = time.monotonic(), step
+    while step < exp.total_steps:
+      local = next(batches)
+      stream = StreamState.after(local)
+      batch = mesh_lib.global_batch({k: local[k] for k in TRAIN_FIELDS if k in local}, mesh)
+      state, metrics = train_step(state, batch, rng)
+      step += 1
+      pending.append((step, metrics))
+      is_last = step == exp.total_steps
+      stopping = stop.requested
+      saving = is_last or stopping or checkpointer.manager.should_save(step)
+      evaluating = eval_every > 0 and step % eval_every == 0 and not (is_last and evaluate_at_end)
+      if step % t.log_every_steps == 0 or saving or evaluating:
+        means = _fetch_window(pending, last_saved, checkpointer.directory)  # syncs with the devices
+        pending = []
+        now = time.monotonic()
+        steps_per_s = (step - window_step) / max(now - window_start, 1e-9)
+        window_start, window_step = now, step
+        scalars = {f"train/{k}": v for k, v in means.items()}
+        scalars["train/lr"] = float(schedule(max(0, step - 1) // t.grad_accum_steps))
+        scalars["perf/steps_per_s"] = steps_per_s
+        scalars["perf/clips_per_s"] = steps_per_s * t.batch_size
+        scalars.update({f"input/skipped_{k}": v for k, v in stream.skipped_by_reason().items()})
+        scalars["epoch"] = step / exp.steps_per_epoch
+        writer.write(step, scalars)
+        result["train"] = means
+        fields = {"loss": means["loss"], "lr": scalars["train/lr"],
+                  "clips/s": round(scalars["perf/clips_per_s"], 1)}
+      if progress:
+        progress.update(1, **fields)
+        fields = {}
+      if saving:
+        save(force=is_last or stopping)
+      if stopping:
+        result["interrupted"] = True
+        _log("stopped by %s at step %d; checkpoint saved: rerun the same command to resume",
+             stop.signal_name, step)
+        break
+      if evaluating:
+        accumulator = run_evaluation(exp, eval_step, state.params, num_clips=config.data.val_clips,
+                                     num_crops=config.data.val_crops)
+        result["val"] = report_evaluation(
+            exp, accumulator, name="val", step=step, num_clips=config.data.val_clips,
+            num_crops=config.data.val_crops, writer=writer, table=False)
+    if progress:
+      progress.close()
+    if latest is not None and step == latest and step >= exp.total_steps:
+      _log("already trained to step %d", step)
+    result["step"] = step
+    if evaluate_at_end and not result["interrupted"]:
+      checkpointer.wait()
+      accumulator = run_evaluation(exp, eval_step, state.params, num_clips=config.data.eval_clips,
+                                   num_crops=config.data.eval_crops)
+      result["test"] = report_evaluation(
+          exp, accumulator, name="test", step=step, num_clips=config.data.eval_clips,
+          num_crops=config.data.eval_crops, writer=writer, table=True)
+  finally:
+    stop.restore_handlers()
+    checkpointer.close()
+    writer.close()
+  return result
+
+
+# ------------------------------------------------------------------------------------ evaluation only
+
+def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
+  """The test protocol on the workdir's latest parameters (or config.init's, if it has none)."""
+  config = exp.config
+  init, step = config.init, 0
+  if os.path.isdir(os.path.join(exp.workdir, "checkpoints")):
+    step_dir = initialise.step_dir(exp.workdir)
+    init, step = {"vit_npz": "", "checkpoint": step_dir, "load_head": True}, int(os.path.basename(step_dir))
+  abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
+  loaded = initialise.initial_params(init, abstract_params)
+  if loaded is None:
+    raise FileNotFoundError(f"nothing to evaluate: {exp.workdir} has no checkpoints/ and "
+                            "config.init names no weights")
+  params, report = loaded
+  _log("evaluating %s", report.summary())
+  param_shardings = mesh_lib.tree_shardings(abstract_params, exp.mesh, exp.rules)
+  params = jax.device_put(nn.unbox(params), param_shardings)
+  shardings = state_lib.TrainState(step=None, params=param_shardings, opt_state=None)
+  eval_step = state_lib.make_eval_step(exp.model, shardings, exp.mesh, exp.rules)
+  accumulator = run_evaluation(exp, eval_step, params, num_clips=config.data.eval_clips,
+                               num_crops=config.data.eval_crops)
+  writer = MetricsWriter(exp.workdir)
+  try:
+    return report_evaluation(exp, accumulator, name="test", step=step,
+                             num_clips=config.data.eval_clips, num_crops=config.data.eval_crops,
+                             writer=writer, table=True)
+  finally:
+    writer.close()
+
+
+def run(config, workdir: str, mode: str = "train_and_evaluate") -> dict[str, Any]:
+  if mode not in MODES:
+    raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
+  exp = build(config, workdir, train=mode != "evaluate")
+  if mode == "evaluate":
+    return {"test": evaluate_checkpoint(exp)}
+  return train(exp, evaluate_at_end=mode == "train_and_evaluate")
