@@ -12,7 +12,6 @@ checkpoint (rerun to resume), 3 the loss became NaN or Inf (the last good checkp
 
 from __future__ import annotations
 
-import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -25,13 +24,6 @@ _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", ["train", "evaluate", "t
 EXIT_NONFINITE = 3
 
 
-def _quiet_libraries() -> None:
-  """Orbax logs every save at INFO through absl; keep its warnings, drop the chatter."""
-  def keep(record) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-  logging.get_absl_logger().addFilter(keep)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -41,9 +33,10 @@ def main(argv):
   # Imported here so that --help answers without loading JAX and TensorFlow.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
+  from msca_jax import progress
   from msca_jax.train import trainer
 
-  _quiet_libraries()
+  progress.quiet_library_logs()
   logging.info("config:\n%s", _CONFIG.value)
   try:
     result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)

@@ -13,6 +13,7 @@ logs stay readable:
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 import time
 from typing import Any, Callable, TextIO
@@ -156,3 +157,12 @@ class Progress:
     else:
       self.stream.write(text + "\n")
     self.stream.flush()
+
+
+def quiet_library_logs() -> None:
+  """Drops orbax's INFO chatter (a dozen lines per checkpoint) from absl logging; keeps warnings."""
+  from absl import logging as absl_logging
+
+  def keep(record) -> bool:
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  absl_logging.get_absl_logger().addFilter(keep)
