@@ -1,0 +1,214 @@
+"""predict: one video file through the evaluation protocol; the CLI and its errors."""
+
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from absl import app, flags
+from jax.sharding import Mesh
+
+from configs import msca_kv
+from msca_jax import models, predict, pretrained
+from msca_jax.data import dmvr, pipeline, sources, synthetic, video
+from msca_jax.tools import prepare_videos
+from msca_jax.train import checkpoint, evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "msca_kv.py")
+
+
+def _config(**data):
+  """The demo MSCA-KV with one block: 8 synthetic classes, 8 frames of 32 px."""
+  config = msca_kv.get_config("demo")
+  config.model.depth = 1
+  config.data.update(data)
+  return config
+
+
+def _moving_video(num_frames=30, height=48, width=64, seed=0):
+  """Noise with a bright square moving right: frames differ, and so do the crops."""
+  rng = np.random.default_rng(seed)
+  frames = rng.integers(0, 120, (num_frames, height, width, 3), dtype=np.uint8)
+  for t in range(num_frames):
+    x = 2 * t % (width - 12)
+    frames[t, 16:28, x:x + 12] = 230
+  return frames
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A saved depth-1 model and a real mp4."""
+  tmp = tmp_path_factory.mktemp("predict")
+  config = _config()
+  model = models.build(config.model)
+  clip = np.zeros(models.clip_spec(config.model).shape, np.float32)
+  params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), clip)["params"])
+  checkpoint = pretrained.save_params(str(tmp / "params"), params)
+  path = str(tmp / "clip.mp4")
+  video.write_video(path, _moving_video())
+  return {"tmp": tmp, "checkpoint": checkpoint, "video": path}
+
+
+def test_top_k_of_a_saved_checkpoint(setup):
+  config = _config()
+  params = predict.load_params(config, setup["checkpoint"])
+  top = predict.predict(config, params, setup["video"], top_k=5)
+  assert len(top) == 5
+  probs = [p for _, _, p in top]
+  assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+  assert all(name == synthetic.CLASSES[i] for i, name, _ in top)
+  assert len({i for i, _, _ in top}) == 5
+
+  result = predict.classify(config, params, setup["video"], top_k=50)
+  assert len(result.top) == 8                       # k is at most the number of classes
+  np.testing.assert_allclose(result.probabilities.sum(), 1.0, rtol=1e-5)
+  assert result.view_logits.shape == (2, 8)         # demo test protocol: 2 clips x 1 crop
+  assert result.num_frames_decoded == 30
+  assert result.protocol.startswith("2 views (2 clips x 1 crop), 8 frames at stride 1")
+  # One step of the checkpoint directory loads the same params.
+  step = predict.load_params(config, os.path.join(setup["checkpoint"], "0"))
+  jax.tree.map(np.testing.assert_array_equal, step, params)
+
+
+def test_params_from_a_training_workdir(setup, tmp_path):
+  """The trainer's checkpoints hold the whole train state; predict takes its params."""
+  config = _config()
+  params = predict.load_params(config, setup["checkpoint"])
+  state = {"step": np.int32(7), "params": params,
+           "opt_state": {"mu": jax.tree.map(lambda x: np.ones_like(x), params)}}
+  saver = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_interval_steps=1,
+                                  async_save=False)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  saver.save(7, state, checkpoint.streams_array(pipeline.StreamState(), mesh), {}, force=True)
+  saver.close()
+  for directory in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "7"):
+    loaded = predict.load_params(config, str(directory))
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_prediction_is_the_eval_pipeline_on_the_prepared_video(setup, tmp_path):
+  """prepare_videos + eval_dataset + the eval forward give predict()'s probabilities."""
+  videos = tmp_path / "videos"
+  (videos / "move_up").mkdir(parents=True)
+  os.link(setup["video"], videos / "move_up" / "clip.mp4")
+  classes = tmp_path / "classes.txt"
+  classes.write_text("".join(f"{c}\n" for c in synthetic.CLASSES))
+  shards = str(tmp_path / "shards")
+  # Not the defaults, so the test sees whether predict reads them from the manifest.
+  prepare_videos.prepare(str(videos), shards, "validation", classes=str(classes), short_side=40,
+                         jpeg_quality=80, workers=0, progress_stream=io.StringIO())
+  config = _config(source="dmvr", path=shards, stride=2, eval_clips=2, eval_crops=3,
+                   eval_short_side=36)
+  data = config.data
+  params = predict.load_params(config, setup["checkpoint"])
+
+  ds = pipeline.eval_dataset(sources.make_source(data, data.eval_split), data, batch_size=1,
+                             num_clips=2, num_crops=3)
+  batch = next(pipeline.as_numpy(ds))
+  assert batch["mask"].tolist() == [1] and batch["label"].tolist() == [2]
+  model = models.build(config.model)
+  logits = jax.jit(model.apply)({"params": params}, batch["video"][0])   # (views, C)
+  expected = jax.nn.softmax(evaluate.average_views(np.asarray(logits)[None]))[0]
+
+  result = predict.classify(config, params, setup["video"], top_k=3)
+  assert (result.decode.short_side, result.decode.jpeg_quality) == (40, 80)
+  assert "manifest" in result.decode.origin
+  assert result.protocol.startswith("6 views (2 clips x 3 crops), 8 frames at stride 2")
+  frames = predict.decode_video(setup["video"], result.decode)
+  np.testing.assert_allclose(predict.eval_views(frames, data), batch["video"][0], atol=1e-6)
+  np.testing.assert_allclose(result.view_logits, logits, atol=1e-5)
+  np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
+  assert [name for _, name, _ in result.top] == [synthetic.CLASSES[i] for i in
+                                                 np.argsort(-np.asarray(expected))[:3]]
+  data_at_10 = _config(source="dmvr", path=shards, fps=10).data
+  assert "WARNING: the data was prepared at 25 fps but config.data.fps is 10" in \
+      predict.decode_settings(data_at_10).origin
+  # The check is not vacuous: decoding as prepare_videos' defaults does gives other views.
+  default = predict.decode_settings(_config().data, short_side=256, jpeg_quality=90)
+  other = predict.eval_views(predict.decode_video(setup["video"], default), data)
+  assert np.abs(other - batch["video"][0]).max() > 1e-2
+
+
+def test_class_names_fall_back_to_labels_then_indices(tmp_path):
+  config = _config()
+  assert predict.class_names(config) == (list(synthetic.CLASSES), "the synthetic dataset")
+  missing = _config(source="dmvr", path=str(tmp_path / "nowhere"))
+  names, origin = predict.class_names(missing)
+  assert names == [f"class {i}" for i in range(8)]
+  assert "class indices" in origin and "labels.txt" in origin and "--labels" in origin
+  labels = tmp_path / "labels.txt"
+  labels.write_text("".join(f"c{i}\n" for i in range(8)))
+  assert predict.class_names(missing, str(labels))[0] == [f"c{i}" for i in range(8)]
+  assert predict.class_names(missing, str(tmp_path))[0] == [f"c{i}" for i in range(8)]  # a dir
+  dmvr.write_labels(str(tmp_path / "three"), ["a", "b", "c"])
+  with pytest.raises(predict.PredictError, match="3 class names, but the model has 8 classes"):
+    predict.class_names(config, str(tmp_path / "three"))
+
+
+def _cli(argv, capsys):
+  """Runs the command in this process: (exit status, stdout, stderr)."""
+  argv = ["predict", f"--config={CONFIG}:demo", "--config.model.depth=1"] + argv
+  flag_values = predict.define_flags(flags.FlagValues(), argv)
+  flag_values(argv)
+  status = predict.run(flag_values)
+  captured = capsys.readouterr()
+  return status, captured.out, captured.err
+
+
+def test_cli_prints_the_protocol_and_the_top_5(setup, tmp_path, capsys):
+  labels = tmp_path / "labels.txt"
+  labels.write_text("".join(f"label_{i}\n" for i in range(8)))
+  status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={setup['video']}",
+                           f"--labels={labels}"], capsys)
+  assert status == 0, err
+  assert f"{setup['video']}: 30 frames (1.20 s)" in out
+  assert "2 views (2 clips x 1 crop), 8 frames at stride 1" in out and "(test protocol)" in out
+  lines = out.splitlines()
+  top = lines[lines.index("top-5") + 1:]
+  assert len(top) == 5 and all(line.split()[1].startswith("label_") for line in top)
+  probs = [float(line.split()[2]) for line in top]
+  assert probs == sorted(probs, reverse=True)
+
+  status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={setup['video']}",
+                           "--views=val", "--top_k=2"], capsys)
+  assert status == 0, err
+  assert "1 view (1 clip x 1 crop)" in out and "top-2" in out and "move_" in out
+
+
+def test_cli_errors_are_one_line_and_name_the_input(setup, tmp_path, capsys):
+  checkpoint, clip = setup["checkpoint"], setup["video"]
+  cases = [
+      ([f"--checkpoint={checkpoint}", f"--video={tmp_path}/missing.mp4"],
+       f"--video {tmp_path}/missing.mp4: no such file"),
+      ([f"--checkpoint={tmp_path}/nowhere", f"--video={clip}"],
+       f"checkpoint {tmp_path}/nowhere: no such directory"),
+      ([f"--checkpoint={tmp_path}", f"--video={clip}"],
+       f"checkpoint {tmp_path}: no finished checkpoint there"),
+      # A checkpoint of a one-block model for a two-block config.
+      ([f"--checkpoint={checkpoint}", f"--video={clip}", "--config.model.depth=2"],
+       "does not fit the model of --config"),
+      ([f"--checkpoint={checkpoint}", f"--video={tmp_path}/bad.mp4"], f"{tmp_path}/bad.mp4"),
+  ]
+  (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+  for argv, message in cases:
+    status, out, err = _cli(argv, capsys)
+    assert status == 1 and not out, (argv, out)
+    assert err.startswith("predict: error: ") and message in err and err.count("\n") == 1, err
+  status, _, err = _cli([f"--checkpoint={checkpoint}", f"--video={clip}", "--config.model.depth=2"],
+                        capsys)
+  assert "missing parameter 'Transformer/encoderblock_1/" in err
+  with pytest.raises(app.UsageError, match="--checkpoint and --video are required"):
+    _cli([f"--video={clip}"], capsys)
+
+
+def test_command_line_program(setup):
+  result = subprocess.run(
+      [sys.executable, "-m", "msca_jax.predict", f"--config={CONFIG}:demo",
+       "--config.model.depth=1", f"--checkpoint={setup['checkpoint']}", f"--video={setup['video']}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert "top-5" in result.stdout and "move_" in result.stdout
