@@ -42,9 +42,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 VIEWS = ("test", "val")
-# Synthetic frames are rendered at config.data.synthetic.size and stored as JPEGs of this quality
-# (see synthetic.ensure_shards).
-_SYNTHETIC_JPEG_QUALITY = 95
 
 
 class PredictError(ValueError):
@@ -116,8 +113,9 @@ def _dataset_settings(data) -> tuple[dict, str]:
             "max_frames": 0}
   origin = "tools.prepare_videos defaults"
   if data.source == "synthetic":
+    from msca_jax.data import synthetic
     return dict(values, short_side=int(data.synthetic.size),
-                jpeg_quality=_SYNTHETIC_JPEG_QUALITY), "as the synthetic dataset stores frames"
+                jpeg_quality=synthetic.JPEG_QUALITY), "as the synthetic dataset stores frames"
   if data.source == "dmvr" and data.path:
     manifest = os.path.join(data.path, f"{data.eval_split}.manifest.json")
     tf = _tensorflow()
@@ -197,16 +195,12 @@ def describe_protocol(data, views: str = "test") -> str:
 
 def eval_views(frames: Sequence[bytes], data, views: str = "test") -> np.ndarray:
   """(clips * crops, T, S, S, 3) views of JPEG frames, built as `pipeline.eval_dataset` does."""
-  from msca_jax.data import augment, pipeline, sampling
+  from msca_jax.data import pipeline
 
   tf = _tensorflow()
   pipeline.check_config(data)
   num_clips, num_crops = view_counts(data, views)
-  jpegs = tf.constant(list(frames), tf.string)
-  indices = sampling.eval_indices(data.sampling, tf.size(jpegs), data.num_frames, data.stride,
-                                  num_clips)
-  video = augment.eval_views(jpegs, indices, data.image_size, data.eval_short_side, num_crops)
-  return tf.cast(video, pipeline.DTYPES[data.dtype]).numpy()
+  return pipeline.eval_views(tf.constant(list(frames), tf.string), data, num_clips, num_crops).numpy()
 
 
 def class_names(config, labels: str | None = None) -> tuple[list[str], str]:

@@ -205,6 +205,14 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   return ds.with_options(_options(data.deterministic))
 
 
+def eval_views(frames: tf.Tensor, data, num_clips: int, num_crops: int) -> tf.Tensor:
+  """(clips x crops, T, S, S, 3) evaluation views of one video's JPEG frames, in data.dtype."""
+  indices = sampling.eval_indices(data.sampling, tf.size(frames), data.num_frames, data.stride,
+                                  num_clips)
+  video = augment.eval_views(frames, indices, data.image_size, data.eval_short_side, num_crops)
+  return tf.cast(video, DTYPES[data.dtype])
+
+
 def eval_dataset(source: Source, data, *, batch_size: int, num_clips: int, num_crops: int,
                  process_index: int = 0, process_count: int = 1,
                  num_batches: int | None = None) -> tf.data.Dataset:
@@ -222,10 +230,7 @@ def eval_dataset(source: Source, data, *, batch_size: int, num_clips: int, num_c
 
   def decode(frames, label, index):
     del index  # evaluation views are not random
-    indices = sampling.eval_indices(data.sampling, tf.size(frames), data.num_frames, data.stride,
-                                    num_clips)
-    video = augment.eval_views(frames, indices, data.image_size, data.eval_short_side, num_crops)
-    return {"video": tf.cast(video, dtype), "label": tf.cast(label, tf.int32)}
+    return {"video": eval_views(frames, data, num_clips, num_crops), "label": tf.cast(label, tf.int32)}
 
   def fallback(element):
     return dict(empty, label=tf.constant(0, tf.int32), error=tf.constant(_UNDECODABLE, tf.int32),

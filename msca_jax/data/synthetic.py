@@ -25,6 +25,7 @@ import uuid
 import numpy as np
 
 VERSION = 1           # bump when rendering changes, so stale caches are not reused
+JPEG_QUALITY = 95  # of the stored frames (msca_jax.predict decodes new videos alike)
 EVAL_INDEX_OFFSET = 10**9  # evaluation clips come from a disjoint part of the index space
 
 # Label 2k and 2k + 1 are each other's time reversal.
@@ -165,7 +166,7 @@ def ensure_shards(cfg) -> str:
     return directory
   tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
   encode = tf.function(lambda frames: tf.map_fn(
-      lambda f: tf.io.encode_jpeg(f, quality=95), frames, fn_output_signature=tf.string))
+      lambda f: tf.io.encode_jpeg(f, quality=JPEG_QUALITY), frames, fn_output_signature=tf.string))
 
   def records(offset: int, count: int):
     for i in range(count):

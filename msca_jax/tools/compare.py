@@ -53,6 +53,7 @@ def demo_config(variant: str, num_epochs: int | None, seed: int):
   if num_epochs is not None:
     config.train.num_epochs = num_epochs
   config.train.seed = seed
+  config.eval.every_epochs = 1  # a validation point per epoch for the curves (a second each)
   return config
 
 
