@@ -1,0 +1,66 @@
+"""The comparison tool: trains each variant, tabulates and plots, and reuses finished runs."""
+
+import json
+import os
+
+import pytest
+
+from msca_jax.tools import compare
+
+_demo_config = compare.demo_config
+
+
+def _tiny(variant, num_epochs, seed):
+  config = _demo_config(variant, num_epochs, seed)
+  m = config.model
+  m.width, m.depth, m.num_heads, m.mlp_dim, m.num_frames = 32, 1, 2, 64, 4
+  if m.name == "msca":
+    m.shift_div = 2  # 2 heads: one each way
+  s = config.data.synthetic
+  s.train_size, s.eval_size, s.num_shards = 64, 16, 2
+  config.data.shuffle_buffer = 64
+  config.train.batch_size = config.train.base_batch_size = 16
+  config.train.warmup_epochs = 0
+  config.eval.batch_size = 16
+  return config
+
+
+@pytest.fixture
+def tiny_runs(monkeypatch, tmp_path):
+  monkeypatch.setenv("MSCA_JAX_CACHE", str(tmp_path / "cache"))
+  monkeypatch.setattr(compare, "demo_config", _tiny)
+  return tmp_path / "compare"
+
+
+def test_compare_trains_tabulates_and_plots(tiny_runs):
+  workdir = str(tiny_runs)
+  os.makedirs(workdir)
+  results = compare.compare(workdir, ["vit", "msca_kv"], num_epochs=2)
+  assert list(results) == ["vit", "msca_kv"]
+  for variant, r in results.items():
+    assert r["steps"] == 8  # 2 epochs of 64 // 16
+    assert 0 <= r["top1"] <= r["top5"] <= 1
+    assert 0 <= r["within_pair_accuracy"] <= 1
+    assert [step for step, _ in r["curve"]] == [4, 8]  # one validation per epoch, then the test
+    assert os.path.isdir(os.path.join(workdir, variant, "checkpoints", "8"))
+  assert results["vit"]["params"] == results["msca_kv"]["params"]
+  with open(os.path.join(workdir, "comparison.json")) as f:
+    assert json.load(f).keys() == results.keys()
+  for name in ("comparison.png", "comparison_curves.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000
+  table = compare.format_table(results)
+  assert "ViT" in table and "MSCA-KV" in table and "within pair" in table
+
+  # A second call finds the finished runs and only evaluates them again.
+  again = compare.compare(workdir, ["vit", "msca_kv"], num_epochs=2)
+  for variant in results:
+    assert again[variant]["top1"] == results[variant]["top1"]
+    assert again[variant]["steps"] == 8
+
+
+def test_labels_and_unknown_variant():
+  assert compare.label("vit") == "ViT"
+  assert compare.label("msca_kv") == "MSCA-KV"
+  assert compare.label("msca_q_patch") == "MSCA-Q (patch)"
+  with pytest.raises(Exception, match="configs/nope.py"):
+    compare.demo_config("nope", None, 0)
