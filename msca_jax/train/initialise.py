@@ -63,8 +63,9 @@ def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
   restore_args = traverse_util.unflatten_dict(
       {k: as_numpy for k in traverse_util.flatten_dict(tree)})
+  # A partial restore needs the target tree: without one orbax restores (and checks) everything.
   restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      restore_args=restore_args, partial_restore=item == "state"))
+      item=tree, restore_args=restore_args, partial_restore=item == "state"))
   params = restored["params"] if item == "state" else restored
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
