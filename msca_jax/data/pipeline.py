@@ -198,8 +198,10 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   ds = ds.filter(_is_good).map(_without("error"))
   ds = ds.batch(batch_size, drop_remainder=True)
   if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
-    ds = ds.enumerate().map(lambda i, b: augment.mix_batch(
-        b, tf.random.experimental.stateless_fold_in(process_seed + 7, i),
+    # Seeded by the batch's first record position, not a batch counter: a resumed stream (which
+    # skips ahead) mixes its batches exactly as the uninterrupted one did.
+    ds = ds.map(lambda b: augment.mix_batch(
+        b, tf.random.experimental.stateless_fold_in(process_seed + 7, b["index"][0]),
         data.mixup_alpha, data.cutmix_alpha))
   ds = ds.prefetch(data.prefetch)
   return ds.with_options(_options(data.deterministic))

@@ -49,8 +49,9 @@ def test_bfloat16_output(dataset_dir):
   assert b["video"].dtype.name == "bfloat16"
 
 
-def test_stream_is_reproducible_and_resumes_exactly(dataset_dir):
-  data = shards.data_config(dataset_dir)
+@pytest.mark.parametrize("mixing", [False, True])
+def test_stream_is_reproducible_and_resumes_exactly(dataset_dir, mixing):
+  data = shards.data_config(dataset_dir, **(dict(mixup_alpha=0.5, cutmix_alpha=1.0) if mixing else {}))
   source = sources.dmvr_source(dataset_dir, "train")
   first = _take(pipeline.train_dataset(source, data, batch_size=4, seed=3), 8)
   again = _take(pipeline.train_dataset(source, data, batch_size=4, seed=3), 8)
@@ -65,6 +66,8 @@ def test_stream_is_reproducible_and_resumes_exactly(dataset_dir):
   for a, b in zip(first[3:], resumed):
     np.testing.assert_array_equal(a["index"], b["index"])
     np.testing.assert_array_equal(a["video"], b["video"])
+    if mixing:  # the mixing partner and weight too
+      np.testing.assert_array_equal(a["mix_weight"], b["mix_weight"])
 
 
 def test_mixing_hook(dataset_dir):
