@@ -238,7 +238,9 @@ def mix_batch(batch: dict, seed: tf.Tensor, mixup_alpha: float, cutmix_alpha: fl
     return tf.where(box, partner, video), kept
 
   def mixup():
-    return lam * video + (1.0 - lam) * partner, lam
+    # In float32 whatever the clips' dtype (bfloat16 batches), then back.
+    mixed = lam * tf.cast(video, tf.float32) + (1.0 - lam) * tf.cast(partner, tf.float32)
+    return tf.cast(mixed, video.dtype), lam
 
   mixed, weight = tf.cond(use_cutmix, cutmix, mixup)
   out = dict(batch)

@@ -176,10 +176,18 @@ class MetricsWriter:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The lines of a run's metrics.jsonl (the last write of each step and name wins)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  with tf.io.gfile.GFile(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """metrics.jsonl as one dict per step, in step order.
+
+  A resumed run logs again the steps between its last checkpoint and the interruption; the
+  later line of a step wins, so the rows are those of the run that continued.
+  """
+  rows: dict[int, dict] = {}
+  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        rows.setdefault(row["step"], {}).update(row)
+  return [rows[step] for step in sorted(rows)]
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -463,9 +471,11 @@ def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
   """The test protocol on the workdir's latest parameters (or config.init's, if it has none)."""
   config = exp.config
   init, step = config.init, 0
-  if os.path.isdir(os.path.join(exp.workdir, "checkpoints")):
+  try:
     step_dir = initialise.step_dir(exp.workdir)
     init, step = {"vit_npz": "", "checkpoint": step_dir, "load_head": True}, int(os.path.basename(step_dir))
+  except initialise.pretrained.WeightsError:
+    _log("%s has no finished checkpoint: evaluating config.init's weights", exp.workdir)
   abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
   loaded = initialise.initial_params(init, abstract_params)
   if loaded is None:

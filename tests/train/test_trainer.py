@@ -446,3 +446,46 @@ def test_rerunning_a_finished_run_trains_no_more_and_evaluates(run_a, tmp_path, 
           for name in os.listdir(checkpoints)} == before
   assert trainer.read_metrics(workdir)[num_lines:] == [{"step": NUM_STEPS, **run_a[1]["test"]}]
   _assert_same_params(workdir, run_a[0])
+
+
+# ------------------------------------------------------------------------------------ 9. switches
+
+def test_accumulation_bf16_remat_and_mixup_resume_exactly(tmp_path):
+  """Mid-accumulation resume: the MultiSteps state, the schedule and the mixing all continue."""
+  overrides = {"train.grad_accum_steps": 3, "train.num_steps": 9, "train.checkpoint_every_steps": 4,
+               "model.dtype": "bfloat16", "model.remat": True, "data.dtype": "bfloat16",
+               "data.mixup_alpha": 0.4, "eval.every_epochs": 0}
+  whole = str(tmp_path / "whole")
+  result = trainer.run(tiny_config(**overrides), whole, "train")
+  assert result["step"] == 9 and np.isfinite(result["train"]["loss"])
+  # The schedule saw 3 updates in 9 steps.
+  lr_rows = [row for row in trainer.read_metrics(whole) if "train/lr" in row]
+  assert lr_rows[-1]["step"] == 9
+
+  # Interrupted at step 4 (one step into the second accumulation), then resumed.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(whole, resumed)
+  checkpoints = os.path.join(resumed, "checkpoints")
+  for step in _finished_steps(resumed):
+    if step > 4:
+      shutil.rmtree(os.path.join(checkpoints, str(step)))
+  assert _finished_steps(resumed)[-1] == 4
+  assert trainer.run(tiny_config(**overrides), resumed, "train")["step"] == 9
+  _assert_same_params(resumed, whole)
+
+
+def test_read_metrics_keeps_the_last_line_of_a_step(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for row in ({"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9},
+                {"step": 2, "train/loss": 1.5}, {"step": 4, "val/top1": 0.5}):
+      f.write(json.dumps(row) + "\n")
+  assert trainer.read_metrics(str(tmp_path)) == [
+      {"step": 2, "train/loss": 1.5}, {"step": 4, "train/loss": 0.9, "val/top1": 0.5}]
+
+
+def test_evaluate_mode_without_a_finished_checkpoint_uses_config_init(run_a, tmp_path):
+  workdir = str(tmp_path / "empty")
+  os.makedirs(os.path.join(workdir, "checkpoints"))  # killed before its first save
+  config = tiny_config(**{"init.checkpoint": run_a[0]})
+  metrics = trainer.run(config, workdir, "evaluate")["test"]
+  assert metrics["test/top1"] == run_a[1]["test"]["test/top1"]
