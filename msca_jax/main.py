@@ -12,6 +12,7 @@ checkpoint (rerun to resume), 3 the loss became NaN or Inf (the last good checkp
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
@@ -21,7 +22,47 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", ["train", "evaluate", "train_and_evaluate"],
                           "train; evaluate the workdir's latest checkpoint (test protocol); or both.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run that is not "
+    "auto-detected (Cloud TPU, SLURM and Open MPI are); needs --num_processes and --process_id.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 EXIT_NONFINITE = 3
+
+
+def _detected_cluster() -> str | None:
+  """The multi-process environment this process runs in, if any (jax.distributed finds the rest)."""
+  if int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+    return "SLURM"
+  if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    return "Open MPI"
+  try:  # JAX's own test: a Cloud TPU VM (asks the metadata server) or a GKE TPU slice
+    from jax._src.clusters import cloud_tpu_cluster
+    if cloud_tpu_cluster.GceTpuCluster.is_env_present() or cloud_tpu_cluster.GkeTpuCluster.is_env_present():
+      return "Cloud TPU"
+  except (ImportError, AttributeError):  # a JAX without these private classes: flags still work
+    pass
+  return None
+
+
+def initialise_distributed() -> None:
+  """jax.distributed.initialize, from the flags or the detected cluster; nothing when single-process."""
+  import jax
+
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise app.UsageError("--coordinator_address, --num_processes and --process_id go together")
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  else:
+    cluster = _detected_cluster()
+    if cluster is None:
+      return
+    logging.info("%s detected: initialising jax.distributed", cluster)
+    jax.distributed.initialize()
+  logging.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count())
 
 
 def main(argv):
@@ -37,6 +78,7 @@ def main(argv):
   from msca_jax.train import trainer
 
   progress.quiet_library_logs()
+  initialise_distributed()
   logging.info("config:\n%s", _CONFIG.value)
   try:
     result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)

@@ -29,8 +29,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_interval_steps), max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True)
-    self.manager = ocp.CheckpointManager(directory, options=options,
-                                         item_names=("state", "streams", "metadata"))
+    # Handlers named up front, so that item_metadata can describe a checkpoint before restoring.
+    self.manager = ocp.CheckpointManager(directory, options=options, item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "streams": ocp.StandardCheckpointHandler(),
+        "metadata": ocp.JsonCheckpointHandler()})
     self.directory = directory
 
   def latest_step(self) -> int | None:
@@ -45,8 +47,10 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, mesh: Mesh) -> tuple[Any, list[StreamState], dict]:
     """(state with the abstract target's shardings, per-process stream states, metadata)."""
+    # One row per process that wrote the checkpoint, which may be another number than now.
+    written = self.manager.item_metadata(step)["streams"]["streams"].shape
     streams_target = {"streams": jax.ShapeDtypeStruct(
-        (jax.process_count(), 1 + len(SKIP_REASONS)), np.int32, sharding=NamedSharding(mesh, P()))}
+        tuple(written), np.int32, sharding=NamedSharding(mesh, P()))}
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         streams=ocp.args.StandardRestore(streams_target),

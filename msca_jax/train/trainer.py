@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 from typing import Any, Iterable, Iterator
 
@@ -358,6 +359,13 @@ def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, direct
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
+def _stop_requested(stop: ckpt_lib.StopSignal, checkpointer: ckpt_lib.Checkpointer, step: int) -> bool:
+  if jax.process_count() == 1:
+    return stop.requested
+  # Every process must call this at every step; it is True on all of them at the same step.
+  return checkpointer.manager.reached_preemption(step)
+
+
 def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
   """Trains to exp.total_steps (resuming if the workdir has a checkpoint); returns final metrics.
 
@@ -389,7 +397,9 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
       process_index=jax.process_index(), process_count=jax.process_count(), state=stream))
   rng = jax.random.key(t.seed)
   writer = MetricsWriter(exp.workdir)
-  stop = ckpt_lib.StopSignal()
+  # One process: our SIGTERM handler. Several: JAX's preemption service (started by
+  # jax.distributed) catches the signal and makes every process agree on the step to stop at.
+  stop = ckpt_lib.StopSignal(signals=() if jax.process_count() > 1 else (signal.SIGTERM,))
   result: dict[str, Any] = {"step": step, "interrupted": False}
   progress = Progress(exp.total_steps, unit="steps", desc="train", initial=step,
                       min_interval_s=None) if _is_main() else None
@@ -411,7 +421,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
       step += 1
       pending.append((step, metrics))
       is_last = step == exp.total_steps
-      stopping = stop.requested
+      stopping = _stop_requested(stop, checkpointer, step)
       saving = is_last or stopping or checkpointer.manager.should_save(step)
       evaluating = eval_every > 0 and step % eval_every == 0 and not (is_last and evaluate_at_end)
       if step % t.log_every_steps == 0 or saving or evaluating:
@@ -438,7 +448,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
       if stopping:
         result["interrupted"] = True
         _log("stopped by %s at step %d; checkpoint saved: rerun the same command to resume",
-             stop.signal_name, step)
+             stop.signal_name or "a preemption notice", step)
         break
       if evaluating:
         accumulator = run_evaluation(exp, eval_step, state.params, num_clips=config.data.val_clips,
