@@ -9,7 +9,11 @@ They train the demo model for a few steps, checkpoint and evaluate, and show tha
 import csv
 import io
 import os
+import re
 import shutil
+import signal
+import subprocess
+import time
 
 import jax
 import numpy as np
@@ -75,6 +79,12 @@ def two_process_run(cache, tmp_path_factory):
   workdir = str(root / "workdir")
   logs = _run_two_processes(workdir, str(root))
   return workdir, logs
+
+
+def _finished_steps(workdir) -> list[int]:
+  checkpoints = os.path.join(workdir, "checkpoints")
+  names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else []
+  return sorted(int(name) for name in names if name.isdigit())
 
 
 def _losses(workdir) -> dict[int, float]:
@@ -145,3 +155,35 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(cache, tmp_path):
   assert set(_losses(workdir)) >= {STEPS + 1, STEPS + 2}
   after = initialise.read_checkpoint_params(workdir)
   assert any(not np.array_equal(before[k], after[k]) for k in before)  # it trained on
+
+
+@needs_8
+def test_sigterm_to_one_process_stops_both_at_the_same_step(cache, tmp_path):
+  """A preemption notice reaches one host: all agree on a step, save it together, exit 143."""
+  workdir = str(tmp_path / "workdir")
+  flags = [f"--config.{k}={v}" for k, v in {**TINY, "train.num_steps": 2000}.items()]
+  commands = local.build_commands(os.path.join(ROOT, "configs", "msca_kv.py") + ":demo", workdir,
+                                  num_processes=2, devices_per_process=4, overrides=flags)
+  logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
+  procs = [subprocess.Popen(argv, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+           for (argv, env), log in zip(commands, logs)]
+  try:
+    deadline = time.monotonic() + 240
+    while not _finished_steps(workdir):
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=120) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  texts = []
+  for log in logs:
+    log.seek(0)
+    texts.append(log.read())
+  assert codes == [143, 143], "\n\n".join(t[-3000:] for t in texts)
+  stopped = re.search(r"stopped by a preemption notice at step (\d+)", texts[0])
+  assert stopped, texts[0][-3000:]
+  step = int(stopped.group(1))
+  assert step < 2000
+  assert _finished_steps(workdir)[-1] == step  # saved by both processes at the agreed step
