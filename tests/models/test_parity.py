@@ -10,7 +10,6 @@ the PyTorch converter for every variant.
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,11 +66,11 @@ def test_other_clip_shapes_match_numpy_reference(frames, height, width):
 def test_vit_matches_transformers_vitmodel():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  from msca_jax.tools import torch_reference_benchmark
   s = helpers.SMALL
-  config = transformers.ViTConfig(
-      hidden_size=s["width"], num_hidden_layers=s["depth"], num_attention_heads=s["num_heads"],
-      intermediate_size=s["mlp_dim"], image_size=32, patch_size=s["patch_size"], layer_norm_eps=1e-6,
-      hidden_act="gelu", qkv_bias=True, attn_implementation="eager")
+  config = torch_reference_benchmark.vit_config(
+      width=s["width"], depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],
+      patch_size=s["patch_size"], image_size=32, attn_implementation="eager")
   torch.manual_seed(0)
   hf = transformers.ViTModel(config, add_pooling_layer=False).eval()
   rng = np.random.RandomState(0)
