@@ -67,7 +67,10 @@ def create(model, tx, clip: jax.ShapeDtypeStruct, mesh: Mesh, logical_rules,
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
                     shardings: TrainState, mesh: Mesh, logical_rules):
-  """step(state, batch, rng) -> (state, metrics); the old state's buffers are donated."""
+  """step(state, batch, rng) -> (state, metrics); the old state's buffers are donated.
+
+  step.lower(state, batch, rng) lowers it ahead of time (a jax.stages.Lowered).
+  """
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
 
   def step(state: TrainState, batch: dict, rng: jax.Array):
@@ -91,6 +94,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
   def run(state: TrainState, batch: dict, rng: jax.Array):
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
       return jitted(state, batch, rng)
+  run.lower = _lowering(jitted, mesh, logical_rules)
   return run
 
 
@@ -114,4 +118,17 @@ def make_eval_step(model: nn.Module, shardings: TrainState, mesh: Mesh, logical_
   def run(params, batch: dict):
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
       return jitted(params, batch)
+  run.lower = _lowering(jitted, mesh, logical_rules)
   return run
+
+
+def _lowering(jitted, mesh: Mesh, logical_rules):
+  """step.lower(*args) -> jax.stages.Lowered of the very function step(*args) runs.
+
+  `.compile()` on it gives the executable the step would build (same shardings, same donation),
+  for ahead-of-time compilation, cost and memory analysis, and the HLO text (tools/benchmark.py).
+  """
+  def lower(*args):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
+      return jitted.lower(*args)
+  return lower
