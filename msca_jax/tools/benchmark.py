@@ -1,0 +1,689 @@
+r"""Times the real train and eval steps of several variants side by side.
+
+    python -m msca_jax.tools.benchmark --config=configs/msca_kv.py --batch=8 --dtype=bfloat16
+    python -m msca_jax.tools.benchmark --config=configs/msca_kv.py --variants=vit,msca_kv \
+        --batch=1 --steps=5 --warmup=1 --eval --json=bench.json
+    python -m msca_jax.tools.benchmark --config=configs/vit.py --variants=vit \
+        --batch_sweep=8,16,32,64,128 --remat_sweep --dtype=bfloat16
+
+Each variant is a config file under configs/ (`vit`, `tokenshift`, `msca_kv`, ...). It is built
+with the argument of --config (`:demo`), the --config.FIELD=VALUE overrides of the command line,
+then --batch, --dtype, --remat, --frames, --image_size and --model_variant. The default variants
+are vit, tokenshift and the --config file's own.
+
+What is timed is the trainer's own train step (`train.state.make_train_step`: the recipe's
+optimiser from `config.train`, e.g. clipping + SGD momentum under gradient accumulation, the
+label-smoothed loss, the state donated, sharded over `config.mesh`) on a random batch, and with
+--eval the evaluation step (forward only, one view). Per variant:
+
+  compile     lower + compile of the train step, seconds
+  step        train-step seconds: median and minimum over --steps after --warmup steps
+  vs ViT      the median over rounds of (this step / the baseline's step in the same round); every
+              round times one step of each variant in turn (rotating the order), so machine noise
+              falls on all alike. The baseline is the first variant (vit when listed)
+  FLOPs       XLA's cost analysis of the train step per clip: the model's FLOPs (remat off, XLA
+              attention, because a cuDNN custom call counts as 0 FLOPs), forward FLOPs likewise
+  TFLOP/s     FLOPs per step / median step time; MFU = that / the device's peak for the compute
+              dtype (--peak_tflops, or a table of known devices; blank when unknown, e.g. CPU)
+  memory      the device's peak_bytes_in_use when it reports one (GPU/TPU; process-wide, so it
+              never goes down from one variant to the next), else the compiled step's
+              memory_analysis (arguments + outputs + temporaries - aliased)
+  attention   config.model.attention_impl, what it resolves to, and the cuDNN fused-attention
+              custom calls found in the compiled HLO (GPU)
+
+--batch_sweep=1,2,4,8 runs each variant at each batch instead (with and without remat with
+--remat_sweep): throughput per batch, the best batch and the largest that compiles and runs; an
+out-of-memory error (XLA RESOURCE_EXHAUSTED) is reported as OOM and ends that variant's sweep.
+Output: a fixed-width table, and JSON with --json.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import gc
+import importlib
+import json
+import math
+import os
+import re
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from msca_jax import models, progress
+from msca_jax.models import vit as vit_lib
+from msca_jax.train import mesh as mesh_lib
+from msca_jax.train import optim
+from msca_jax.train import state as state_lib
+
+# The learning-rate schedule needs an epoch length; it changes no cost of the step.
+STEPS_PER_EPOCH = 1000
+LABELS = {"vit": "ViT", "tokenshift": "TokenShift"}
+
+# Dense peak TFLOP/s by device_kind substring; the first match wins, so specific names come
+# first. 'float32' is what JAX's DEFAULT precision runs float32 matmuls at: TF32 tensor cores on
+# NVIDIA (Ampere and later), one bfloat16 pass on TPU. 'float32_highest' applies when
+# jax_default_matmul_precision asks for true float32.
+KNOWN_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0, "float32_highest": 51.0}),
+    ("H100 NVL", {"bfloat16": 835.0, "float32": 418.0, "float32_highest": 60.0}),
+    ("H100", {"bfloat16": 989.0, "float32": 494.0, "float32_highest": 67.0}),
+    ("H200", {"bfloat16": 989.0, "float32": 494.0, "float32_highest": 67.0}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0, "float32_highest": 19.5}),
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5p", {"bfloat16": 459.0, "float32": 459.0}),
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
+    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
+    ("TPU v6e", {"bfloat16": 918.0, "float32": 918.0}),
+)
+_HIGHEST = ("highest", "float32", "F32_F32_F32")
+
+# Opcodes reported from the compiled HLO, outside fusions: what a layout change or an unfused
+# op costs shows up as extra copies, transposes or kernels.
+HLO_OPS = ("fusion", "copy", "transpose", "dot", "convolution", "custom-call", "reduce",
+           "all-reduce", "while", "conditional")
+CUDNN_FMHA = "__cudnn$fmha"
+
+
+def label(variant: str) -> str:
+  """'msca_kv' -> 'MSCA-KV', 'msca_q_patch' -> 'MSCA-Q (patch)'."""
+  if variant in LABELS:
+    return LABELS[variant]
+  return variant.replace("msca_", "MSCA-").upper().replace("_PATCH", " (patch)")
+
+
+# ------------------------------------------------------------------------------------ configs
+
+def variant_config(variant: str, arg: str | None = None, overrides: dict[str, Any] | None = None,
+                   *, batch: int | None = None, dtype: str | None = None, remat: bool | None = None,
+                   frames: int | None = None, image_size: int | None = None,
+                   model_variant: str | None = None) -> ml_collections.ConfigDict:
+  """configs/<variant>.py's config with `arg`, then the flat `overrides`, then the settings."""
+  try:
+    module = importlib.import_module(f"configs.{variant}")
+  except ModuleNotFoundError as e:
+    raise ValueError(f"--variants: no config file configs/{variant}.py") from e
+  config = module.get_config(arg) if arg else module.get_config()
+  return apply_settings(config, overrides, batch=batch, dtype=dtype, remat=remat, frames=frames,
+                        image_size=image_size, model_variant=model_variant)
+
+
+def apply_settings(config, overrides=None, *, batch=None, dtype=None, remat=None, frames=None,
+                   image_size=None, model_variant=None) -> ml_collections.ConfigDict:
+  """A copy of `config` with flat overrides ({'model.width': 32}) and the benchmark's settings."""
+  config = config.copy_and_resolve_references()
+  if overrides:
+    config.update_from_flattened_dict(dict(overrides))
+  m = config.model
+  for field, value in (("dtype", dtype), ("remat", remat), ("num_frames", frames),
+                       ("image_size", image_size), ("variant", model_variant)):
+    if value is not None:
+      m[field] = value
+  if frames is not None:
+    config.data.num_frames = frames
+  if image_size is not None:
+    config.data.image_size = image_size
+  if batch is not None:
+    config.train.batch_size = batch
+  return config
+
+
+# ------------------------------------------------------------------------------------ devices
+
+def known_peak(device_kind: str, dtype: str, matmul_precision: str | None = None
+               ) -> tuple[float | None, str]:
+  """(dense peak TFLOP/s or None, what it is) for a jax device_kind and compute dtype."""
+  for key, peaks in KNOWN_PEAKS:
+    if key.lower() in device_kind.lower():
+      name = dtype
+      if dtype == "float32" and matmul_precision in _HIGHEST and "float32_highest" in peaks:
+        name = "float32_highest"
+      if name not in peaks:
+        return None, f"no known {dtype} peak for {device_kind}"
+      kind = {"float32": "float32 matmuls at DEFAULT precision ("
+                         + ("bf16 pass" if "TPU" in key else "TF32") + ")",
+              "float32_highest": "true float32 (no tensor cores)"}.get(name, f"{name} dense")
+      return peaks[name], f"{device_kind}, {kind}"
+  return None, f"unknown peak for device {device_kind!r}"
+
+
+def peak_for(dtype: str, peak_tflops: float | None = None,
+             device: jax.Device | None = None) -> tuple[float | None, str]:
+  if peak_tflops:
+    return float(peak_tflops), "--peak_tflops"
+  device = device or jax.devices()[0]
+  return known_peak(device.device_kind, dtype, jax.config.jax_default_matmul_precision)
+
+
+def is_oom(error: BaseException) -> bool:
+  """True for XLA's out-of-memory errors (RESOURCE_EXHAUSTED) and host MemoryError."""
+  if isinstance(error, MemoryError):
+    return True
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def device_peak_bytes(device: jax.Device | None = None) -> int | None:
+  """The device's peak_bytes_in_use (process-wide), or None where it reports none (CPU)."""
+  device = device or jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+# ------------------------------------------------------------------------------------ XLA
+
+def _cost(stage) -> dict:
+  cost = stage.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def compiled_memory(compiled) -> dict[str, int] | None:
+  """Bytes from the compiled executable's memory_analysis, or None when unavailable."""
+  try:
+    ma = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if ma is None:
+    return None
+  out = {name: int(getattr(ma, f"{name}_size_in_bytes", 0) or 0)
+         for name in ("argument", "output", "temp", "alias", "generated_code")}
+  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+  return out
+
+
+def hlo_op_counts(hlo_text: str) -> dict[str, int]:
+  """Opcode counts of an HLO module's instructions outside fused computations.
+
+  A fusion is one kernel: the ops inside it (found through the fusions' `calls=`) cost no extra
+  memory traffic, so only the instructions of the other computations are counted.
+  """
+  fused = set(re.findall(r"\sfusion\(.*?calls=%?([\w.\-]+)", hlo_text))
+  instruction = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.+?\s([a-z][a-z0-9\-]*)\(")
+  header = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)")
+  counts: collections.Counter = collections.Counter()
+  skip = False
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      m = header.match(line)
+      skip = bool(m) and m.group(1) in fused
+      continue
+    if not skip:
+      m = instruction.match(line)
+      if m:
+        counts[m.group(1)] += 1
+  return dict(counts)
+
+
+def attention_info(model_config, hlo_text: str | None) -> dict[str, Any]:
+  arch = models.architecture(model_config)
+  requested = model_config.get("attention_impl") or "auto"
+  dtype = models.DTYPES[model_config.get("dtype") or "float32"]
+  resolved = vit_lib.attention_implementation(requested, jax.default_backend(), dtype,
+                                              arch["width"] // arch["num_heads"])
+  fmha = hlo_text.count(CUDNN_FMHA) if hlo_text is not None else None
+  # Each fused-attention custom call appears once as an instruction and once in its target name.
+  cudnn_calls = len(re.findall(r"custom_call_target=\"__cudnn\$fmha", hlo_text or ""))
+  kernel = "cudnn fused" if cudnn_calls else "xla"
+  return {"config": requested, "resolved": resolved, "kernel": kernel,
+          "cudnn_fmha_calls": cudnn_calls, "cudnn_mentions": fmha}
+
+
+# ------------------------------------------------------------------------------------ one variant
+
+def _loss_fn(train_cfg):
+  """The trainer's loss: label-smoothed cross-entropy, plus top-1 accuracy as a metric."""
+  def loss_fn(logits, batch):
+    loss, _ = optim.classification_loss(logits, batch["label"],
+                                        label_smoothing=train_cfg.label_smoothing)
+    top1, _ = optim.accuracy_counts(logits, batch["label"])
+    return loss, {"accuracy": top1 / logits.shape[0]}
+  return loss_fn
+
+
+def _compile(lowered):
+  """Compiles a lowered step (a seam the tests replace to simulate running out of memory)."""
+  return lowered.compile()
+
+
+@dataclasses.dataclass
+class Bench:
+  """One variant's compiled steps, live state and random batch."""
+  name: str
+  config: Any
+  batch_size: int
+  train: Callable
+  state: Any
+  batch: dict
+  rng: Any
+  info: dict
+  evaluate: Callable | None = None
+  eval_batch: dict | None = None
+  last_metrics: dict | None = None
+
+  def train_once(self) -> float:
+    start = time.perf_counter()
+    self.state, metrics = self.train(self.state, self.batch, self.rng)
+    jax.block_until_ready((self.state, metrics))
+    elapsed = time.perf_counter() - start
+    self.last_metrics = metrics
+    return elapsed
+
+  def eval_once(self) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(self.evaluate(self.state.params, self.eval_batch))
+    return time.perf_counter() - start
+
+
+def _random_batch(config, batch: int, mesh, seed: int, views: int | None = None) -> dict:
+  local = batch // jax.process_count()
+  shape = models.clip_spec(config.model, local).shape
+  if views is not None:
+    shape = shape[:1] + (views,) + shape[1:]
+  rng = np.random.default_rng(seed)
+  dtype = np.dtype(jax.numpy.dtype(config.data.get("dtype", "float32") or "float32"))
+  video = rng.uniform(-1, 1, shape).astype(dtype)
+  labels = rng.integers(0, config.model.num_classes, (local,)).astype(np.int32)
+  return mesh_lib.global_batch({"video": video, "label": labels}, mesh)
+
+
+def prepare(name: str, config, *, with_eval: bool = False, devices: Sequence[jax.Device] | None = None,
+            seed: int = 0) -> Bench:
+  """Builds, lowers and compiles a variant's train (and eval) step; analyses cost and memory."""
+  batch = int(config.train.batch_size)
+  mesh = mesh_lib.make_mesh(config.mesh, devices)
+  rules = mesh_lib.rules(config.mesh)
+  mesh_lib.check_batch_size(batch, mesh, "--batch")
+  model = models.build(config.model)
+  tx = optim.make_optimizer(config.train, STEPS_PER_EPOCH)
+  state, shardings = state_lib.create(model, tx, models.clip_spec(config.model), mesh, rules,
+                                      jax.random.key(seed))
+  loss_fn = _loss_fn(config.train)
+  step = state_lib.make_train_step(model, tx, loss_fn, shardings, mesh, rules)
+  data = _random_batch(config, batch, mesh, seed)
+  rng = jax.random.key(seed + 1)
+
+  start = time.perf_counter()
+  lowered = step.lower(state, data, rng)
+  compiled = _compile(lowered)
+  compile_s = time.perf_counter() - start
+  hlo = compiled.as_text()
+  attention = attention_info(config.model, hlo)
+
+  # FLOPs of the model, whatever runs them: a cuDNN custom call counts 0 FLOPs, and remat adds
+  # recomputation. So they are counted on the same step with XLA attention and no remat.
+  m = config.model
+  twin_needed = bool(m.get("remat")) or attention["resolved"] == "cudnn" or attention["cudnn_fmha_calls"]
+  twin = model
+  if twin_needed:
+    twin_config = m.copy_and_resolve_references()
+    twin_config.remat, twin_config.attention_impl = False, "xla"
+    twin = models.build(twin_config)
+    lowered_twin = state_lib.make_train_step(twin, tx, loss_fn, shardings, mesh, rules).lower(
+        state, data, rng)
+  else:
+    lowered_twin = lowered
+  train_flops = _cost(lowered_twin).get("flops", 0.0)
+  info = {
+      "variant": name, "label": label(name), "model": m.name, "arch": models.architecture(m),
+      "temporal": dataclasses.asdict(model.temporal), "batch": batch, "dtype": m.dtype,
+      "remat": bool(m.remat), "frames": m.num_frames, "image_size": m.image_size,
+      "model_variant": m.variant, "optimizer": config.train.optimizer,
+      "grad_accum_steps": int(config.train.grad_accum_steps),
+      "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+      "attention": attention, "compile_s": compile_s,
+      "flops_per_clip": train_flops / batch,
+      "flops_source": "XLA cost analysis of the train step" + (
+          " (counted with remat off and XLA attention)" if twin_needed else ""),
+      "compiled_flops_per_device": _cost(compiled).get("flops"),
+      "compiled_memory": compiled_memory(compiled),
+      "hlo_ops": {op: n for op, n in hlo_op_counts(hlo).items() if op in HLO_OPS},
+  }
+  bench = Bench(name=name, config=config, batch_size=batch, train=compiled, state=state,
+                batch=data, rng=rng, info=info)
+  if with_eval:
+    eval_step = state_lib.make_eval_step(model, shardings, mesh, rules)
+    eval_batch = _random_batch(config, batch, mesh, seed + 2, views=1)
+    start = time.perf_counter()
+    bench.evaluate = _compile(eval_step.lower(state.params, eval_batch))
+    info["eval_compile_s"] = time.perf_counter() - start
+    eval_lowered = (state_lib.make_eval_step(twin, shardings, mesh, rules).lower(state.params, eval_batch)
+                    if twin is not model else eval_step.lower(state.params, eval_batch))
+    info["forward_flops_per_clip"] = _cost(eval_lowered).get("flops", 0.0) / batch
+    bench.eval_batch = eval_batch
+  return bench
+
+
+# ------------------------------------------------------------------------------------ timing
+
+def _stats(times: Sequence[float]) -> dict | None:
+  if not times:
+    return None
+  return {"median": float(statistics.median(times)), "min": float(min(times)),
+          "max": float(max(times)), "times": [float(t) for t in times]}
+
+
+def _rounds(benches: list[Bench], repeats: int, run: Callable[[Bench], float]) -> dict[str, list[float]]:
+  """`repeats` rounds; each times one call per variant, starting at a different variant."""
+  times = {b.name: [] for b in benches}
+  n = len(benches)
+  for r in range(repeats):
+    for b in benches[r % n:] + benches[:r % n]:
+      times[b.name].append(run(b))
+  return times
+
+
+def _throughput(info: dict, stats: dict | None, flops_per_clip: float | None, peak: float | None,
+                prefix: str = "") -> dict:
+  out: dict[str, Any] = {f"{prefix}clips_per_s": None, f"{prefix}achieved_tflops": None,
+                         f"{prefix}mfu": None}
+  if not stats or stats["median"] <= 0:
+    return out
+  out[f"{prefix}clips_per_s"] = info["batch"] / stats["median"]
+  if flops_per_clip:
+    achieved = flops_per_clip * info["batch"] / stats["median"] / 1e12
+    out[f"{prefix}achieved_tflops"] = achieved
+    out[f"{prefix}mfu"] = achieved / peak if peak else None
+  return out
+
+
+def _memory(info: dict, device_peak: int | None) -> dict:
+  compiled = info.get("compiled_memory") or {}
+  if device_peak is not None:
+    return {"bytes": device_peak, "source": "device peak_bytes_in_use (process-wide)",
+            "compiled_total": compiled.get("total")}
+  return {"bytes": compiled.get("total"), "source": "compiled memory_analysis "
+          "(arguments + outputs + temporaries - aliased)", "compiled_total": compiled.get("total")}
+
+
+def run_benchmark(configs: dict[str, Any], *, steps: int = 10, warmup: int = 2, with_eval: bool = False,
+                  peak_tflops: float | None = None, devices: Sequence[jax.Device] | None = None,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+  """Compiles every variant, then times them in interleaved rounds; returns the results dict."""
+  if steps < 1 or warmup < 0:
+    raise ValueError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
+  load_before = os.getloadavg()
+  benches = []
+  for name, config in configs.items():
+    log(f"compiling {label(name)} ...")
+    benches.append(prepare(name, config, with_eval=with_eval, devices=devices))
+    log(f"  {label(name)}: compiled in {benches[-1].info['compile_s']:.1f} s")
+  for b in benches:
+    for _ in range(warmup):
+      b.train_once()
+      if with_eval:
+        b.eval_once()
+  log(f"timing {steps} rounds of {len(benches)} variant(s) ...")
+  train_times = _rounds(benches, steps, Bench.train_once)
+  eval_times = _rounds(benches, steps, Bench.eval_once) if with_eval else {}
+  device_peak = device_peak_bytes()
+  baseline = benches[0].name
+  results = []
+  for b in benches:
+    info = dict(b.info)
+    peak, peak_source = peak_for(info["dtype"], peak_tflops)
+    info["peak_tflops"], info["peak_source"] = peak, peak_source
+    info["step_s"] = _stats(train_times[b.name])
+    info.update(_throughput(info, info["step_s"], info["flops_per_clip"], peak))
+    info["eval_s"] = _stats(eval_times.get(b.name, []))
+    info.update(_throughput(info, info["eval_s"], info.get("forward_flops_per_clip"), peak, "eval_"))
+    paired = [t / base for t, base in zip(train_times[b.name], train_times[baseline])]
+    info["ratio_to_baseline"] = float(statistics.median(paired))
+    info["ratio_of_medians"] = info["step_s"]["median"] / statistics.median(train_times[baseline])
+    info["memory"] = _memory(info, device_peak)
+    metrics = jax.device_get(b.last_metrics) if b.last_metrics is not None else {}
+    info["loss"] = float(metrics["loss"]) if "loss" in metrics else None
+    results.append(info)
+  return {"device": _device_info(), "baseline": baseline, "steps": steps, "warmup": warmup,
+          "load_before": list(load_before), "load_after": list(os.getloadavg()),
+          "variants": results}
+
+
+def _device_info() -> dict:
+  d = jax.devices()[0]
+  return {"platform": d.platform, "device_kind": d.device_kind, "count": jax.device_count(),
+          "processes": jax.process_count(), "jax": jax.__version__,
+          "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
+def batch_sweep(configs: dict[str, Any], batches: Sequence[int], *, remats: Sequence[bool] = (False,),
+                steps: int = 3, warmup: int = 1, peak_tflops: float | None = None,
+                devices: Sequence[jax.Device] | None = None,
+                log: Callable[[str], None] = lambda s: None) -> dict:
+  """Each variant (and remat setting) at each batch, ascending, until the first OOM."""
+  rows, summary = [], []
+  for name, config in configs.items():
+    for remat in remats:
+      ok = []
+      stop = False
+      for batch in sorted(batches):
+        row: dict[str, Any] = {"variant": name, "label": label(name), "remat": bool(remat), "batch": batch}
+        rows.append(row)
+        if stop:
+          row["status"] = "skipped"
+          continue
+        cfg = apply_settings(config, batch=batch, remat=bool(remat))
+        bench = None
+        try:
+          bench = prepare(name, cfg, devices=devices)
+          for _ in range(warmup):
+            bench.train_once()
+          times = [bench.train_once() for _ in range(steps)]
+        except Exception as e:  # pylint: disable=broad-except
+          if is_oom(e):
+            row["status"] = "OOM"
+            row["error"] = str(e).splitlines()[0][:300]
+            stop = True
+            log(f"{label(name)} remat={remat} batch {batch}: OOM")
+          elif isinstance(e, ValueError) and "--batch" in str(e):
+            row["status"] = "skipped"
+            row["error"] = str(e)
+          else:
+            raise
+        else:
+          info = bench.info
+          peak, peak_source = peak_for(info["dtype"], peak_tflops)
+          row.update(status="ok", compile_s=info["compile_s"], step_s=_stats(times),
+                     flops_per_clip=info["flops_per_clip"], peak_tflops=peak, peak_source=peak_source,
+                     dtype=info["dtype"], attention=info["attention"]["kernel"],
+                     memory=_memory(info, device_peak_bytes()))
+          row.update(_throughput(info, row["step_s"], info["flops_per_clip"], peak))
+          ok.append(row)
+          log(f"{label(name)} remat={remat} batch {batch}: {row['step_s']['median'] * 1e3:.1f} ms, "
+              f"{row['clips_per_s']:.2f} clips/s")
+        finally:
+          del bench
+          gc.collect()
+      best = max(ok, key=lambda r: r["clips_per_s"]) if ok else None
+      summary.append({"variant": name, "label": label(name), "remat": bool(remat),
+                      "largest_batch": max((r["batch"] for r in ok), default=None),
+                      "best_batch": best["batch"] if best else None,
+                      "best_clips_per_s": best["clips_per_s"] if best else None,
+                      "best_mfu": best["mfu"] if best else None,
+                      "first_oom_batch": next((r["batch"] for r in rows if r["variant"] == name
+                                               and r["remat"] == bool(remat) and r.get("status") == "OOM"),
+                                              None)})
+  return {"device": _device_info(), "rows": rows, "summary": summary}
+
+
+# ------------------------------------------------------------------------------------ tables
+
+def _num(value, fmt: str, scale: float = 1.0) -> str:
+  if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    return "-"
+  return format(value * scale, fmt)
+
+
+def _rate(value) -> str:
+  return "-" if value is None else progress.format_rate(value)
+
+
+def _gib(value) -> str:
+  return "-" if value is None else progress.format_rate(value / 2**30)
+
+
+def format_table(results: dict) -> str:
+  """The fixed-width comparison table of run_benchmark's results."""
+  columns = (("variant", 14, "<"), ("batch", 5, ">"), ("dtype", 8, "<"), ("remat", 5, "<"),
+             ("attention", 11, "<"), ("compile s", 9, ">"), ("step ms", 10, ">"), ("min ms", 10, ">"),
+             ("vs " + label(results["baseline"]), 8, ">"), ("clips/s", 8, ">"), ("eval ms", 9, ">"),
+             ("GFLOP/clip", 10, ">"), ("TFLOP/s", 8, ">"), ("MFU", 6, ">"), ("mem GiB", 7, ">"))
+  header = " ".join(format(name, f"{align}{width}") for name, width, align in columns)
+  lines = [header, "-" * len(header)]
+  for v in results["variants"]:
+    step = v["step_s"] or {}
+    values = (v["label"], v["batch"], v["dtype"], "yes" if v["remat"] else "no",
+              v["attention"]["kernel"], _num(v["compile_s"], ".1f"), _num(step.get("median"), ".1f", 1e3),
+              _num(step.get("min"), ".1f", 1e3), _num(v.get("ratio_to_baseline"), ".3f"),
+              _rate(v.get("clips_per_s")),
+              _num((v.get("eval_s") or {}).get("median"), ".1f", 1e3),
+              _num(v["flops_per_clip"], ".2f", 1e-9), _rate(v.get("achieved_tflops")),
+              _num(v.get("mfu"), ".1%"), _gib(v["memory"]["bytes"]))
+    lines.append(" ".join(format(str(value), f"{align}{width}")
+                          for value, (_, width, align) in zip(values, columns)))
+  return "\n".join(lines)
+
+
+def format_notes(results: dict) -> str:
+  d = results["device"]
+  v0 = results["variants"][0]
+  notes = [f"device: {d['count']} x {d['device_kind']} ({d['platform']}), {d['cpu_cores']} host cores, "
+           f"jax {d['jax']}",
+           "peak: " + (f"{v0['peak_tflops']:g} TFLOP/s ({v0['peak_source']})" if v0["peak_tflops"]
+                       else f"{v0['peak_source']}: MFU blank (pass --peak_tflops)"),
+           f"memory: {v0['memory']['source']}",
+           f"FLOPs: {v0['flops_source']}",
+           f"timing: {results['warmup']} warm-up step(s), then {results['steps']} interleaved rounds; "
+           f"vs {label(results['baseline'])} = median of per-round ratios",
+           "load average: before {:.2f} {:.2f} {:.2f}, after {:.2f} {:.2f} {:.2f}".format(
+               *results["load_before"], *results["load_after"])]
+  return "\n".join(notes)
+
+
+def format_sweep(sweep: dict) -> str:
+  columns = (("variant", 14, "<"), ("remat", 5, "<"), ("batch", 6, ">"), ("status", 8, "<"),
+             ("step ms", 10, ">"), ("clips/s", 9, ">"), ("TFLOP/s", 8, ">"), ("MFU", 6, ">"),
+             ("mem GiB", 7, ">"))
+  header = " ".join(format(name, f"{align}{width}") for name, width, align in columns)
+  lines = [header, "-" * len(header)]
+  for r in sweep["rows"]:
+    ok = r["status"] == "ok"
+    values = (r["label"], "yes" if r["remat"] else "no", r["batch"], r["status"],
+              _num(r["step_s"]["median"], ".1f", 1e3) if ok else "-",
+              _rate(r.get("clips_per_s")), _rate(r.get("achieved_tflops")),
+              _num(r.get("mfu"), ".1%"), _gib(r["memory"]["bytes"]) if ok else "-")
+    lines.append(" ".join(format(str(value), f"{align}{width}")
+                          for value, (_, width, align) in zip(values, columns)))
+  lines.append("")
+  for s in sweep["summary"]:
+    lines.append(f"{s['label']}, remat {'on' if s['remat'] else 'off'}: largest batch that runs "
+                 f"{s['largest_batch'] if s['largest_batch'] is not None else 'none'}"
+                 + (f" (OOM at {s['first_oom_batch']})" if s["first_oom_batch"] else "")
+                 + (f"; best throughput {s['best_clips_per_s']:.4g} clips/s at batch {s['best_batch']}"
+                    if s["best_batch"] is not None else ""))
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py.",
+                                  flag_values=flag_values)
+  flags.DEFINE_list("variants", None, "Config names under configs/ (default: vit, tokenshift and "
+                    "the --config file's); the first is the baseline of the ratios.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("batch", 8, "Clips per train step (global).", flag_values=flag_values)
+  flags.DEFINE_enum("dtype", None, list(models.DTYPES), "Compute dtype (default: the config's).",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("remat", None, "Rematerialise each block (default: the config's).",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("frames", None, "Frames per clip (default: the config's).", flag_values=flag_values)
+  flags.DEFINE_integer("image_size", None, "Frame size (default: the config's).", flag_values=flag_values)
+  flags.DEFINE_string("model_variant", None, "ViT size, e.g. B/16 (default: the config's).",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("steps", 10, "Timed steps (rounds) per variant.", flag_values=flag_values)
+  flags.DEFINE_integer("warmup", 2, "Untimed steps per variant first.", flag_values=flag_values)
+  flags.DEFINE_float("peak_tflops", None, "Device peak TFLOP/s for the MFU (default: known devices).",
+                     flag_values=flag_values)
+  flags.DEFINE_string("json", "", "Also write the results here.", flag_values=flag_values)
+  flags.DEFINE_bool("eval", False, "Also time the eval step (forward, one view).", flag_values=flag_values)
+  flags.DEFINE_list("batch_sweep", [], "Batches to sweep instead of the comparison, e.g. 1,2,4,8.",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("remat_sweep", False, "In the batch sweep, try remat off and on.",
+                    flag_values=flag_values)
+
+
+def configs_from_flags(fv: flags.FlagValues) -> dict[str, Any]:
+  config = fv.config
+  if config is None:
+    raise app.UsageError("--config is required, e.g. --config=configs/msca_kv.py")
+  path = config_flags.get_config_filename(fv["config"])
+  path, _, arg = path.partition(":") if ":" in os.path.basename(path) else (path, "", "")
+  own = os.path.splitext(os.path.basename(path))[0]
+  variants = fv.variants or list(dict.fromkeys(["vit", "tokenshift", own]))
+  overrides = config_flags.get_override_values(fv["config"])
+  settings = dict(batch=fv.batch, dtype=fv.dtype, remat=fv.remat, frames=fv.frames,
+                  image_size=fv.image_size, model_variant=fv.model_variant)
+  out = {}
+  for name in variants:
+    if name == own:  # the config as given (it may live outside configs/)
+      out[name] = apply_settings(config, None, **settings)
+    else:
+      try:
+        out[name] = variant_config(name, arg or None, overrides, **settings)
+      except ValueError as e:
+        raise app.UsageError(str(e)) from e
+  return out
+
+
+def _print(message: str) -> None:
+  print(message, flush=True)
+
+
+def run_from_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
+  configs = configs_from_flags(fv)
+  first = next(iter(configs.values())).model
+  _print(f"benchmark: {', '.join(label(n) for n in configs)}; {first.variant} "
+         f"{first.num_frames}x{first.image_size}, batch {fv.batch}, {first.dtype}, remat {first.remat}, "
+         f"on {jax.device_count()} x {jax.devices()[0].device_kind}; load average "
+         + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+  if fv.batch_sweep:
+    batches = [int(b) for b in fv.batch_sweep]
+    results = batch_sweep(configs, batches, remats=(False, True) if fv.remat_sweep else (bool(first.remat),),
+                          steps=fv.steps, warmup=fv.warmup, peak_tflops=fv.peak_tflops, log=_print)
+    _print("")
+    _print(format_sweep(results))
+  else:
+    results = run_benchmark(configs, steps=fv.steps, warmup=fv.warmup, with_eval=fv.eval,
+                            peak_tflops=fv.peak_tflops, log=_print)
+    _print("")
+    _print(format_table(results))
+    _print(format_notes(results))
+  if fv.json:
+    with open(fv.json, "w") as f:
+      json.dump(results, f, indent=2, default=str)
+    _print(f"wrote {fv.json}")
+  return results
+
+
+def main(argv):
+  del argv
+  run_from_flags(flags.FLAGS)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
