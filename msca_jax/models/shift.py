@@ -6,8 +6,8 @@ t+1 or t-1 instead of frame t. Which slices move is a static integer pattern,
 so the shift is pure data movement with no gather.
 
 When the pattern is a few contiguous runs along one axis (MSCA's head folds,
-TokenShift's channel folds), only the moving runs are shifted (a slice and a
-zero pad along time) and the runs are concatenated back: the shifted activation
+TokenShift's channel folds), only the moving runs are shifted (a roll over time,
+masked at a zero boundary) and the runs are concatenated back: the shifted activation
 is written once, in one kernel, and nothing else is materialised. A roll and a
 select of the whole activation per direction, the general form kept for the
 interleaved patch-axis pattern, made XLA write two full rolled copies of K and
@@ -82,28 +82,24 @@ def _runs(x: jnp.ndarray, offsets: np.ndarray):
 
 
 def _shift_frames(y: jnp.ndarray, step: int, boundary: Boundary) -> jnp.ndarray:
-  """y[:, t] <- y[:, t + step] for every slice of y."""
-  if boundary == "circular":
-    return jnp.roll(y, -step, axis=1)
-  pad = [(0, 0)] * y.ndim
-  pad[1] = (0, 1) if step == FROM_NEXT else (1, 0)
-  return jnp.pad(y[:, 1:] if step == FROM_NEXT else y[:, :-1], pad)
+  """y[:, t] <- y[:, t + step] for every slice of y: a roll over time, masked at a zero boundary."""
+  moved = jnp.roll(y, -step, axis=1)  # moved[:, t] = y[:, t + step]
+  if boundary == "zero":
+    num_frames = y.shape[1]
+    source = np.arange(num_frames) + step
+    inside = (source >= 0) & (source < num_frames)
+    moved = jnp.where(inside.reshape((num_frames,) + (1,) * (y.ndim - 2)), moved, 0)
+  return moved
 
 
 def _roll_and_select(x: jnp.ndarray, offsets: np.ndarray, boundary: Boundary) -> jnp.ndarray:
   """The general form: per direction, roll the whole activation and select the moving slices."""
-  num_frames = x.shape[1]
   out = x
   for step in (FROM_NEXT, FROM_PREVIOUS):
     selected = offsets == step
     if not selected.any():
       continue
-    moved = jnp.roll(x, -step, axis=1)  # moved[:, t] = x[:, t + step]
-    if boundary == "zero":
-      source = np.arange(num_frames) + step
-      inside = (source >= 0) & (source < num_frames)
-      moved = jnp.where(inside.reshape((num_frames,) + (1,) * (x.ndim - 2)), moved, 0)
-    out = jnp.where(selected, moved, out)
+    out = jnp.where(selected, _shift_frames(x, step, boundary), out)
   return out
 
 
