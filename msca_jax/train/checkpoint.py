@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from msca_jax.data.pipeline import SKIP_REASONS, StreamState
+from msca_jax.data.pipeline import StreamState
 
 
 class Checkpointer:
