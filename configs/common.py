@@ -45,7 +45,7 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   m.dtype = "float32"                # compute dtype: 'float32' | 'bfloat16'; params stay fp32
   m.remat = False
   m.remat_policy = "nothing_saveable"  # a jax.checkpoint_policies name
-  m.attention_impl = "auto"          # 'auto' (cuDNN on GPU in bf16/fp16, else XLA) | 'xla' | 'cudnn'
+  m.attention_impl = "auto"          # 'auto' (cuDNN on GPU in bf16/fp16, heads_major on CPU, else XLA) | 'xla' | 'cudnn' | 'heads_major'
   m.dropout_rate = 0.0
   m.attention_dropout_rate = 0.0
   m.drop_path_rate = 0.0

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msca_jax.models import msca, tokenshift
+from msca_jax.models import layers, msca, tokenshift
 
 Dtype = Any
 LN_EPSILON = 1e-6
@@ -43,10 +43,8 @@ def _init(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(initializer, names)
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name,
-                      scale_init=_init(nn.initializers.ones, ("embed",)),
-                      bias_init=_init(nn.initializers.zeros, ("embed",)))
+def _layer_norm(name: str, dtype: Dtype) -> layers.LayerNorm:
+  return layers.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name)
 
 
 def _drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jnp.ndarray:
@@ -72,24 +70,27 @@ class MlpBlock(nn.Module):
         bias_init=_init(nn.initializers.normal(stddev=1e-6), names[1:]))
     x = dense(self.mlp_dim, ("embed", "mlp"), "Dense_0")(x)
     x = nn.with_logical_constraint(x, ("batch", None, None, "mlp"))
-    x = nn.gelu(x, approximate=False)  # the reference uses exact (erf) GELU
+    x = layers.gelu(x)  # the reference uses exact (erf) GELU
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = dense(width, ("mlp", "embed"), "Dense_1")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
 def attention_implementation(requested: str, platform: str, dtype, head_dim: int) -> str:
-  """Resolves 'auto' to the fused cuDNN kernel where it applies, else XLA.
+  """Resolves 'auto': cuDNN's fused kernel where it applies, heads-major einsums on CPU, else XLA.
 
-  jax.nn.dot_product_attention(implementation=None) always means XLA today, so
-  the choice is made here: cuDNN's flash attention needs a GPU, fp16/bf16
-  inputs and a head dimension that is a multiple of 8, at most 128.
+  jax.nn.dot_product_attention(implementation=None) always means XLA today, so the choice is
+  made here: cuDNN's flash attention needs a GPU, fp16/bf16 inputs and a head dimension that is
+  a multiple of 8, at most 128. On CPU, where no fused kernel exists, `layers.softmax_attention`
+  is faster than jax's XLA formulation (README, Performance); 'xla' elsewhere (TPU, GPU fp32).
   """
   if requested != "auto":
     return requested
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
     return "cudnn"
+  if platform == "cpu":
+    return "heads_major"
   return "xla"
 
 
@@ -122,7 +123,7 @@ class Attention(nn.Module):
   num_heads: int
   temporal: TemporalMixing = TemporalMixing()
   attention_dropout_rate: float = 0.0
-  attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn'
+  attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn' | 'heads_major'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -147,7 +148,10 @@ class Attention(nn.Module):
     else:
       implementation = attention_implementation(self.attention_impl, jax.default_backend(),
                                                 q.dtype, head_dim)
-      out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+      if implementation == "heads_major":
+        out = layers.softmax_attention(q, k, v)
+      else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
     return HeadsDense(features=(width,), contract_ndim=2, kernel_axes=("heads", "kv", "embed"),
