@@ -18,6 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from msca_jax import host_memory
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 _MODE = flags.DEFINE_enum("mode", "train_and_evaluate", ["train", "evaluate", "train_and_evaluate"],
@@ -71,6 +73,8 @@ def main(argv):
   if _CONFIG.value is None or not _WORKDIR.value:
     raise app.UsageError("--config and --workdir are required, e.g. "
                          "--config=configs/msca_kv.py:demo --workdir=/tmp/msca_kv_demo")
+  # Before JAX and TensorFlow start their threads (msca_jax/host_memory.py says why).
+  logging.info("%s", host_memory.keep_freed_memory())
   # Imported here so that --help answers without loading JAX and TensorFlow.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX

@@ -59,6 +59,7 @@ from ml_collections import config_flags
 
 from msca_jax import models, progress
 from msca_jax.models import vit as vit_lib
+from msca_jax import host_memory
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim
 from msca_jax.train import state as state_lib
@@ -680,6 +681,7 @@ def run_from_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
 
 
 def main(argv):
+  print(host_memory.keep_freed_memory(), flush=True)  # before JAX starts its threads
   del argv
   run_from_flags(flags.FLAGS)
 

@@ -24,6 +24,8 @@ import time
 
 from absl import app, flags, logging
 
+from msca_jax import host_memory
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs and the comparison.",
                                required=True)
 _VARIANTS = flags.DEFINE_list("variants", ["vit", "tokenshift", "msca_kv"],
@@ -107,6 +109,7 @@ def format_table(results: dict) -> str:
 
 
 def main(argv):
+  logging.info("%s", host_memory.keep_freed_memory())  # before JAX starts its threads
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from msca_jax import progress

@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from configs import common
+from msca_jax import host_memory
 from msca_jax.data import augment, dmvr, pipeline, sampling, sources
 
 FLAGS = flags.FLAGS
@@ -89,6 +90,7 @@ def _single_core(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def main(argv: Sequence[str]) -> None:
+  print(host_memory.keep_freed_memory(), flush=True)  # before JAX starts its threads
   del argv
   directory = FLAGS.data_dir or stand_in_shards(FLAGS.stand_in_videos)
   data = common.get_config("vit").data

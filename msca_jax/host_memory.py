@@ -1,0 +1,58 @@
+"""Keeps freed host memory inside the process, so XLA:CPU's step buffers stop page-faulting.
+
+XLA:CPU allocates a step's temporaries as one block (2.4 GB for the ViT-B/16 8x224 train step)
+with the C library's malloc and frees it when the step ends. glibc serves a block that large with
+mmap and returns it with munmap, so every step touches fresh pages: about 620,000 page faults and
+1.5 s of kernel time per step on a 2-core machine, a quarter of the step (README, Performance).
+
+`keep_freed_memory` sets three glibc malloc options, the runtime equivalent of
+GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:
+  * one arena: a thread's own arena can only grow in 64 MiB heaps and falls back to mmap for
+    larger blocks whatever the other options say, so every thread uses the main heap;
+  * no mmap: large blocks come from that heap too;
+  * no trimming: freed memory stays mapped and the next step reuses it without faults.
+Resident memory then stays at the run's peak instead of dropping between steps. Measured here:
+the train step went from 5.85 s to 5.18 s, and the input pipeline did not get slower.
+
+Entry points call it first, before JAX or TensorFlow start threads (arenas are picked when a
+thread first allocates). It does nothing on a non-glibc system or with MSCA_JAX_HOST_MALLOC=default.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+ENV_VAR = "MSCA_JAX_HOST_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8   # glibc's <malloc.h>
+_NEVER_TRIM = -1   # mallopt takes an int; glibc stores it as size_t, so -1 means the maximum
+
+_state: str | None = None
+
+
+def keep_freed_memory() -> str:
+  """Applies the malloc options once; returns what was done, a line for the start-up log."""
+  global _state
+  if _state is not None:
+    return _state
+  setting = os.environ.get(ENV_VAR, "keep")
+  if setting not in ("keep", "default"):
+    raise ValueError(f"{ENV_VAR}={setting!r}: expected 'keep' or 'default'")
+  if setting == "default":
+    _state = f"host malloc: the C library's defaults ({ENV_VAR}=default)"
+  elif not sys.platform.startswith("linux"):
+    _state = "host malloc: the C library's defaults (not Linux)"
+  else:
+    try:
+      libc = ctypes.CDLL("libc.so.6")
+      libc.gnu_get_libc_version  # only glibc has it, and only glibc has these options
+    except (OSError, AttributeError):
+      _state = "host malloc: the C library's defaults (not glibc)"
+    else:
+      options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
+      failed = [option for option, value in options if libc.mallopt(option, value) != 1]
+      _state = ("host malloc: freed memory is kept for reuse (one arena, no mmap, no trim; "
+                f"{ENV_VAR}=default turns this off)" if not failed else
+                f"host malloc: glibc refused mallopt options {failed}")
+  return _state
