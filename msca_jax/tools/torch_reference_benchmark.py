@@ -246,6 +246,46 @@ def _times(fn, *, steps: int, warmup: int) -> list[float]:
   return times
 
 
+def _alternate(reference_step, our_step, *, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+  """Times the two steps in alternating rounds (the order flips every round), so machine noise
+  falls on both alike."""
+  for _ in range(warmup):
+    reference_step()
+    our_step()
+  reference, ours = [], []
+  for i in range(steps):
+    for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+      if which == 0:
+        start = time.perf_counter()
+        reference_step()
+        reference.append(time.perf_counter() - start)
+      else:
+        ours.append(our_step())   # Bench.train_once blocks until the step is done
+  return reference, ours
+
+
+def _jax_bench(variant: str, *, model_variant: str, frames: int, image_size: int, batch: int,
+               num_classes: int, shift_div: int, arch_overrides: Mapping[str, int] | None):
+  """msca_jax's train step of the same model, from configs/ (imported here: JAX loads only now)."""
+  from msca_jax.tools import benchmark as jax_benchmark
+
+  overrides = {"train.grad_accum_steps": 1, "model.num_classes": num_classes,
+               "model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0,
+               "model.drop_path_rate": 0.0}
+  if variant == "msca_kv":
+    overrides["model.shift_div"] = shift_div
+  overrides.update({f"model.{k}": v for k, v in (arch_overrides or {}).items()})
+  config = jax_benchmark.variant_config(variant, None, overrides, batch=batch, dtype="float32",
+                                        remat=False, frames=frames, image_size=image_size,
+                                        model_variant=model_variant)
+  return jax_benchmark.prepare(variant, config)
+
+
+def jax_device_count() -> int:
+  import jax
+  return jax.device_count()
+
+
 def _summary(times: list[float], batch: int) -> dict:
   median = statistics.median(times)
   return {"median_s": median, "min_s": min(times), "times_s": times, "clips_per_s": batch / median}
@@ -255,8 +295,15 @@ def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int 
               image_size: int = 224, batch: int = 1, num_classes: int = 400, shift_div: int = 12,
               steps: int = 5, warmup: int = 1, threads: int | None = None,
               attn_implementation: str = "sdpa", lr: float | None = None,
-              arch_overrides: Mapping[str, int] | None = None, seed: int = 0) -> dict:
-  """Times the reference train step and forward pass; returns the JSON record."""
+              arch_overrides: Mapping[str, int] | None = None, seed: int = 0,
+              against_jax: bool = False) -> dict:
+  """Times the reference train step and forward pass; returns the JSON record.
+
+  With `against_jax`, msca_jax's own train step of the same model (tools/benchmark.py's, the
+  trainer's jitted step with grad_accum_steps 1, so that it too clips and updates every step) is
+  built in this process and the two are timed in alternating rounds; the record's "msca_jax"
+  entry holds its times and the median over rounds of msca_jax / PyTorch. XLA uses every core.
+  """
   if steps < 1 or warmup < 0:
     raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
   threads = threads or os.cpu_count()
@@ -271,7 +318,15 @@ def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int 
   labels = torch.randint(0, num_classes, (batch,), generator=generator)
   # The recipe's rate for this batch (0.1 per 420 clips); the value does not change the time.
   step = make_train_step(model, lr=0.1 * batch / 420 if lr is None else lr)
-  train = _times(lambda: step(video, labels), steps=steps, warmup=warmup)
+  ours = None
+  if against_jax:
+    ours = _jax_bench(variant, model_variant=model_variant, frames=frames, image_size=image_size,
+                      batch=batch, num_classes=num_classes, shift_div=shift_div,
+                      arch_overrides=arch_overrides)
+    train, ours_times = _alternate(lambda: step(video, labels), ours.train_once, steps=steps,
+                                   warmup=warmup)
+  else:
+    train = _times(lambda: step(video, labels), steps=steps, warmup=warmup)
 
   model.eval()
   with torch.no_grad():
@@ -287,6 +342,11 @@ def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int 
       "machine": platform.machine(), "steps": steps, "warmup": warmup,
       "params": sum(p.numel() for p in model.parameters()),
       "train_step": _summary(train, batch), "forward": _summary(forward, batch),
+      **({"msca_jax": {
+          "train_step": _summary(ours_times, batch),
+          "vs_pytorch": statistics.median(o / t for o, t in zip(ours_times, train)),
+          "attention": ours.info["attention"]["resolved"], "devices": jax_device_count(),
+          "grad_accum_steps": 1}} if ours is not None else {}),
   }
 
 
@@ -301,6 +361,12 @@ def table(record: dict) -> str:
   for name in ("train_step", "forward"):
     r = record[name]
     lines.append(f"{name:<12}{r['median_s']:>10.3f}{r['min_s']:>10.3f}{r['clips_per_s']:>10.3f}")
+  if "msca_jax" in record:
+    ours = record["msca_jax"]
+    r = ours["train_step"]
+    lines.append(f"{'msca_jax':<12}{r['median_s']:>10.3f}{r['min_s']:>10.3f}{r['clips_per_s']:>10.3f}"
+                 f"   train step, attention {ours['attention']}; msca_jax / PyTorch = "
+                 f"{ours['vs_pytorch']:.3f} (median of alternating rounds)")
   return "\n".join(lines)
 
 
@@ -325,6 +391,8 @@ def define_flags() -> None:
                     "sdpa (torch's scaled_dot_product_attention) or eager (matmul, softmax, matmul).")
   for name in ARCH_FIELDS:
     flags.DEFINE_integer(name, None, f"Override the variant's {name} (small test models).")
+  flags.DEFINE_bool("against_jax", False, "Also build msca_jax's train step of the same model and "
+                    "time both in alternating rounds (prints the ratio).")
   flags.DEFINE_string("json", None, "Write the record to this JSON file.")
 
 
@@ -339,7 +407,7 @@ def main(argv):
                        image_size=FLAGS.image_size, batch=FLAGS.batch, num_classes=FLAGS.num_classes,
                        shift_div=FLAGS.shift_div, steps=FLAGS.steps, warmup=FLAGS.warmup,
                        threads=FLAGS.threads, attn_implementation=FLAGS.attn_implementation,
-                       arch_overrides=overrides)
+                       arch_overrides=overrides, against_jax=FLAGS.against_jax)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(table(record))

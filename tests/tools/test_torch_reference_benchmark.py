@@ -166,3 +166,15 @@ def test_command_line_writes_json(tmp_path):
     r = record[name]
     assert len(r["times_s"]) == 2 and 0 < r["min_s"] <= r["median_s"]
     assert r["clips_per_s"] == pytest.approx(2 / r["median_s"])
+
+
+def test_against_jax_times_both_steps_in_alternating_rounds():
+  record = trb.benchmark("msca_kv", model_variant="Ti/8", frames=FRAMES, image_size=SIZE, batch=8,
+                         num_classes=CLASSES, shift_div=4, steps=2, warmup=1, threads=2,
+                         arch_overrides={k: TINY[k] for k in trb.ARCH_FIELDS}, against_jax=True)
+  ours = record["msca_jax"]
+  assert len(ours["train_step"]["times_s"]) == len(record["train_step"]["times_s"]) == 2
+  ratios = [o / t for o, t in zip(ours["train_step"]["times_s"], record["train_step"]["times_s"])]
+  assert ours["vs_pytorch"] == pytest.approx(float(np.median(ratios)))
+  assert ours["attention"] == "heads_major" and ours["grad_accum_steps"] == 1
+  assert "msca_jax / PyTorch" in trb.table(record)
