@@ -238,7 +238,9 @@ def attention_info(model_config, hlo_text: str | None) -> dict[str, Any]:
   fmha = hlo_text.count(CUDNN_FMHA) if hlo_text is not None else None
   # Each fused-attention custom call appears once as an instruction and once in its target name.
   cudnn_calls = len(re.findall(r"custom_call_target=\"__cudnn\$fmha", hlo_text or ""))
-  kernel = "cudnn fused" if cudnn_calls else "xla"
+  # What runs: cuDNN's fused kernel when the HLO calls it, else XLA ops in jax's formulation
+  # ("xla") or in ours ("heads_major", models/layers.py).
+  kernel = "cudnn fused" if cudnn_calls else ("xla" if resolved == "cudnn" else resolved)
   return {"config": requested, "resolved": resolved, "kernel": kernel,
           "cudnn_fmha_calls": cudnn_calls, "cudnn_mentions": fmha}
 
