@@ -3,7 +3,7 @@
 XLA:CPU allocates a step's temporaries as one block (2.4 GB for the ViT-B/16 8x224 train step)
 with the C library's malloc and frees it when the step ends. glibc serves a block that large with
 mmap and returns it with munmap, so every step touches fresh pages: about 620,000 page faults and
-1.5 s of kernel time per step on a 2-core machine, a quarter of the step (README, Performance).
+1.5 s of kernel time per step on a 2-core machine, a quarter of the step (README, Measured).
 
 `keep_freed_memory` sets three glibc malloc options, the runtime equivalent of
 GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:

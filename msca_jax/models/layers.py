@@ -2,7 +2,7 @@
 
 The math is the reference's (SPEC.md section 1: exact-erf GELU, LayerNorm eps 1e-6, softmax
 attention scaled by head_dim ** -0.5); only the formulation differs from flax's and jax's, for
-reasons measured on the ViT-B/16 8x224 train step on CPU (README, Performance):
+reasons measured on the ViT-B/16 8x224 train step on CPU (README, Measured):
 
 * `gelu` is 0.5 x (1 + erf(x / sqrt 2)), PyTorch's formula. `jax.nn.gelu(approximate=False)`
   goes through erfc, which XLA expands into a slower select chain.

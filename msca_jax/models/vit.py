@@ -82,7 +82,7 @@ def attention_implementation(requested: str, platform: str, dtype, head_dim: int
   jax.nn.dot_product_attention(implementation=None) always means XLA today, so the choice is
   made here: cuDNN's flash attention needs a GPU, fp16/bf16 inputs and a head dimension that is
   a multiple of 8, at most 128. On CPU, where no fused kernel exists, `layers.softmax_attention`
-  is faster than jax's XLA formulation (README, Performance); 'xla' elsewhere (TPU, GPU fp32).
+  is faster than jax's XLA formulation (README, Measured); 'xla' elsewhere (TPU, GPU fp32).
   """
   if requested != "auto":
     return requested
