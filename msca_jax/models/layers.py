@@ -62,9 +62,9 @@ def _layer_norm_bwd(epsilon, residuals, dy):
   normed, inv_std, scale, bias = residuals
   width = normed.shape[-1]
   dy32 = dy.astype(jnp.float32)
-  lead = "abcdefghij"[:dy.ndim - 1]
-  dscale = jnp.einsum(f"{lead}z,{lead}z->z", dy32, normed)
-  dbias = jnp.sum(dy32.reshape(-1, width), 0)
+  rows = lambda t: t.reshape(-1, width)
+  dscale = jnp.einsum("rz,rz->z", rows(dy32), rows(normed))
+  dbias = jnp.sum(rows(dy32), 0)
   g = dy32 * scale.astype(jnp.float32)
   dx = inv_std * (g - jnp.sum(g, -1, keepdims=True) / width - normed * (_row_dot(g, normed) / width))
   return dx.astype(dy.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)

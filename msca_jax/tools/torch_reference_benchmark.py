@@ -235,33 +235,24 @@ def make_train_step(model: VideoClassifier, *, lr: float, momentum: float = 0.9,
   return step
 
 
-def _times(fn, *, steps: int, warmup: int) -> list[float]:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
+def _elapsed(fn) -> float:
+  start = time.perf_counter()
+  fn()   # each timed function returns once its work is done (CPU torch; Bench.train_once blocks)
+  return time.perf_counter() - start
 
 
-def _alternate(reference_step, our_step, *, steps: int, warmup: int) -> tuple[list[float], list[float]]:
-  """Times the two steps in alternating rounds (the order flips every round), so machine noise
-  falls on both alike."""
+def _times(*fns, steps: int, warmup: int) -> list[list[float]]:
+  """Times each of `fns` `steps` times after `warmup` calls. With several, every round calls
+  each once and the order reverses every round, so machine noise falls on all alike."""
   for _ in range(warmup):
-    reference_step()
-    our_step()
-  reference, ours = [], []
+    for fn in fns:
+      fn()
+  times = [[] for _ in fns]
   for i in range(steps):
-    for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-      if which == 0:
-        start = time.perf_counter()
-        reference_step()
-        reference.append(time.perf_counter() - start)
-      else:
-        ours.append(our_step())   # Bench.train_once blocks until the step is done
-  return reference, ours
+    order = list(range(len(fns)))
+    for j in (order if i % 2 == 0 else order[::-1]):
+      times[j].append(_elapsed(fns[j]))
+  return times
 
 
 def _jax_bench(variant: str, *, model_variant: str, frames: int, image_size: int, batch: int,
@@ -279,11 +270,6 @@ def _jax_bench(variant: str, *, model_variant: str, frames: int, image_size: int
                                         remat=False, frames=frames, image_size=image_size,
                                         model_variant=model_variant)
   return jax_benchmark.prepare(variant, config)
-
-
-def jax_device_count() -> int:
-  import jax
-  return jax.device_count()
 
 
 def _summary(times: list[float], batch: int) -> dict:
@@ -323,14 +309,14 @@ def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int 
     ours = _jax_bench(variant, model_variant=model_variant, frames=frames, image_size=image_size,
                       batch=batch, num_classes=num_classes, shift_div=shift_div,
                       arch_overrides=arch_overrides)
-    train, ours_times = _alternate(lambda: step(video, labels), ours.train_once, steps=steps,
-                                   warmup=warmup)
+    train, ours_times = _times(lambda: step(video, labels), ours.train_once, steps=steps,
+                               warmup=warmup)
   else:
-    train = _times(lambda: step(video, labels), steps=steps, warmup=warmup)
+    [train] = _times(lambda: step(video, labels), steps=steps, warmup=warmup)
 
   model.eval()
   with torch.no_grad():
-    forward = _times(lambda: model(video), steps=steps, warmup=warmup)
+    [forward] = _times(lambda: model(video), steps=steps, warmup=warmup)
   return {
       "implementation": "pytorch", "variant": variant, "model_variant": model_variant, "arch": arch,
       "frames": frames, "image_size": image_size, "batch": batch, "num_classes": num_classes,
@@ -345,7 +331,7 @@ def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int 
       **({"msca_jax": {
           "train_step": _summary(ours_times, batch),
           "vs_pytorch": statistics.median(o / t for o, t in zip(ours_times, train)),
-          "attention": ours.info["attention"]["resolved"], "devices": jax_device_count(),
+          "attention": ours.info["attention"]["resolved"], "devices": ours.info["devices"],
           "grad_accum_steps": 1}} if ours is not None else {}),
   }
 
