@@ -69,8 +69,9 @@ class LayerNormTest(chex.TestCase, parameterized.TestCase):
 class SoftmaxAttentionTest(chex.TestCase, parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_values_and_gradients_equal_dot_product_attention(self):
-    shape = (3, 17, 4, 8)   # (batch, tokens, heads, head_dim)
+  @parameterized.parameters(3, 4)   # an odd batch runs as one chain, an even one as two halves
+  def test_values_and_gradients_equal_dot_product_attention(self, batch):
+    shape = (batch, 17, 4, 8)   # (batch, tokens, heads, head_dim)
     q, k, v = (_normal(i, shape, 1.5) for i in range(3))
     dout = _normal(3, shape)
     ours = self.variant(layers.softmax_attention)
