@@ -57,9 +57,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from msca_jax import models, progress
+from msca_jax import host_memory, models, progress
 from msca_jax.models import vit as vit_lib
-from msca_jax import host_memory
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim
 from msca_jax.train import state as state_lib
