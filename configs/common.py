@@ -61,14 +61,22 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
 
   # Input (SPEC 5): 8 frames at stride 32 of 25 fps video; evaluation 10 clips x 3 crops.
   config.data = d = ml_collections.ConfigDict()
-  d.source = "dmvr"                  # 'dmvr' shards | 'tfds' prepared dataset | 'synthetic'
-  d.path = ""                        # DMVR shard directory, or the TFDS data_dir
+  d.source = "frames"                # 'frames' folders (random access) | 'dmvr' shards | 'tfds' | 'synthetic'
+  d.path = ""                        # frame-folder root, DMVR shard directory, or the TFDS data_dir
   d.tfds_name = "kinetics/400"
   d.train_split = "train"
   d.eval_split = "validation"
+  # Frame folders (docs/data.md): lists default to PATH/SPLIT.txt; the reference code's own lists
+  # and frame names work as they are (FRAME_REPO = path, TRN_LIST_TXT, FRAME_FORMAT).
+  d.train_list = ""
+  d.eval_list = ""
+  d.frame_pattern = "img_{:05d}.jpg"  # ignored when PATH/SPLIT.manifest.json (ours) names it
+  d.frame_first_index = 1
+  d.check_frame_counts = True        # each clip checks its folder's frame count (one listing call)
   d.num_frames = m.get_ref("num_frames")
   d.image_size = m.get_ref("image_size")
   d.sampling = "dense"               # 'dense' (T frames at a stride) | 'uniform' (TSN segments)
+  d.clip_positions = "reference"     # dense clip starts: 'reference' (data/dataset.py's rules) | 'centred'
   d.stride = 32
   d.fps = 25                         # the frame rate the data was prepared at (prepare_videos --fps)
   d.train_short_side_range = (224, 330)   # random short side in [lo, hi), then a random crop
@@ -83,18 +91,17 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   d.eval_crops = 3                   # 3: left, centre, right along the long side; 1: centre
   d.val_clips = 1                    # validation during training: 1 x 3 views
   d.val_crops = 3
-  d.shuffle_buffer = 4096            # serialised videos; a few hundred is too small for video
+  d.shuffle_buffer = 4096            # record sources only: whole serialised videos in host RAM
   d.deterministic = True             # reproducible order (and exact resume); False is faster
   d.prefetch = 2
-  d.dtype = "float32"                # of the clips handed to JAX: 'float32' | 'bfloat16'
-  # The built-in dataset (config.data.source='synthetic'): written once to DMVR shards.
+  d.dtype = "uint8"                  # of the clips handed to JAX: 'uint8' (mapped to [-1, 1] on the device) | 'float32' | 'bfloat16'
+  # The built-in dataset (config.data.source='synthetic'): written once as frame folders.
   d.synthetic = ml_collections.ConfigDict()
   d.synthetic.seed = 0
   d.synthetic.train_size = 4096
   d.synthetic.eval_size = 512
   d.synthetic.video_frames = 16
   d.synthetic.size = 32
-  d.synthetic.num_shards = 8
   d.synthetic.dir = ""               # '' : $MSCA_JAX_CACHE/synthetic or ~/.cache/msca_jax/synthetic
 
   # Optimisation: SGD, lr 0.1 per 420 clips (42 x 10 accumulation), x0.1 at 10 and 15 of 18 epochs.

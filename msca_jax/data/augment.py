@@ -1,4 +1,4 @@
-"""Clip-consistent decoding and augmentation (SPEC section 5), in TensorFlow graph code.
+"""Clip-consistent decoding and augmentation (docs/data.md), in TensorFlow graph code.
 
 Every random choice is drawn once per clip from a stateless seed and applied to all of its frames:
 a flip, a crop or a colour change that differed between frames would itself be a motion signal,
@@ -6,7 +6,8 @@ which a temporal model would learn and a frame-wise one could not.
 
 Training follows the reference recipe: horizontal flip (p = 0.5); short side resized (bicubic) to
 a random integer in [lo, hi), then a random square crop; brightness, saturation, gamma and hue,
-each with its own probability; then [-1, 1]. The resize-then-crop is computed as crop-then-resize:
+each with its own probability. Views come out in [0, 1]; the pipeline turns them into what the
+batch carries (uint8 pixels by default, which the model maps to [-1, 1] on the device). The resize-then-crop is computed as crop-then-resize:
 only the window that survives the crop is decoded (tf.io.decode_and_crop_jpeg) and resized, which
 is the same distribution of views up to sub-pixel rounding of the crop offset, at a fraction of
 the decoding and resizing cost.
@@ -24,7 +25,7 @@ CROP_POSITIONS = {1: (0.5,), 3: (0.0, 0.5, 1.0)}   # fractions along the long si
 
 @dataclasses.dataclass(frozen=True)
 class TrainAugment:
-  """The recipe's training augmentation; defaults are SPEC section 5."""
+  """The recipe's training augmentation; the defaults are the reference's (docs/data.md)."""
   image_size: int = 224
   short_side_range: tuple[int, int] = (224, 330)   # [lo, hi) like the reference's randint
   flip_prob: float = 0.5
@@ -60,13 +61,8 @@ def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
   return tf.unstack(tf.random.experimental.stateless_split(seed, n))
 
 
-def normalize(video: tf.Tensor) -> tf.Tensor:
-  """[0, 1] floats to [-1, 1]."""
-  return video * 2.0 - 1.0
-
-
 def train_clip(jpegs: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tensor:
-  """T JPEG frames -> float32 (T, S, S, 3) in [-1, 1], one random view for all frames."""
+  """T JPEG frames -> float32 (T, S, S, 3) in [0, 1], one random view for all frames."""
   s_size, s_crop, s_flip, s_color, s_rand = _seeds(seed, 5)
   shape = tf.io.extract_jpeg_shape(jpegs[0])
   height, width = shape[0], shape[1]
@@ -89,7 +85,7 @@ def train_clip(jpegs: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tenso
   video = color_jitter(video, s_color, aug)
   if aug.randaugment_layers:
     video = randaugment(video, s_rand, aug.randaugment_layers, aug.randaugment_magnitude)
-  return normalize(video)
+  return video
 
 
 def color_jitter(video: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tensor:
@@ -110,17 +106,19 @@ def color_jitter(video: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Ten
 
 def eval_views(jpegs: tf.Tensor, indices: tf.Tensor, image_size: int, short_side: int,
                num_crops: int) -> tf.Tensor:
-  """(clips, T) frame indices -> float32 (clips * crops, T, S, S, 3) in [-1, 1], clip-major.
+  """(clips, T) indices into `jpegs` -> float32 (clips * crops, T, S, S, 3) in [0, 1], clip-major.
 
   Frames are resized so the short side is `short_side`, then `num_crops` squares are taken along
-  the long side (1: centre; 3: left/top, centre, right/bottom), all frames at the same place.
+  the long side (1: centre; 3: left/top, centre, right/bottom), all frames at the same place. A
+  frame used by several clips (short videos, where the clips overlap) is decoded once.
   """
   if num_crops not in CROP_POSITIONS:
     raise ValueError(f"config.data eval crops must be 1 or 3, got {num_crops}")
   if short_side < image_size:
     raise ValueError(f"config.data.eval_short_side {short_side} is below the crop size {image_size}")
   num_clips, num_frames = indices.shape
-  frames = decode_frames(tf.gather(jpegs, tf.reshape(indices, [-1])))
+  unique, position = tf.unique(tf.reshape(indices, [-1]))
+  frames = decode_frames(tf.gather(jpegs, unique))
   height, width = tf.shape(frames)[1], tf.shape(frames)[2]
   scale = short_side / tf.cast(tf.minimum(height, width), tf.float32)
   new_h = tf.maximum(tf.cast(tf.round(tf.cast(height, tf.float32) * scale), tf.int32), image_size)
@@ -128,18 +126,18 @@ def eval_views(jpegs: tf.Tensor, indices: tf.Tensor, image_size: int, short_side
   frames = tf.image.resize(tf.cast(frames, tf.float32) / 255.0, tf.stack([new_h, new_w]),
                            method="bicubic")
   frames = tf.clip_by_value(frames, 0.0, 1.0)
-  clips = tf.reshape(frames, [num_clips, num_frames, new_h, new_w, 3])
+  clips = tf.reshape(tf.gather(frames, position), [num_clips, num_frames, new_h, new_w, 3])
   views = []
   for clip in tf.unstack(clips):
-    for position in CROP_POSITIONS[num_crops]:
+    for crop in CROP_POSITIONS[num_crops]:
       # The crop moves along the long side; the short side is centred.
       long_is_width = new_w >= new_h
       y_room, x_room = new_h - image_size, new_w - image_size
-      y0 = tf.where(long_is_width, y_room // 2, tf.cast(position * tf.cast(y_room, tf.float32), tf.int32))
-      x0 = tf.where(long_is_width, tf.cast(position * tf.cast(x_room, tf.float32), tf.int32), x_room // 2)
+      y0 = tf.where(long_is_width, y_room // 2, tf.cast(crop * tf.cast(y_room, tf.float32), tf.int32))
+      x0 = tf.where(long_is_width, tf.cast(crop * tf.cast(x_room, tf.float32), tf.int32), x_room // 2)
       views.append(clip[:, y0:y0 + image_size, x0:x0 + image_size, :])
   video = tf.stack(views)
-  return normalize(tf.ensure_shape(video, [num_clips * num_crops, num_frames, image_size, image_size, 3]))
+  return tf.ensure_shape(video, [num_clips * num_crops, num_frames, image_size, image_size, 3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +236,10 @@ def mix_batch(batch: dict, seed: tf.Tensor, mixup_alpha: float, cutmix_alpha: fl
     return tf.where(box, partner, video), kept
 
   def mixup():
-    # In float32 whatever the clips' dtype (bfloat16 batches), then back.
+    # In float32 whatever the clips' dtype (uint8 or bfloat16 batches), then back.
     mixed = lam * tf.cast(video, tf.float32) + (1.0 - lam) * tf.cast(partner, tf.float32)
+    if video.dtype == tf.uint8:
+      mixed = tf.round(mixed)
     return tf.cast(mixed, video.dtype), lam
 
   mixed, weight = tf.cond(use_cutmix, cutmix, mixup)

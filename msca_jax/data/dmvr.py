@@ -17,6 +17,8 @@ from typing import Iterable, Sequence
 
 import tensorflow as tf
 
+from msca_jax.data.errors import DataError  # re-exported: callers name it dmvr.DataError
+
 FRAMES_KEY = "image/encoded"
 LABEL_KEY = "clip/label/index"
 TEXT_KEY = "clip/label/text"
@@ -24,10 +26,6 @@ FILENAME_KEY = "video/filename"
 LABELS_FILE = "labels.txt"
 
 _SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})$")
-
-
-class DataError(ValueError):
-  """Bad data or a bad data configuration; the message names the file or field."""
 
 
 def shard_name(split: str, index: int, count: int) -> str:

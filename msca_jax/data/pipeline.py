@@ -1,19 +1,23 @@
-"""tf.data assembly: this host's files -> records -> clips -> batches of numpy arrays.
+"""tf.data assembly: a source's videos -> clips -> batches of numpy arrays.
 
-Training (an endless, reproducible stream):
-  files (shuffled every epoch) -> parallel interleave -> large record shuffle -> enumerate
-  -> parallel decode + augment (each record guarded) -> count and drop bad records -> batch
+Training (an endless, reproducible stream, resumable at any position):
+  source.train_records (frame folders: positions -> index shuffle; record files: epochs of
+  shuffled files through a record buffer) -> parallel open + sample + read + decode + augment
+  (each video guarded) -> count and drop bad videos -> batch
 
 Evaluation (one exact pass):
-  files in order -> records -> parallel decode of clips x crops views -> batch, with the last
-  batch padded and a mask; a bad record stays in the batch with mask 0, so the number of batches
-  only depends on the number of records.
+  source.eval_records (in order) -> parallel views of clips x crops -> batch, with the last batch
+  padded and a mask; a bad video stays in the batch with mask 0, so the number of batches only
+  depends on the number of videos.
 
-Bad records never stop a run and never reach the model. Each record is processed inside its own
+Bad videos never stop a run and never reach the model. Each video is processed inside its own
 one-element dataset with errors ignored and a fallback behind it, so a failure anywhere in
-parsing, decoding or augmenting turns into an element with an error code instead of an
+parsing, reading, decoding or augmenting turns into an element with an error code instead of an
 exception. The codes are counted in the stream itself (`StreamState.skipped`, exact and part of
 the checkpointable input state) and the eval batches carry them per video.
+
+The clips leave as uint8 pixels by default (config.data.dtype): a quarter of float32's bytes
+from the host to the device, and the model maps them to [-1, 1] inside the jitted step.
 """
 
 from __future__ import annotations
@@ -24,25 +28,28 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import augment, sampling, sources
-from msca_jax.data.dmvr import DataError
+from msca_jax.data import augment, errors, sampling
+from msca_jax.data.errors import SKIP_REASONS, DataError
 from msca_jax.data.sources import Source
 
-# Error codes: 0 is a good record, i + 1 is SKIP_REASONS[i].
-SKIP_REASONS = ("corrupt_shard", "undecodable", "label_out_of_range", "no_frames")
-_CORRUPT, _UNDECODABLE, _LABEL, _NO_FRAMES = range(1, len(SKIP_REASONS) + 1)
-DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
+DTYPES = {"uint8": tf.uint8, "float32": tf.float32, "bfloat16": tf.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
 class StreamState:
-  """Where a process's training stream stands: records consumed and records skipped by reason.
+  """Where a process's training stream stands: the next element to read and the skips so far.
 
   Saved with a checkpoint, it lets a resumed run continue the same stream (exactly, when
-  config.data.deterministic is on) without re-reading the data it had already used.
+  config.data.deterministic is on). A frame-folder stream jumps to `position` in constant time;
+  a record-file stream re-reads the current epoch up to it (sources.EPOCH_STRIDE).
   """
   position: int = 0
   skipped: tuple[int, ...] = (0,) * len(SKIP_REASONS)
+
+  def __post_init__(self):
+    # Checkpoints written before a reason was added hold fewer counts; the new ones start at 0.
+    if len(self.skipped) < len(SKIP_REASONS):
+      object.__setattr__(self, "skipped", tuple(self.skipped) + (0,) * (len(SKIP_REASONS) - len(self.skipped)))
 
   @classmethod
   def after(cls, batch: dict) -> "StreamState":
@@ -65,6 +72,9 @@ def check_config(data) -> None:
   """Configuration mistakes fail here, at start-up, naming the field."""
   if data.sampling not in sampling.SAMPLINGS:
     raise DataError(f"config.data.sampling must be one of {sampling.SAMPLINGS}, got {data.sampling!r}")
+  if data.clip_positions not in sampling.CLIP_POSITIONS:
+    raise DataError(f"config.data.clip_positions must be one of {sampling.CLIP_POSITIONS}, got "
+                    f"{data.clip_positions!r}")
   if data.num_frames < 1 or data.stride < 1:
     raise DataError(f"config.data.num_frames and config.data.stride must be >= 1, got "
                     f"{data.num_frames} and {data.stride}")
@@ -81,6 +91,8 @@ def check_config(data) -> None:
                     f"crop size config.data.image_size ({data.image_size})")
   if data.mixup_alpha < 0 or data.cutmix_alpha < 0:
     raise DataError("config.data.mixup_alpha and cutmix_alpha must be >= 0")
+  if data.shuffle_buffer < 1:
+    raise DataError(f"config.data.shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
   try:
     train_augment(data)
   except ValueError as e:
@@ -97,46 +109,30 @@ def _options(deterministic: bool) -> tf.data.Options:
   return options
 
 
-def _records(files: list[str], shuffle_seed: int | None, repeat: bool, deterministic: bool,
-             num_epochs: int | None = None) -> tf.data.Dataset:
-  """{'record', 'corrupt'} from the files, interleaved; shuffled per epoch when a seed is given."""
-  sizes = sources.file_sizes(files)
-  ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64)))
-  if shuffle_seed is not None:
-    ds = ds.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
-  if repeat:
-    ds = ds.repeat(num_epochs)
-  return ds.interleave(sources.read_records, cycle_length=min(len(files), 16), block_length=1,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+def to_output(video: tf.Tensor, dtype: str) -> tf.Tensor:
+  """[0, 1] pixels -> what batches carry: uint8 in [0, 255], or floats in [-1, 1]."""
+  if dtype == "uint8":
+    return tf.cast(tf.round(video * 255.0), tf.uint8)
+  return tf.cast(video * 2.0 - 1.0, DTYPES[dtype])
 
 
 def _guarded(process, fallback, deterministic: bool):
-  """Maps `process` over a dataset; an element whose processing raises becomes `fallback(e)`."""
+  """Maps `process` over a dataset; an element whose processing raises becomes `fallback(e)`.
+
+  The fallback finds the reason (e.g. which frame files are missing); if even that raises, the
+  element is 'undecodable'. Nothing reaches the consumer as an exception.
+  """
   def one(element):
-    done = tf.data.Dataset.from_tensors(element).map(process).ignore_errors()
-    return done.concatenate(tf.data.Dataset.from_tensors(element).map(fallback)).take(1)
+    element_ds = tf.data.Dataset.from_tensors(element)
+    done = element_ds.map(process).ignore_errors()
+    explained = element_ds.map(lambda e: fallback(e, None)).ignore_errors()
+    last_resort = element_ds.map(lambda e: fallback(e, tf.constant(errors.UNDECODABLE, tf.int32)))
+    return done.concatenate(explained).concatenate(last_resort).take(1)
 
   def apply(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.interleave(one, cycle_length=tf.data.AUTOTUNE, block_length=1,
                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   return apply
-
-
-def _checked(element: dict, source: Source, decode, empty: dict) -> dict:
-  """Parses a record and runs `decode(frames, label, index)` on it if it passes the cheap checks."""
-  def parsed():
-    record = source.parse(element["record"])
-    frames, label = record["frames"], record["label"]
-    error = tf.where(tf.size(frames) == 0, _NO_FRAMES,
-                     tf.where((label < 0) | (label >= source.num_classes), _LABEL, 0))
-    out = tf.cond(error == 0, lambda: decode(frames, label, element["index"]),
-                  lambda: dict(empty, label=tf.constant(0, tf.int32)))
-    return dict(out, error=tf.cast(error, tf.int32), key=record["key"])
-  out = tf.cond(element["corrupt"],
-                lambda: dict(empty, label=tf.constant(0, tf.int32),
-                             error=tf.constant(_CORRUPT, tf.int32), key=tf.constant("")),
-                parsed)
-  return dict(out, index=element["index"])
 
 
 def _is_good(element: dict) -> tf.Tensor:
@@ -159,35 +155,32 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   """
   check_config(data)
   aug = train_augment(data)
-  files = source.files_for_process(process_index, process_count)
   dtype = DTYPES[data.dtype]
   clip_shape = (data.num_frames, data.image_size, data.image_size, 3)
-  empty = {"video": tf.zeros(clip_shape, dtype)}
-  process_seed = tf.constant([seed, process_index], tf.int64)
-
-  def decode(frames, label, index):
-    index_seed = tf.random.experimental.stateless_fold_in(process_seed, index)
-    s_sample, s_aug = tf.unstack(tf.random.experimental.stateless_split(index_seed, 2))
-    indices = sampling.train_indices(data.sampling, tf.size(frames), data.num_frames, data.stride,
-                                     s_sample)
-    video = augment.train_clip(tf.gather(frames, indices), s_aug, aug)
-    return {"video": tf.cast(tf.ensure_shape(video, clip_shape), dtype),
-            "label": tf.cast(label, tf.int32)}
+  empty = {"video": tf.zeros(clip_shape, dtype), "label": tf.constant(0, tf.int32)}
 
   def process(element):
-    out = _checked(element, source, decode, empty)
-    del out["key"]
-    return out
+    opened = source.open(element)
 
-  def fallback(element):
-    return dict(empty, label=tf.constant(0, tf.int32), error=tf.constant(_UNDECODABLE, tf.int32),
-                index=element["index"])
+    def decode():
+      s_sample, s_aug = tf.unstack(tf.random.experimental.stateless_split(
+          source.clip_seed(seed, element), 2))
+      indices = sampling.train_indices(data.sampling, opened["length"], data.num_frames,
+                                       data.stride, s_sample, positions=data.clip_positions)
+      video = augment.train_clip(source.read(opened, indices), s_aug, aug)
+      return {"video": tf.ensure_shape(to_output(video, data.dtype), clip_shape),
+              "label": tf.cast(opened["label"], tf.int32)}
+    out = tf.cond(opened["error"] == 0, decode, lambda: empty)
+    return dict(out, error=opened["error"], index=element["index"])
 
-  ds = _records(files, shuffle_seed=seed + 1000 * process_index, repeat=True,
-                deterministic=data.deterministic, num_epochs=num_epochs)
-  ds = ds.shuffle(data.shuffle_buffer, seed=seed + 1000 * process_index + 1)
-  ds = ds.enumerate().map(lambda i, e: dict(e, index=i))
-  ds = ds.skip(state.position)
+  def fallback(element, error):
+    if error is None:
+      error = source.failure(element)
+    return dict(empty, error=error, index=element["index"])
+
+  ds = source.train_records(seed=seed, process_index=process_index, process_count=process_count,
+                            start=state.position, shuffle_buffer=data.shuffle_buffer,
+                            deterministic=data.deterministic, num_epochs=num_epochs)
   ds = _guarded(process, fallback, data.deterministic)(ds)
 
   def count(skipped, element):
@@ -198,21 +191,33 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   ds = ds.filter(_is_good).map(_without("error"))
   ds = ds.batch(batch_size, drop_remainder=True)
   if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
-    # Seeded by the batch's first record position, not a batch counter: a resumed stream (which
-    # skips ahead) mixes its batches exactly as the uninterrupted one did.
+    # Seeded by the batch's first stream position, not a batch counter: a resumed stream (which
+    # starts at a position) mixes its batches exactly as the uninterrupted one did.
+    mix_seed = tf.constant([seed, process_index + 7], tf.int64)
     ds = ds.map(lambda b: augment.mix_batch(
-        b, tf.random.experimental.stateless_fold_in(process_seed + 7, b["index"][0]),
+        b, tf.random.experimental.stateless_fold_in(mix_seed, b["index"][0]),
         data.mixup_alpha, data.cutmix_alpha))
   ds = ds.prefetch(data.prefetch)
   return ds.with_options(_options(data.deterministic))
 
 
-def eval_views(frames: tf.Tensor, data, num_clips: int, num_crops: int) -> tf.Tensor:
-  """(clips x crops, T, S, S, 3) evaluation views of one video's JPEG frames, in data.dtype."""
-  indices = sampling.eval_indices(data.sampling, tf.size(frames), data.num_frames, data.stride,
-                                  num_clips)
-  video = augment.eval_views(frames, indices, data.image_size, data.eval_short_side, num_crops)
-  return tf.cast(video, DTYPES[data.dtype])
+def eval_views(frames: tf.Tensor, data, num_clips: int, num_crops: int,
+               length: tf.Tensor | None = None) -> tf.Tensor:
+  """(clips x crops, T, S, S, 3) evaluation views of one video's JPEG frames, as batches carry them.
+
+  `frames` holds every frame of the video, or (with `length`, the video's frame count) a
+  callable reading the frames at given indices.
+  """
+  read = frames if callable(frames) else (lambda indices: tf.gather(frames, indices))
+  if length is None:
+    length = tf.size(frames)
+  indices = sampling.eval_indices(data.sampling, length, data.num_frames, data.stride, num_clips,
+                                  positions=data.clip_positions)
+  # Each distinct frame is read once: short videos repeat the same clip (docs/sampling.md).
+  unique, position = tf.unique(tf.reshape(indices, [-1]))
+  video = augment.eval_views(read(unique), tf.reshape(position, indices.shape), data.image_size,
+                             data.eval_short_side, num_crops)
+  return to_output(video, data.dtype)
 
 
 def eval_dataset(source: Source, data, *, batch_size: int, num_clips: int, num_crops: int,
@@ -224,27 +229,31 @@ def eval_dataset(source: Source, data, *, batch_size: int, num_clips: int, num_c
   many batches (multi-host evaluation needs the same count on every host).
   """
   check_config(data)
-  files = source.files_for_process(process_index, process_count)
   dtype = DTYPES[data.dtype]
   views = num_clips * num_crops
   view_shape = (views, data.num_frames, data.image_size, data.image_size, 3)
-  empty = {"video": tf.zeros(view_shape, dtype)}
+  empty = {"video": tf.zeros(view_shape, dtype), "label": tf.constant(0, tf.int32)}
 
-  def decode(frames, label, index):
-    del index  # evaluation views are not random
-    return {"video": eval_views(frames, data, num_clips, num_crops), "label": tf.cast(label, tf.int32)}
+  def process(element):
+    opened = source.open(element)
 
-  def fallback(element):
-    return dict(empty, label=tf.constant(0, tf.int32), error=tf.constant(_UNDECODABLE, tf.int32),
-                index=element["index"], key=tf.constant(""))
+    def decode():
+      video = eval_views(lambda indices: source.read(opened, indices), data, num_clips, num_crops,
+                         length=opened["length"])
+      return {"video": video, "label": tf.cast(opened["label"], tf.int32)}
+    out = tf.cond(opened["error"] == 0, decode, lambda: empty)
+    return dict(out, error=opened["error"], index=element["index"], key=opened["key"])
 
-  ds = _records(files, shuffle_seed=None, repeat=False, deterministic=True)
-  ds = ds.enumerate().map(lambda i, e: dict(e, index=i))
-  ds = _guarded(lambda e: _checked(e, source, decode, empty), fallback, deterministic=True)(ds)
+  def fallback(element, error):
+    if error is None:
+      error = source.failure(element)
+    return dict(empty, error=error, index=element["index"], key=tf.constant(""))
+
+  ds = source.eval_records(process_index=process_index, process_count=process_count)
+  ds = _guarded(process, fallback, deterministic=True)(ds)
   ds = ds.map(lambda e: dict(e, mask=tf.cast(e["error"] == 0, tf.int32), real=tf.constant(1, tf.int32)))
-  padding = dict(empty, label=tf.constant(0, tf.int32), error=tf.constant(0, tf.int32),
-                 index=tf.constant(-1, tf.int64), key=tf.constant(""),
-                 mask=tf.constant(0, tf.int32), real=tf.constant(0, tf.int32))
+  padding = dict(empty, error=tf.constant(0, tf.int32), index=tf.constant(-1, tf.int64),
+                 key=tf.constant(""), mask=tf.constant(0, tf.int32), real=tf.constant(0, tf.int32))
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat())
   ds = ds.batch(batch_size, drop_remainder=True)
   if num_batches is None:
@@ -260,7 +269,7 @@ def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
   return ds.as_numpy_iterator()
 
 
-def skip_summary(errors: np.ndarray) -> dict[str, int]:
+def skip_summary(errors_: np.ndarray) -> dict[str, int]:
   """Counts of eval 'error' codes by reason."""
-  counts = np.bincount(np.asarray(errors).ravel(), minlength=len(SKIP_REASONS) + 1)
+  counts = np.bincount(np.asarray(errors_).ravel(), minlength=len(SKIP_REASONS) + 1)
   return {reason: int(counts[i + 1]) for i, reason in enumerate(SKIP_REASONS)}

@@ -1,16 +1,25 @@
 """Which frames of a video make a clip: dense (the paper's) and uniform (TSN) sampling.
 
-All functions are TensorFlow graph code on frame counts; they return int32 frame indices.
+All functions are TensorFlow graph code on frame counts; they return int32 frame indices. They
+work inside tf.function and tf.data map with a scalar int tensor for the video length.
 
-Dense sampling takes T frames at a fixed stride. In training the start is uniform over every
-position where the clip fits; a video shorter than the clip's span starts at 0 and its indices
-wrap around modulo the video length, as the reference does (so a 3-frame video still gives a
-T-frame clip). Evaluation takes N clips whose starts are the centres of N equal segments of the
-valid range, so the views cover the video evenly and symmetrically.
+Dense sampling takes T frames at a fixed stride s; indices past the end wrap around modulo the
+video length, as the reference does (so a 3-frame video still gives a T-frame clip). Where the
+clips start is chosen by `positions` (config.data.clip_positions):
+
+- 'centred' (the default): in training the start is uniform over every position where the clip
+  fits, [0, max(L - span, 0)] with span = (T - 1) * s + 1; evaluation takes N clips whose starts
+  are the centres of N equal segments of that range, so the views cover the video evenly.
+- 'reference': the rules of the reference code (TokShift-Transformer data/dataset.py, which the
+  MSCA code inherits). Training starts uniformly in [0, L - T*s) (just 0 when that is empty or
+  a single position); evaluation clip x of N starts at x * L // N, clipped to L - T*s + 1, and
+  at 0 when the video has at most T*s frames (so all N clips of a short video are the same).
 
 Uniform sampling splits the video into T equal segments and takes one frame from each: a random
 one in training, and in evaluation clip k of N takes the frame at fraction (k + 0.5) / N of
-every segment.
+every segment. It has no position rule.
+
+docs/sampling.md compares the rules with worked examples.
 """
 
 from __future__ import annotations
@@ -18,6 +27,12 @@ from __future__ import annotations
 import tensorflow as tf
 
 SAMPLINGS = ("dense", "uniform")
+CLIP_POSITIONS = ("centred", "reference")
+
+
+def check_positions(positions: str) -> None:
+  if positions not in CLIP_POSITIONS:
+    raise ValueError(f"config.data.clip_positions must be one of {CLIP_POSITIONS}, got {positions!r}")
 
 
 def clip_span(num_frames: int, stride: int) -> int:
@@ -29,20 +44,61 @@ def dense_indices(video_length: tf.Tensor, num_frames: int, stride: int, start: 
   return (start + tf.range(num_frames) * stride) % tf.maximum(video_length, 1)
 
 
-def dense_train(video_length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor) -> tf.Tensor:
-  """One random clip: start uniform in [0, max(L - span, 0)]."""
+def _reference_max_bound(video_length: tf.Tensor, num_frames: int, stride: int) -> tf.Tensor:
+  """The reference's `max_bound = max(F - T*s + 1, 1)`."""
+  return tf.maximum(tf.cast(video_length, tf.int32) - num_frames * stride + 1, 1)
+
+
+def reference_train_start_range(video_length: tf.Tensor, num_frames: int,
+                                stride: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """(low, high_exclusive) of the reference's random training start; elementwise over lengths.
+
+  The reference draws `randint(0, max_bound - 1)` and uses 0 when max_bound == 1; max_bound == 2
+  gives randint(0, 1), also always 0. So the range is [0, max(max_bound - 1, 1)), never empty.
+  """
+  max_bound = _reference_max_bound(video_length, num_frames, stride)
+  return tf.zeros_like(max_bound), tf.maximum(max_bound - 1, 1)
+
+
+def reference_eval_starts(video_length: tf.Tensor, num_frames: int, stride: int,
+                          num_clips: int) -> tf.Tensor:
+  """(num_clips,) reference test starts: x * F // N clipped to [0, max_bound], 0 if max_bound == 1."""
   video_length = tf.cast(video_length, tf.int32)
-  room = tf.maximum(video_length - clip_span(num_frames, stride), 0)
-  start = tf.random.stateless_uniform([], seed, 0, room + 1, dtype=tf.int32)
+  max_bound = _reference_max_bound(video_length, num_frames, stride)
+  # int64 so that x * F cannot overflow. The reference computes int(x * (F / N)) in floating point;
+  # that equals x * F // N for N <= 13, while some larger N differ by one (docs/sampling.md).
+  starts = tf.range(num_clips, dtype=tf.int64) * tf.cast(video_length, tf.int64) // num_clips
+  starts = tf.cast(tf.clip_by_value(starts, 0, tf.cast(max_bound, tf.int64)), tf.int32)
+  return tf.where(max_bound == 1, tf.zeros_like(starts), starts)
+
+
+def dense_train(video_length: tf.Tensor, num_frames: int, stride: int, seed: tf.Tensor,
+                positions: str = "centred") -> tf.Tensor:
+  """One random clip. 'centred': start uniform in [0, max(L - span, 0)]; 'reference': see
+  reference_train_start_range."""
+  check_positions(positions)
+  video_length = tf.cast(video_length, tf.int32)
+  if positions == "reference":
+    low, high = reference_train_start_range(video_length, num_frames, stride)
+    start = tf.random.stateless_uniform([], seed, low, high, dtype=tf.int32)
+  else:
+    room = tf.maximum(video_length - clip_span(num_frames, stride), 0)
+    start = tf.random.stateless_uniform([], seed, 0, room + 1, dtype=tf.int32)
   return dense_indices(video_length, num_frames, stride, start)
 
 
-def dense_eval(video_length: tf.Tensor, num_frames: int, stride: int, num_clips: int) -> tf.Tensor:
-  """(num_clips, num_frames) indices: starts at the centres of num_clips equal segments."""
+def dense_eval(video_length: tf.Tensor, num_frames: int, stride: int, num_clips: int,
+               positions: str = "centred") -> tf.Tensor:
+  """(num_clips, num_frames) indices. 'centred': starts at the centres of num_clips equal
+  segments of the valid range; 'reference': see reference_eval_starts."""
+  check_positions(positions)
   video_length = tf.cast(video_length, tf.int32)
-  room = tf.cast(tf.maximum(video_length - clip_span(num_frames, stride), 0), tf.float32)
-  fractions = (tf.range(num_clips, dtype=tf.float32) + 0.5) / num_clips
-  starts = tf.cast(tf.round(fractions * room), tf.int32)
+  if positions == "reference":
+    starts = reference_eval_starts(video_length, num_frames, stride, num_clips)
+  else:
+    room = tf.cast(tf.maximum(video_length - clip_span(num_frames, stride), 0), tf.float32)
+    fractions = (tf.range(num_clips, dtype=tf.float32) + 0.5) / num_clips
+    starts = tf.cast(tf.round(fractions * room), tf.int32)
   return tf.stack([dense_indices(video_length, num_frames, stride, s) for s in tf.unstack(starts)])
 
 
@@ -64,17 +120,23 @@ def uniform_eval(video_length: tf.Tensor, num_frames: int, num_clips: int) -> tf
                    for k in range(num_clips)])
 
 
-def train_indices(sampling: str, video_length, num_frames: int, stride: int, seed) -> tf.Tensor:
+def train_indices(sampling: str, video_length, num_frames: int, stride: int, seed,
+                  positions: str = "centred") -> tf.Tensor:
+  """`positions` (one of CLIP_POSITIONS) applies to dense sampling; uniform has no such rule."""
+  check_positions(positions)
   if sampling == "dense":
-    return dense_train(video_length, num_frames, stride, seed)
+    return dense_train(video_length, num_frames, stride, seed, positions)
   if sampling == "uniform":
     return uniform_train(video_length, num_frames, seed)
   raise ValueError(f"config.data.sampling must be one of {SAMPLINGS}, got {sampling!r}")
 
 
-def eval_indices(sampling: str, video_length, num_frames: int, stride: int, num_clips: int) -> tf.Tensor:
+def eval_indices(sampling: str, video_length, num_frames: int, stride: int, num_clips: int,
+                 positions: str = "centred") -> tf.Tensor:
+  """`positions` (one of CLIP_POSITIONS) applies to dense sampling; uniform has no such rule."""
+  check_positions(positions)
   if sampling == "dense":
-    return dense_eval(video_length, num_frames, stride, num_clips)
+    return dense_eval(video_length, num_frames, stride, num_clips, positions)
   if sampling == "uniform":
     return uniform_eval(video_length, num_frames, num_clips)
   raise ValueError(f"config.data.sampling must be one of {SAMPLINGS}, got {sampling!r}")

@@ -1,32 +1,84 @@
-"""Where records come from: DMVR shards or a TFDS-prepared dataset, behind one interface.
+"""Where videos come from: frame folders, DMVR shards, TFDS datasets and the synthetic set, behind
+one interface the pipeline reads.
 
-A `Source` is a list of TFRecord files plus a parser from a serialised record to
-{'frames': string[T] JPEG frames, 'label': int64, 'key': string}. The pipeline reads the files
-itself (per host, with corruption accounting) whichever tool wrote them, so DMVR shards, TFDS
-datasets and the synthetic dataset share every later stage.
+Two kinds of source (docs/data.md compares their costs):
+  * random access, `frames.FrameSource`: one JPEG file per frame and a list of videos. A clip
+    reads only its own frames, an epoch is a permutation of the list computed from (seed, epoch),
+    and a stream resumes at any position in constant time and bytes. What `prepare_videos`
+    writes, the reference code's frame folders, and the synthetic dataset.
+  * sequential, `RecordSource`: TFRecord files holding whole videos (DMVR / Scenic shards, a TFDS
+    dataset). A clip reads its whole video; an epoch shuffles the file order and a buffer of
+    records; resuming re-reads the current epoch up to the saved position.
+
+Every source gives the pipeline the same graph-side operations on one element of its streams:
+  open(element)         -> {'length', 'label', 'key', 'error', ...}: cheap facts and checks
+  read(opened, indices) -> string[n]: the JPEG bytes of the frames at `indices`
+  failure(element)      -> the skip reason of an element whose processing raised
+and host-side ones: train_records / eval_records (the streams), clip_seed and resume_position.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
+import os
 from typing import Callable, Sequence
 
+import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import dmvr
-from msca_jax.data.dmvr import DataError
+from msca_jax.data import dmvr, errors, frames
+from msca_jax.data.errors import DataError
 
-SOURCES = ("synthetic", "dmvr", "tfds")
+SOURCES = ("frames", "synthetic", "dmvr", "tfds")
+# A sequential stream's element index is epoch * EPOCH_STRIDE + record-in-epoch, so a saved
+# position says which epoch to start and how far into it, with no count of the files needed.
+EPOCH_STRIDE = 1 << 32
 
 
 @dataclasses.dataclass(frozen=True)
-class Source:
+class DecodeSettings:
+  """How video files were turned into stored frames, recorded when a dataset is prepared.
+
+  `predict` decodes a new video with the settings of the data the model was trained on; the
+  preparation tools take their defaults from here, so there is one set of defaults.
+  """
+  fps: float = 25.0           # the 8x32 recipe's stride assumes 25 fps
+  short_side: int = 256
+  jpeg_quality: int = 90
+  max_frames: int = 0         # 0: every frame
+  origin: str = "the preparation defaults"
+
+  def describe(self) -> str:
+    side = f"short side {self.short_side}" if self.short_side else "original size"
+    text = f"{self.fps:g} fps, {side}, JPEG quality {self.jpeg_quality}"
+    if self.max_frames:
+      text += f", at most {self.max_frames} frames"
+    return f"{text} ({self.origin})" if self.origin else text
+
+  def as_json(self) -> dict:
+    return {"fps": self.fps, "short_side": self.short_side, "jpeg_quality": self.jpeg_quality,
+            "max_frames": self.max_frames}
+
+  @classmethod
+  def from_json(cls, values: dict, origin: str) -> "DecodeSettings":
+    return cls(fps=float(values.get("fps", cls.fps)), short_side=int(values["short_side"]),
+               jpeg_quality=int(values["jpeg_quality"]),
+               max_frames=int(values.get("max_frames", 0)), origin=origin)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordSource:
+  """TFRecord files of whole videos, plus a parser from a record to frames / label / key."""
   description: str                          # for logs: what was read from where
   files: tuple[str, ...]
-  parse: Callable[[tf.Tensor], dict]        # serialised record -> frames / label / key
+  parse: Callable[[tf.Tensor], dict]        # serialised record -> {'frames', 'label', 'key'}
   class_names: tuple[str, ...]
   num_records: int | None = None            # when the writer recorded it
+  decode: DecodeSettings = DecodeSettings()
+
+  random_access = False
 
   @property
   def num_classes(self) -> int:
@@ -35,20 +87,111 @@ class Source:
   def files_for_process(self, process_index: int, process_count: int) -> list[str]:
     return dmvr.files_for_process(self.files, process_index, process_count)
 
+  # Streams ------------------------------------------------------------------------------------
+
+  def train_records(self, *, seed: int, process_index: int, process_count: int, start: int,
+                    shuffle_buffer: int, deterministic: bool, num_epochs: int | None = None
+                    ) -> tf.data.Dataset:
+    """{'record', 'corrupt', 'index'}: epochs of this process's files, from position `start`.
+
+    Epoch e reads the files in an order seeded by (seed, process, e), interleaved, through a
+    shuffle buffer seeded the same way; its records are indexed e * EPOCH_STRIDE + j. Starting at
+    a position re-reads that epoch up to it, never an earlier epoch.
+    """
+    files = self.files_for_process(process_index, process_count)
+    sizes = tf.constant(file_sizes(files), tf.int64)
+    paths = tf.constant(files)
+    first_epoch, offset = divmod(start, EPOCH_STRIDE)
+
+    def epoch(e):
+      epoch_seed = tf.stack([tf.constant(seed * 1000 + process_index, tf.int64), e])
+      order = (tf.random.experimental.index_shuffle(tf.range(len(files), dtype=tf.int64),
+                                                    epoch_seed, len(files) - 1)
+               if len(files) > 1 else tf.zeros([1], tf.int64))
+      records = tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(sizes, order)))
+      records = records.interleave(read_records, cycle_length=min(len(files), 16), block_length=1,
+                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+      shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 1)[0]
+      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+      return records.enumerate().map(lambda j, r: dict(r, index=e * EPOCH_STRIDE + j))
+
+    last = first_epoch + num_epochs if num_epochs is not None else np.iinfo(np.int64).max
+    return tf.data.Dataset.range(first_epoch, last).flat_map(epoch).skip(offset)
+
+  def eval_records(self, *, process_index: int, process_count: int) -> tf.data.Dataset:
+    """{'record', 'corrupt', 'index'}: this process's files once, in order."""
+    files = self.files_for_process(process_index, process_count)
+    records = tf.data.Dataset.from_tensor_slices((files, tf.constant(file_sizes(files), tf.int64)))
+    records = records.interleave(read_records, cycle_length=min(len(files), 16), block_length=1,
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records.enumerate().map(lambda j, r: dict(r, index=j))
+
+  def clip_seed(self, seed: int, element: dict) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, 1], tf.int64),
+                                                    element["index"])
+
+  def resume_position(self, positions: Sequence[int], process_index: int, process_count: int) -> int:
+    """Another process count reads other files: the earliest saved epoch, at the same fraction."""
+    del process_index
+    epochs = [p // EPOCH_STRIDE for p in positions]
+    epoch = min(epochs)
+    offsets = [p % EPOCH_STRIDE for p, e in zip(positions, epochs) if e == epoch]
+    return epoch * EPOCH_STRIDE + sum(offsets) // process_count
+
+  # One video ----------------------------------------------------------------------------------
+
+  def open(self, element: dict) -> dict:
+    def parsed():
+      record = self.parse(element["record"])
+      frames_, label = record["frames"], record["label"]
+      error = tf.where(tf.size(frames_) == 0, errors.NO_FRAMES,
+                       tf.where((label < 0) | (label >= self.num_classes), errors.LABEL, 0))
+      return {"frames": frames_, "label": tf.cast(label, tf.int64), "key": record["key"],
+              "error": tf.cast(error, tf.int32)}
+
+    def corrupt():
+      return {"frames": tf.zeros([0], tf.string), "label": tf.constant(0, tf.int64),
+              "key": tf.constant(""), "error": tf.constant(errors.CORRUPT, tf.int32)}
+    opened = tf.cond(element["corrupt"], corrupt, parsed)
+    opened["length"] = tf.size(opened["frames"])
+    return opened
+
+  def read(self, opened: dict, indices: tf.Tensor) -> tf.Tensor:
+    return tf.gather(opened["frames"], indices)
+
+  def failure(self, element: dict) -> tf.Tensor:
+    del element
+    return tf.constant(errors.UNDECODABLE, tf.int32)
+
+
+Source = RecordSource | frames.FrameSource
+
 
 def _parse_dmvr(serialized: tf.Tensor) -> dict:
   parsed = dmvr.parse_example(serialized)
   return {"frames": parsed["frames"], "label": parsed["label"], "key": parsed["filename"]}
 
 
-def dmvr_source(directory: str, split: str) -> Source:
+def _manifest_decode(path: str) -> DecodeSettings | None:
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      return DecodeSettings.from_json(json.load(f)["settings"], origin=f"from {path}")
+  except (ValueError, KeyError, TypeError, tf.errors.OpError):
+    return None
+
+
+def dmvr_source(directory: str, split: str) -> RecordSource:
   files = dmvr.list_shards(directory, split)
   names = dmvr.read_labels(directory)
-  return Source(description=f"DMVR shards {directory}/{split}-*-of-{len(files):05d}",
-                files=tuple(files), parse=_parse_dmvr, class_names=tuple(names))
+  manifest = os.path.join(directory, f"{split}.manifest.json")
+  decode = _manifest_decode(manifest) or DecodeSettings(origin=f"defaults: no readable {manifest}")
+  return RecordSource(description=f"DMVR shards {directory}/{split}-*-of-{len(files):05d}",
+                      files=tuple(files), parse=_parse_dmvr, class_names=tuple(names), decode=decode)
 
 
-def tfds_source(name: str, data_dir: str, split: str) -> Source:
+def tfds_source(name: str, data_dir: str, split: str) -> RecordSource:
   """A dataset prepared by tensorflow-datasets (e.g. 'kinetics/400' from msca_jax.data.kinetics).
 
   Only whole splits: the files are read directly, sharded over hosts like DMVR shards.
@@ -77,23 +220,92 @@ def tfds_source(name: str, data_dir: str, split: str) -> Source:
   def parse(serialized: tf.Tensor) -> dict:
     raw = example_parser.parse_example(serialized)
     # The video feature stores each frame's encoded JPEG; skipping TFDS's decoding keeps them.
-    frames = raw["video"]
-    if isinstance(frames, dict):
-      raise DataError(f"TFDS dataset {name}: unexpected video encoding {sorted(frames)}")
-    return {"frames": tf.reshape(frames, [-1]), "label": tf.cast(raw["label"], tf.int64),
+    frames_ = raw["video"]
+    if isinstance(frames_, dict):
+      raise DataError(f"TFDS dataset {name}: unexpected video encoding {sorted(frames_)}")
+    return {"frames": tf.reshape(frames_, [-1]), "label": tf.cast(raw["label"], tf.int64),
             "key": raw[key_field] if key_field else tf.constant("")}
 
-  return Source(description=f"TFDS {name} split {split!r} in {data_dir}",
-                files=tuple(str(p) for p in split_info.filepaths), parse=parse,
-                class_names=tuple(features["label"].names),
-                num_records=int(split_info.num_examples))
+  metadata = builder.info.metadata or {}
+  origin = f"from the TFDS metadata of {name} in {data_dir}"
+  try:
+    decode = DecodeSettings.from_json(dict(metadata), origin=origin)
+  except (KeyError, TypeError, ValueError):
+    decode = DecodeSettings(origin=f"defaults: {name} in {data_dir} records no settings")
+  return RecordSource(description=f"TFDS {name} split {split!r} in {data_dir}",
+                      files=tuple(str(p) for p in split_info.filepaths), parse=parse,
+                      class_names=tuple(features["label"].names),
+                      num_records=int(split_info.num_examples), decode=decode)
 
 
-def make_source(data, split: str) -> Source:
+def frame_source(data, split: str, *, root: str | None = None,
+                 num_classes: int | None = None) -> frames.FrameSource:
+  """Frame folders under config.data.path (or `root`), listed in SPLIT.txt or the configured list.
+
+  Class names come from ROOT/labels.txt; a reference dataset without one gets '0', '1', ... up to
+  `num_classes` (the model's) or the largest label in the list.
+  """
+  root = root or data.path
+  if not root:
+    raise DataError("config.data.path must name the frame-folder root (config.data.source='frames')")
+  list_file = {data.train_split: data.get("train_list", ""),
+               data.eval_split: data.get("eval_list", "")}.get(split, "") or frames.list_path(root, split)
+  videos = frames.read_list(list_file)
+  manifest = frames.read_manifest(root, split)
+  labels_path = os.path.join(root, frames.LABELS_FILE)
+  if tf.io.gfile.exists(labels_path):
+    names = dmvr.read_labels(root)
+  else:
+    count = max(num_classes or 0, int(videos.labels.max()) + 1)
+    names = [str(i) for i in range(count)]
+  if manifest is not None:
+    decode = DecodeSettings.from_json(manifest["settings"], origin=f"from {frames.manifest_path(root, split)}")
+    pattern = manifest.get("frame_pattern", frames.DEFAULT_PATTERN)
+    first = int(manifest.get("frame_first_index", frames.DEFAULT_FIRST_INDEX))
+  else:
+    decode = _sniff_decode(root, videos, data)
+    pattern, first = data.frame_pattern, int(data.frame_first_index)
+  names_ = frames.FrameNames(pattern, first)
+  _check_first_frame(root, videos, names_)
+  return frames.FrameSource(root, videos, names, names=names_,
+                            check_frame_counts=bool(data.get("check_frame_counts", True)),
+                            decode=decode)
+
+
+def _check_first_frame(root: str, videos: frames.VideoList, names: frames.FrameNames) -> None:
+  """The first listed video's first frame exists: a wrong pattern fails now, naming what is there."""
+  folder = os.path.join(root, videos.folders[0])
+  expected = os.path.join(folder, names.name(0))
+  if tf.io.gfile.exists(expected):
+    return
+  if not tf.io.gfile.isdir(folder):
+    return  # a missing folder is one bad video, counted when it is read
+  present = sorted(tf.io.gfile.listdir(folder))[:3]
+  raise DataError(f"{expected} does not exist, but {folder} holds {present}: set "
+                  "config.data.frame_pattern (e.g. 'img_{:05d}.jpg' or '{:06d}.jpg') and "
+                  "config.data.frame_first_index (0 or 1) to match the frame files")
+
+
+def _sniff_decode(root: str, videos: frames.VideoList, data) -> DecodeSettings:
+  """Settings of frame folders prepared elsewhere: the frame rate is the config's, the short side
+  is read off the first frame, the JPEG quality is unknown (the default is assumed)."""
+  origin = "the reference frame folders' first frame; fps from config.data.fps; JPEG quality assumed"
+  try:
+    names = frames.FrameNames(data.frame_pattern, int(data.frame_first_index))
+    path = os.path.join(root, videos.folders[0], names.name(0))
+    height, width = tf.io.extract_jpeg_shape(tf.io.read_file(path)).numpy()[:2]
+    return DecodeSettings(fps=float(data.fps), short_side=int(min(height, width)), origin=origin)
+  except (tf.errors.OpError, DataError):
+    return DecodeSettings(fps=float(data.fps), origin="defaults: the first frame was not readable")
+
+
+def make_source(data, split: str, *, num_classes: int | None = None) -> Source:
   """The Source that config.data describes, for one split."""
   if data.source == "synthetic":
     from msca_jax.data import synthetic
-    return dmvr_source(synthetic.ensure_shards(data.synthetic), split)
+    return frame_source(data, split, root=synthetic.ensure_dataset(data.synthetic))
+  if data.source == "frames":
+    return frame_source(data, split, num_classes=num_classes)
   if data.source == "dmvr":
     if not data.path:
       raise DataError("config.data.path must name the DMVR shard directory (config.data.source='dmvr')")
@@ -104,6 +316,16 @@ def make_source(data, split: str) -> Source:
     return tfds_source(data.tfds_name, data.path, split)
   raise DataError(f"config.data.source must be one of {SOURCES}, got {data.source!r}")
 
+
+def num_records(source: Source) -> int:
+  """Videos in a source: from its index, its writer's count, or by counting record headers."""
+  if source.num_records is not None:
+    return source.num_records
+  return sum(count_records(source.files))
+
+
+# ---------------------------------------------------------------------------------------------
+# TFRecord files.
 
 def _per_file(function: Callable[[str], int], paths: Sequence[str]) -> list[int]:
   """`function` of every file, in parallel (on gs:// every request is a round trip)."""

@@ -9,9 +9,10 @@ averages per-frame logits, cannot beat chance within a pair (50%); it can only
 tell the four pairs apart (the motion kind leaves traces such as a shape's
 size range). A model that compares frames can solve all eight classes.
 
-Everything is deterministic from (seed, index), rendered with NumPy alone. `ensure_shards` writes
-the dataset once as real DMVR shards (JPEG frames, labels.txt) in a cache directory, so that the
-demo goes through exactly the pipeline that Kinetics goes through.
+Everything is deterministic from (seed, index), rendered with NumPy alone. `ensure_dataset` writes
+the dataset once in the frame-folder layout that prepare_videos writes for Kinetics (JPEG frames,
+a list, labels.txt) in a cache directory, so that the demo goes through exactly the pipeline that
+Kinetics goes through.
 """
 
 from __future__ import annotations
@@ -146,43 +147,50 @@ def cache_root(directory: str = "") -> str:
   return os.path.join(base, "synthetic")
 
 
-def ensure_shards(cfg) -> str:
-  """Writes the dataset described by config.data.synthetic once; returns its shard directory.
+def ensure_dataset(cfg) -> str:
+  """Writes the dataset described by config.data.synthetic once; returns its root directory.
 
-  Splits 'train' and 'validation'. The directory name encodes every parameter, and it is filled
-  under a temporary name and renamed when complete, so concurrent processes and interrupted runs
-  never see a partial dataset.
+  The frame-folder layout that prepare_videos writes (msca_jax/data/frames.py): splits 'train'
+  and 'validation', one JPEG per frame. The directory name encodes every parameter, and it is
+  filled under a temporary name and renamed when complete, so concurrent processes and
+  interrupted runs never see a partial dataset.
   """
   import tensorflow as tf
-  from msca_jax.data import dmvr
+  from msca_jax.data import dmvr, frames
+  from msca_jax.data.sources import DecodeSettings
 
-  for field in ("train_size", "eval_size", "video_frames", "size", "num_shards"):
+  for field in ("train_size", "eval_size", "video_frames", "size"):
     if int(cfg[field]) < 1:
       raise dmvr.DataError(f"config.data.synthetic.{field} must be >= 1, got {cfg[field]}")
   name = (f"seed{cfg.seed}-train{cfg.train_size}-eval{cfg.eval_size}-{cfg.video_frames}x{cfg.size}px"
-          f"-shards{cfg.num_shards}-v{VERSION}")
+          f"-frames-v{VERSION}")
   directory = os.path.join(cache_root(cfg.dir), name)
   if os.path.exists(os.path.join(directory, "DONE.json")):
     return directory
   tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
-  encode = tf.function(lambda frames: tf.map_fn(
-      lambda f: tf.io.encode_jpeg(f, quality=JPEG_QUALITY), frames, fn_output_signature=tf.string))
+  encode = tf.function(lambda frames_: tf.map_fn(
+      lambda f: tf.io.encode_jpeg(f, quality=JPEG_QUALITY), frames_, fn_output_signature=tf.string))
+  settings = DecodeSettings(fps=25.0, short_side=int(cfg.size), jpeg_quality=JPEG_QUALITY)
 
-  def records(offset: int, count: int):
+  def write_split(split: str, offset: int, count: int) -> None:
+    rows = []
     for i in range(count):
       index = offset + i
-      frames, label = clip(cfg.seed, index, cfg.video_frames, cfg.size)
-      jpegs = [bytes(b) for b in encode(frames).numpy()]
-      yield dmvr.make_example(jpegs, label, CLASSES[label], f"synthetic/{cfg.seed}/{index}")
+      video, label = clip(cfg.seed, index, cfg.video_frames, cfg.size)
+      folder = f"{split}/{index:010d}"
+      frames.write_frames(tmp, folder, [bytes(b) for b in encode(video).numpy()])
+      rows.append((folder, len(video), label))
+    frames.write_list(frames.list_path(tmp, split), rows)
+    frames.write_manifest(tmp, split, settings.as_json(), source="msca_jax.data.synthetic",
+                          videos=count)
 
   try:
     dmvr.write_labels(tmp, CLASSES)
-    dmvr.write_shards(tmp, "train", records(0, cfg.train_size), min(cfg.num_shards, cfg.train_size))
-    dmvr.write_shards(tmp, "validation", records(EVAL_INDEX_OFFSET, cfg.eval_size),
-                      min(cfg.num_shards, cfg.eval_size))
+    write_split("train", 0, cfg.train_size)
+    write_split("validation", EVAL_INDEX_OFFSET, cfg.eval_size)
     with open(os.path.join(tmp, "DONE.json"), "w") as f:
-      json.dump({k: cfg[k] for k in ("seed", "train_size", "eval_size", "video_frames", "size",
-                                     "num_shards")} | {"version": VERSION}, f)
+      json.dump({k: cfg[k] for k in ("seed", "train_size", "eval_size", "video_frames", "size")}
+                | {"version": VERSION}, f)
     os.replace(tmp, directory)
   except OSError:
     # Another process finished the same dataset first: use theirs.

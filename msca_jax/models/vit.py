@@ -258,7 +258,11 @@ class Encoder(nn.Module):
 
 
 class VideoClassifier(nn.Module):
-  """(B, T, H, W, 3) clip in [-1, 1] -> (B, num_classes) float32 logits."""
+  """(B, T, H, W, 3) clip -> (B, num_classes) float32 logits.
+
+  The clip is float in [-1, 1], or uint8 pixels, which are mapped to [-1, 1] here: the input
+  pipeline sends a quarter of the bytes, and the mapping fuses into the patch embedding.
+  """
   num_classes: int
   patch_size: int = 16
   width: int = 768
@@ -284,7 +288,10 @@ class VideoClassifier(nn.Module):
     if height % p or width % p:
       raise ValueError(f"frame size {height}x{width} is not a multiple of the patch size {p}")
 
-    x = video.reshape(batch * frames, height, width, 3).astype(self.dtype)
+    x = video.reshape(batch * frames, height, width, 3)
+    if jnp.issubdtype(x.dtype, jnp.integer):
+      x = x.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    x = x.astype(self.dtype)
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
                 name="embedding",
                 kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),

@@ -1,8 +1,8 @@
-r"""Turns a video collection into DMVR TFRecord shards of JPEG frames (SPEC section 6).
+r"""Turns a video collection into frame folders (the default) or DMVR TFRecord shards.
 
     python -m msca_jax.tools.prepare_videos --videos kinetics400/train.csv \
         --video_root kinetics400/train --classes kinetics400/classes.txt \
-        --output /data/k400_dmvr --split train
+        --output /data/k400 --split train
 
 --videos is one of
   * a Kinetics annotation CSV (label, youtube_id, time_start, time_end, split): each row's video is
@@ -13,16 +13,23 @@ r"""Turns a video collection into DMVR TFRecord shards of JPEG frames (SPEC sect
   * a directory laid out ROOT/class_name/video.mp4.
 
 Videos are resampled to --fps and resized to --short_side, so that the recipe's stride (32 frames
-at 25 fps) means the same time span for every video. The output directory gets
+at 25 fps) means the same time span for every video. With --format=frames (docs/data.md) the
+output directory gets
+  SPLIT/<video>/img_00001.jpg ...   one JPEG per frame: a clip reads only its own frames
+  SPLIT.txt                         'folder num_frames label' per video (the reference's list),
+                                    written once every chunk is done
+  SPLIT.parts/NNNNN-of-NNNNN.txt    each finished chunk's lines (the unit of resumption)
+and with --format=dmvr
   SPLIT-00000-of-000NN ...          the shards; each video's shard is fixed by --seed
+and in both cases
   labels.txt                        the class names in label order
-  SPLIT.manifest.json               inputs, settings and each shard's keys (checked on a rerun)
-  SPLIT-00000-of-000NN.failures.json  per shard: its counts and failed videos
+  SPLIT.manifest.json               inputs, settings and each chunk's keys (checked on a rerun)
+  ...failures.json                  per chunk or shard: its counts and failed videos
   SPLIT.failures.tsv                every video that was skipped, and why
 
-A rerun with the same arguments resumes: shards that exist are kept (to retry the failed videos of
-a finished shard, delete that shard and rerun). A video that cannot be used is reported and
-skipped; the run fails only when nothing at all could be written.
+A rerun with the same arguments resumes: finished chunks and shards are kept (to retry the failed
+videos of one, delete it and rerun). A video that cannot be used is reported and skipped; the run
+fails only when nothing at all could be written.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ import av
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import annotations, dmvr, video
+from msca_jax.data import annotations, dmvr, frames, sources, video
 from msca_jax.progress import Progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -71,13 +78,9 @@ class Failure:
   reason: str
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-  """Everything, besides the inputs, that changes the bytes written."""
-  fps: float = 25.0
-  short_side: int = 256
-  jpeg_quality: int = 90
-  max_frames: int = 0
+# Everything, besides the inputs, that changes the frames written; its defaults are the project's.
+Settings = sources.DecodeSettings
+FORMATS = ("frames", "dmvr")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +95,12 @@ class _Item:
 @dataclasses.dataclass(frozen=True)
 class _ShardTask:
   index: int
-  path: str
+  path: str                  # the DMVR shard, or the frame layout's list part of this chunk
   items: tuple[_Item, ...]
   settings: Settings
+  output: str = ""
+  split: str = ""
+  folders: tuple[str, ...] = ()   # frame layout: each item's folder under the output
 
 
 @dataclasses.dataclass
@@ -327,31 +333,97 @@ def _init_worker(progress_queue) -> None:
   _progress_queue = progress_queue
 
 
+def _item_frames(item: _Item, settings: Settings) -> list[bytes]:
+  read = _folder_frames if item.frame_folder else _video_frames
+  jpegs = read(item.path, settings)
+  if not jpegs:
+    raise video.VideoError(f"{item.path}: no frames")
+  return jpegs
+
+
 def write_shard(task: _ShardTask, on_video: Callable[[int], None] | None = None) -> ShardStats:
-  """Writes one shard; a video that fails is recorded and skipped, never raised."""
+  """Writes one DMVR shard, or one chunk of frame folders; a video that fails is recorded and
+  skipped, never raised."""
+  if task.folders:
+    return _write_frame_chunk(task, on_video)
   stats = ShardStats()
   with dmvr.ShardWriter(task.path) as writer:
     for item in task.items:
       try:
-        read = _folder_frames if item.frame_folder else _video_frames
-        frames = read(item.path, task.settings)
-        if not frames:
-          raise video.VideoError(f"{item.path}: no frames")
-        record = dmvr.make_example(frames, item.label, item.text, item.key)
+        jpegs = _item_frames(item, task.settings)
+        record = dmvr.make_example(jpegs, item.label, item.text, item.key)
       except Exception as e:  # pylint: disable=broad-except  # one bad video must not stop the run
         stats.failures.append(Failure(item.key, item.path, _reason(e, item.path)))
       else:
         writer.write(record)
         stats.videos += 1
-        stats.frames += len(frames)
+        stats.frames += len(jpegs)
         stats.bytes += len(record) + _RECORD_OVERHEAD
-      if on_video is not None:
-        on_video(task.index)
-      elif _progress_queue is not None:
-        _progress_queue.put(task.index)
+      _report_progress(task, on_video)
     # Written before the shard is renamed into place, so a finished shard always has its report.
     _write_json(failures_path(task.path), _shard_stats_json(stats))
   return stats
+
+
+def _report_progress(task: _ShardTask, on_video: Callable[[int], None] | None) -> None:
+  if on_video is not None:
+    on_video(task.index)
+  elif _progress_queue is not None:
+    _progress_queue.put(task.index)
+
+
+def _write_frame_chunk(task: _ShardTask, on_video: Callable[[int], None] | None) -> ShardStats:
+  """Each video's frames into its own folder (atomically), then the chunk's list part."""
+  stats = ShardStats()
+  rows = []
+  for item, folder in zip(task.items, task.folders):
+    try:
+      jpegs = _item_frames(item, task.settings)
+      frames.write_frames(task.output, folder, jpegs)
+    except Exception as e:  # pylint: disable=broad-except  # one bad video must not stop the run
+      stats.failures.append(Failure(item.key, item.path, _reason(e, item.path)))
+    else:
+      rows.append((folder, len(jpegs), item.label))
+      stats.videos += 1
+      stats.frames += len(jpegs)
+      stats.bytes += sum(map(len, jpegs))
+    _report_progress(task, on_video)
+  _write_json(failures_path(task.path), _shard_stats_json(stats))
+  # The part is the chunk's completion marker: written last.
+  frames.write_list(task.path, rows)
+  return stats
+
+
+def frame_folder(split: str, key: str) -> str:
+  """The folder of a video in the frame layout: SPLIT/<key>, without a video extension and with
+  whitespace replaced (list lines are space-separated)."""
+  stem, ext = os.path.splitext(key)
+  if ext.lower() in annotations.VIDEO_EXTENSIONS:
+    key = stem
+  key = re.sub(r"\s+", "_", key.replace(os.sep, "/")).strip("/")
+  return f"{split}/{key}"
+
+
+def _unique_folders(split: str, keys: Sequence[str]) -> dict[str, str]:
+  """key -> folder; keys that would share a folder after cleaning get a ~N suffix."""
+  out, taken = {}, set()
+  for key in sorted(keys):
+    folder = base = frame_folder(split, key)
+    n = 1
+    while folder in taken:
+      n += 1
+      folder = f"{base}~{n}"
+    taken.add(folder)
+    out[key] = folder
+  return out
+
+
+def parts_dir(output: str, split: str) -> str:
+  return os.path.join(output, f"{split}.parts")
+
+
+def part_path(output: str, split: str, index: int, count: int) -> str:
+  return os.path.join(parts_dir(output, split), f"{index:05d}-of-{count:05d}.txt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +463,10 @@ def _check_output(output: str, split: str, manifest_path: str, manifest: dict) -
           f"({'; '.join(differences[:5])}). Use another --output, or delete {manifest_path} and "
           f"the {split}-* shards to start over.")
     return
-  pattern = re.compile(rf"^{re.escape(split)}-\d{{5}}-of-\d{{5}}$")
+  pattern = re.compile(rf"^{re.escape(split)}(-\d{{5}}-of-\d{{5}}|\.parts|\.txt)$")
   stray = sorted(n for n in os.listdir(output) if pattern.match(n)) if os.path.isdir(output) else []
   if stray:
-    raise DataError(f"{output} already holds {len(stray)} shards of split {split!r} (e.g. "
+    raise DataError(f"{output} already holds {len(stray)} files of split {split!r} (e.g. "
                     f"{stray[0]}) but no {os.path.basename(manifest_path)}, so they cannot be "
                     "checked against this run; use another --output")
 
@@ -465,11 +537,12 @@ def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: Progress,
 
 
 def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
-            video_root: str | None = None, fps: float = 25.0, short_side: int = 256,
-            jpeg_quality: int = 90, num_shards: int = 0, videos_per_shard: int = 128,
+            video_root: str | None = None, fps: float = Settings.fps,
+            short_side: int = Settings.short_side, jpeg_quality: int = Settings.jpeg_quality,
+            num_shards: int = 0, videos_per_shard: int = 128,
             workers: int = 0, seed: int = 0, max_frames: int = 0,
-            progress_stream=None) -> Summary:
-  """Writes (or resumes writing) the DMVR shards of one split; see the module docstring.
+            output_format: str = "frames", progress_stream=None) -> Summary:
+  """Writes (or resumes writing) one split as frame folders or DMVR shards; see the module docstring.
 
   `workers` <= 1 runs in this process. Raises DataError for configuration errors and when no
   video at all can be used; single videos that fail are listed in the returned summary instead.
@@ -482,6 +555,8 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
       raise DataError(f"--{name} must be at least {low}, got {value}")
   if jpeg_quality > 100:
     raise DataError(f"--jpeg_quality must be at most 100, got {jpeg_quality}")
+  if output_format not in FORMATS:
+    raise DataError(f"--format must be one of {FORMATS}, got {output_format!r}")
   if not split or os.sep in split or not re.fullmatch(r"[\w.\-]+", split):
     raise DataError(f"--split {split!r} must be a plain name such as 'train' or 'validation'")
   settings = Settings(fps=float(fps), short_side=int(short_side), jpeg_quality=int(jpeg_quality),
@@ -516,10 +591,15 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
       "inputs": {"videos": os.path.abspath(videos), "kind": kind,
                  "video_root": os.path.abspath(video_root) if video_root else None,
                  "classes": os.path.abspath(classes) if classes else None},
-      "settings": dict(dataclasses.asdict(settings), seed=seed, num_shards=num_shards),
+      "settings": dict(settings.as_json(), seed=seed, num_shards=num_shards),
       "classes": names,
       "shards": shard_keys,
   }
+  if output_format == "frames":
+    names_ = frames.FrameNames()
+    manifest.update(layout="frames", frame_pattern=names_.pattern,
+                    frame_first_index=names_.first_index)
+    folders = _unique_folders(split, list(usable))
   if os.path.exists(output) and not os.path.isdir(output):
     raise DataError(f"--output {output} exists and is not a directory")
   manifest_path = os.path.join(output, f"{split}.manifest.json")
@@ -532,8 +612,11 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
   summary.failures_path = failures_tsv
   shard_failures: dict[int, list[Failure]] = {}
   tasks = []
+  if output_format == "frames":
+    os.makedirs(parts_dir(output, split), exist_ok=True)
   for index, keys in enumerate(shard_keys):
-    path = os.path.join(output, dmvr.shard_name(split, index, num_shards))
+    path = (part_path(output, split, index, num_shards) if output_format == "frames"
+            else os.path.join(output, dmvr.shard_name(split, index, num_shards)))
     if os.path.exists(path):
       stats = _read_shard_stats(path)
       if stats is None:
@@ -547,7 +630,9 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     items = tuple(_Item(key=k, path=usable[k].path, label=usable[k].label,
                         text=usable[k].label_name or "", frame_folder=kind == "frame_list")
                   for k in keys)
-    tasks.append(_ShardTask(index=index, path=path, items=items, settings=settings))
+    tasks.append(_ShardTask(index=index, path=path, items=items, settings=settings, output=output,
+                            split=split, folders=tuple(folders[k] for k in keys)
+                            if output_format == "frames" else ()))
 
   if summary.shards_done_before:
     logging.info("resuming: %d of %d shards are already written", summary.shards_done_before,
@@ -576,8 +661,22 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
 
   summary.failures = early_failures + [f for i in sorted(shard_failures) for f in shard_failures[i]]
   _write_failures_tsv(failures_tsv, summary.failures)
+  if output_format == "frames" and not summary.shards_failed:
+    _assemble_list(output, split, num_shards)
   summary.seconds = time.monotonic() - start
   return summary
+
+
+def _assemble_list(output: str, split: str, count: int) -> None:
+  """SPLIT.txt from the chunks' parts, in chunk order: written once every chunk is done, so the
+  list a reader sees is always complete."""
+  rows = []
+  for index in range(count):
+    with open(part_path(output, split, index, count)) as f:
+      for line in f:
+        folder, num_frames, label = line.split()
+        rows.append((folder, int(num_frames), int(label)))
+  frames.write_list(frames.list_path(output, split), rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,19 +688,24 @@ def _define_flags() -> None:
   # clash with flags of the same name in other tools, e.g. convert_torch's --output.
   flags.DEFINE_string("videos", None, "Kinetics annotation CSV, TokShift frame-folder list (.txt), "
                       "or a directory of class folders (ROOT/class_name/video.mp4).", required=True)
-  flags.DEFINE_string("output", None, "Directory for the shards, labels.txt and reports.",
-                      required=True)
+  flags.DEFINE_string("output", None, "Directory for the frame folders (or shards), labels.txt, "
+                      "SPLIT.txt and reports.", required=True)
+  flags.DEFINE_enum("format", "frames", FORMATS, "frames: one JPEG file per frame and a list "
+                    "(random access: a clip reads only its frames; the default); dmvr: "
+                    "SequenceExample TFRecord shards of whole videos (Scenic / DMVR).")
   flags.DEFINE_string("split", None, "Shard name prefix, e.g. train or validation.", required=True)
   flags.DEFINE_string("classes", None, "Official class list (one name per line, or 'index,name' "
                       "rows). Default: the sorted label names found, with a warning.")
   flags.DEFINE_string("video_root", None, "Where the CSV's videos / the list's frame folders are "
                       "(searched recursively for CSVs). Default: the list file's directory.")
-  flags.DEFINE_float("fps", 25.0, "Resample videos to this frame rate (0 keeps every frame).")
-  flags.DEFINE_integer("short_side", 256, "Resize so the shorter side has this many pixels "
-                       "(0 keeps the size).")
-  flags.DEFINE_integer("jpeg_quality", 90, "JPEG quality of the stored frames (1-100).")
-  flags.DEFINE_integer("num_shards", 0, "Number of shards (default: from --videos_per_shard).")
-  flags.DEFINE_integer("videos_per_shard", 128, "Videos per shard when --num_shards is not given.")
+  flags.DEFINE_float("fps", Settings.fps, "Resample videos to this frame rate (0 keeps every frame).")
+  flags.DEFINE_integer("short_side", Settings.short_side, "Resize so the shorter side has this "
+                       "many pixels (0 keeps the size).")
+  flags.DEFINE_integer("jpeg_quality", Settings.jpeg_quality, "JPEG quality of the stored frames (1-100).")
+  flags.DEFINE_integer("num_shards", 0, "Number of shards, or of chunks of frame folders (the "
+                       "unit of resumption; default: from --videos_per_shard).")
+  flags.DEFINE_integer("videos_per_shard", 128, "Videos per shard or chunk when --num_shards is "
+                       "not given.")
   flags.DEFINE_integer("workers", None, "Worker processes (default: min(CPU count, 8); 0 or 1 "
                        "runs in this process).")
   flags.DEFINE_integer("seed", 0, "Seed of the video-to-shard shuffle.")
@@ -619,7 +723,8 @@ def main(argv: Sequence[str]) -> int:
     summary = prepare(f.videos, f.output, f.split, classes=f.classes, video_root=f.video_root,
                       fps=f.fps, short_side=f.short_side, jpeg_quality=f.jpeg_quality,
                       num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
-                      workers=workers, seed=f.seed, max_frames=f.max_frames)
+                      workers=workers, seed=f.seed, max_frames=f.max_frames,
+                      output_format=f.format)
   except DataError as e:
     # Configuration errors name the file or flag; a traceback would only bury the message.
     print(f"prepare_videos: error: {e}", file=sys.stderr)
