@@ -62,12 +62,13 @@ def reference_train_start_range(video_length: tf.Tensor, num_frames: int,
 
 def reference_eval_starts(video_length: tf.Tensor, num_frames: int, stride: int,
                           num_clips: int) -> tf.Tensor:
-  """(num_clips,) reference test starts: x * F // N clipped to [0, max_bound], 0 if max_bound == 1."""
+  """(num_clips,) reference test starts: int(x * (F / N)) clipped to [0, max_bound], 0 if max_bound == 1."""
   video_length = tf.cast(video_length, tf.int32)
   max_bound = _reference_max_bound(video_length, num_frames, stride)
-  # int64 so that x * F cannot overflow. The reference computes int(x * (F / N)) in floating point;
-  # that equals x * F // N for N <= 13, while some larger N differ by one (docs/sampling.md).
-  starts = tf.range(num_clips, dtype=tf.int64) * tf.cast(video_length, tf.int64) // num_clips
+  # In float64, as the reference does (tick = 1.0 * F / N; int(x * tick)): for some N >= 14 that
+  # lands one below x * F // N (docs/sampling.md), and the reference's value is the one we want.
+  tick = tf.cast(video_length, tf.float64) / num_clips
+  starts = tf.cast(tf.floor(tf.range(num_clips, dtype=tf.float64) * tick), tf.int64)
   starts = tf.cast(tf.clip_by_value(starts, 0, tf.cast(max_bound, tf.int64)), tf.int32)
   return tf.where(max_bound == 1, tf.zeros_like(starts), starts)
 

@@ -18,7 +18,14 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from msca_jax.data.errors import SKIP_REASONS
 from msca_jax.data.pipeline import StreamState
+
+# One row per process in the 'streams' item. Positions are int64 (a record stream's position
+# carries its epoch in the high bits) and JAX arrays are int32, so a position is two columns.
+# The names are saved in the metadata, so rows written with other columns still read.
+STREAM_COLUMNS = ("position_hi", "position_lo") + SKIP_REASONS
+_LOW_BITS = 31
 
 
 class Checkpointer:
@@ -42,7 +49,7 @@ class Checkpointer:
     """Saves if the interval says so (or `force`); returns whether a save started."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               streams=ocp.args.StandardSave({"streams": streams}),
-                              metadata=ocp.args.JsonSave(metadata))
+                              metadata=ocp.args.JsonSave(dict(metadata, stream_columns=STREAM_COLUMNS)))
     return self.manager.save(step, args=args, force=force)
 
   def restore(self, step: int, abstract_state: Any, mesh: Mesh) -> tuple[Any, list[StreamState], dict]:
@@ -55,9 +62,9 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state),
         streams=ocp.args.StandardRestore(streams_target),
         metadata=ocp.args.JsonRestore()))
-    rows = np.asarray(jax.device_get(restored["streams"]["streams"]))
-    return restored["state"], [StreamState(int(r[0]), tuple(int(x) for x in r[1:])) for r in rows], \
-        dict(restored["metadata"])
+    rows = np.asarray(jax.device_get(restored["streams"]["streams"])).astype(np.int64)
+    metadata = dict(restored["metadata"])
+    return restored["state"], [_stream_state(row, metadata) for row in rows], metadata
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -67,14 +74,24 @@ class Checkpointer:
     self.manager.close()
 
 
+def _stream_state(row: np.ndarray, metadata: dict) -> StreamState:
+  columns = metadata.get("stream_columns")
+  if columns is None:  # written before the columns were named: position, then four reasons
+    return StreamState(int(row[0]), tuple(int(x) for x in row[1:]))
+  values = dict(zip(columns, (int(x) for x in row)))
+  position = (values.pop("position_hi") << _LOW_BITS) | values.pop("position_lo")
+  return StreamState(position, tuple(values.get(reason, 0) for reason in SKIP_REASONS))
+
+
 def streams_array(local: StreamState, mesh: Mesh) -> jax.Array:
-  """Every process's StreamState as one replicated (process_count, 1 + reasons) array.
+  """Every process's StreamState as one replicated (process_count, len(STREAM_COLUMNS)) array.
 
   Each process only knows its own row; they are gathered so that any process count can resume
   (each process takes its row back).
   """
-  # int32 (JAX's default): 2**31 records per process is far beyond any schedule.
-  row = np.array([[local.position, *local.skipped]], np.int32)
+  position = int(local.position)
+  row = np.array([[position >> _LOW_BITS, position & ((1 << _LOW_BITS) - 1), *local.skipped]],
+                 np.int32)
   rows = multihost_utils.process_allgather(row) if jax.process_count() > 1 else row
   rows = np.asarray(rows).reshape(jax.process_count(), -1)
   return jax.device_put(rows, NamedSharding(mesh, P()))

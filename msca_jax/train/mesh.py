@@ -107,6 +107,19 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
           for name, value in local.items()}
 
 
+def process_rows(mesh: Mesh, global_batch_size: int) -> np.ndarray:
+  """(process_count, local batch): the global batch row of each process's local rows.
+
+  `global_batch` places a process's rows where its devices sit on the batch axes, in index order;
+  host-side fields gathered from the processes are put in the same order with this.
+  """
+  index_map = batch_sharding(mesh).devices_indices_map((global_batch_size,))
+  rows: dict[int, set[int]] = {}
+  for device, (index,) in index_map.items():
+    rows.setdefault(device.process_index, set()).update(range(*index.indices(global_batch_size)))
+  return np.array([sorted(rows[p]) for p in sorted(rows)], np.int64)
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh, field: str = "config.train.batch_size") -> None:
   shards = batch_shards(mesh)
   if global_batch_size % shards or global_batch_size % jax.process_count():

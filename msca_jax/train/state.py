@@ -103,7 +103,8 @@ def make_eval_step(model: nn.Module, shardings: TrainState, mesh: Mesh, logical_
 
   batch['video'] is (B, V, T, H, W, 3): the views are folded into the batch, the model averages
   over frames, the step over views. Everything returned is replicated, so every process holds the
-  whole global batch's logits next to the labels, masks and keys they belong to.
+  whole global batch's logits next to the labels and masks they belong to (the keys stay on the
+  hosts: data/stream.py).
   """
   def step(params, batch):
     video = batch["video"]

@@ -18,18 +18,18 @@ import math
 import os
 import signal
 import time
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from jax.experimental import multihost_utils
 from tensorflow.core.framework import summary_pb2
 
 from msca_jax import models
 from msca_jax.data import pipeline, sources
+from msca_jax.data import stream as stream_lib
 from msca_jax.data.pipeline import StreamState
 from msca_jax.progress import Progress
 from msca_jax.train import checkpoint as ckpt_lib
@@ -38,10 +38,6 @@ from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import state as state_lib
 
 MODES = ("train", "evaluate", "train_and_evaluate")
-# What of a training batch goes to the devices ('index' and 'skipped' are stream bookkeeping).
-TRAIN_FIELDS = ("video", "label", "label_mix", "mix_weight")
-EVAL_FIELDS = ("video", "label", "mask", "error", "key")
-KEY_BYTES = 256  # video keys travel with their logits as fixed-width bytes (see _encode_keys)
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped early with a checkpoint; rerun to resume
 
 
@@ -78,16 +74,20 @@ def _log(message: str, *args) -> None:
     logging.info(message, *args)
 
 
-def _num_records(source: sources.Source) -> int:
-  if source.num_records is not None:
-    return source.num_records
-  return sum(sources.count_records(source.files))
-
-
 def _check_classes(config, source: sources.Source) -> None:
   if config.model.num_classes != source.num_classes:
     raise ValueError(f"config.model.num_classes = {config.model.num_classes}, but {source.description} "
                      f"has {source.num_classes} classes")
+
+
+def _source(config, split: str) -> sources.Source:
+  source = sources.make_source(config.data, split, num_classes=config.model.num_classes)
+  _check_classes(config, source)
+  problems = getattr(getattr(source, "videos", None), "problems", ())
+  if problems:
+    logging.warning("%s: %d list lines skipped (a video each): %s%s", source.description,
+                    len(problems), "; ".join(problems[:3]), " ..." if len(problems) > 3 else "")
+  return source
 
 
 def build(config, workdir: str, *, train: bool) -> Experiment:
@@ -98,11 +98,10 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
   rules = mesh_lib.rules(config.mesh)
   mesh_lib.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
   model = models.build(config.model)
-  eval_source = sources.make_source(config.data, config.data.eval_split)
-  _check_classes(config, eval_source)
+  eval_source = _source(config, config.data.eval_split)
   exp = Experiment(config=config, workdir=workdir, mesh=mesh, rules=rules, model=model,
                    clip=models.clip_spec(config.model), eval_source=eval_source,
-                   num_eval=_num_records(eval_source))
+                   num_eval=sources.num_records(eval_source))
   devices = jax.devices()
   _log("devices: %d x %s (%s), %d process(es), %d local", len(devices), devices[0].device_kind,
        devices[0].platform, jax.process_count(), jax.local_device_count())
@@ -111,13 +110,13 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
   _log("model: %s %s %s, temporal %s, %s compute, remat %s", config.model.name, config.model.variant,
        arch, model.temporal, config.model.dtype, config.model.remat)
   d = config.data
-  _log("clips: %d frames (%s sampling, stride %d at %d fps), %d px crops", d.num_frames, d.sampling,
-       d.stride, d.fps, d.image_size)
+  _log("clips: %d frames (%s sampling, %s positions, stride %d at %d fps), %d px crops, %s to "
+       "the devices", d.num_frames, d.sampling, d.clip_positions, d.stride, d.fps, d.image_size,
+       d.dtype)
   if train:
     mesh_lib.check_batch_size(config.train.batch_size, mesh)
-    exp.train_source = sources.make_source(config.data, config.data.train_split)
-    _check_classes(config, exp.train_source)
-    exp.num_train = _num_records(exp.train_source)
+    exp.train_source = _source(config, config.data.train_split)
+    exp.num_train = sources.num_records(exp.train_source)
     exp.steps_per_epoch = exp.num_train // config.train.batch_size
     if exp.steps_per_epoch == 0:
       raise ValueError(f"config.train.batch_size = {config.train.batch_size} is larger than the "
@@ -193,78 +192,34 @@ def read_metrics(workdir: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ evaluation
 
-def _encode_keys(keys: np.ndarray) -> np.ndarray:
-  """bytes keys -> (B, KEY_BYTES) uint8, so they can ride along in the global batch."""
-  out = np.zeros((len(keys), KEY_BYTES), np.uint8)
-  for i, key in enumerate(keys):
-    raw = bytes(key)[:KEY_BYTES]
-    out[i, :len(raw)] = np.frombuffer(raw, np.uint8)
-  return out
-
-
-def _decode_keys(rows: np.ndarray) -> list[bytes]:
-  return [bytes(row).rstrip(b"\0") for row in np.asarray(rows)]
-
-
-def _lockstep(batches: Iterable[dict], padding: dict) -> Iterator[dict]:
-  """The batches of this process, padded with `padding` until every process has run out.
-
-  Each process's eval shards hold a different number of videos, but the jitted step needs every
-  process at every call; a masked padding batch keeps the done ones in step.
-  """
-  batches = iter(batches)
-  while True:
-    local = next(batches, None)
-    if jax.process_count() > 1:
-      if not multihost_utils.process_allgather(np.array(local is not None)).any():
-        return
-      yield padding if local is None else local
-    elif local is None:
-      return
-    else:
-      yield local
-
-
-def _eval_padding(config, local_batch: int, views: int) -> dict:
-  d = config.data
-  return {"video": np.zeros((local_batch, views, d.num_frames, d.image_size, d.image_size, 3),
-                            pipeline.DTYPES[d.dtype].as_numpy_dtype),
-          "label": np.zeros(local_batch, np.int32), "mask": np.zeros(local_batch, np.int32),
-          "error": np.zeros(local_batch, np.int32), "key": np.zeros((local_batch, KEY_BYTES), np.uint8)}
-
-
 def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_crops: int,
                    ) -> evaluate.EvalAccumulator:
   """One exact pass over the eval split with the given views; every process gets the same result."""
   config = exp.config
   local_batch = config.eval.batch_size // jax.process_count()
-  ds = pipeline.eval_dataset(exp.eval_source, config.data, batch_size=local_batch,
-                             num_clips=num_clips, num_crops=num_crops,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+  videos = stream_lib.EvalStream(exp.eval_source, config.data, batch_size=local_batch,
+                                 num_clips=num_clips, num_crops=num_crops,
+                                 process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+  rows = mesh_lib.process_rows(exp.mesh, config.eval.batch_size)
   accumulator = evaluate.EvalAccumulator(exp.eval_source.num_classes, exp.eval_source.class_names)
 
-  def to_device(local: dict) -> dict:
-    if local["key"].dtype != np.uint8:
-      local = dict(local, key=_encode_keys(local["key"]))
-    return mesh_lib.global_batch({k: local[k] for k in EVAL_FIELDS}, exp.mesh)
-
-  def add(out: dict) -> None:
+  def add(out: dict, host: dict) -> None:
     out = jax.device_get(out)
-    accumulator.add(out["logits"], out["label"], out["mask"], _decode_keys(out["key"]), out["error"])
+    accumulator.add(out["logits"], out["label"], out["mask"], list(host["key"]), host["error"])
 
-  num_batches = math.ceil(exp.num_eval / config.eval.batch_size)
-  progress = Progress(num_batches, unit="batches", desc=f"eval {num_clips}x{num_crops} views",
+  progress = Progress(videos.num_batches, unit="batches", desc=f"eval {num_clips}x{num_crops} views",
                       min_interval_s=30.0) if _is_main() else None
   pending = None  # the previous batch's output: fetched after the next one is dispatched
-  for local in _lockstep(pipeline.as_numpy(ds), _eval_padding(config, local_batch, num_clips * num_crops)):
-    out = eval_step(params, to_device(local))
+  for batch in videos:
+    out = eval_step(params, mesh_lib.global_batch(batch.device, exp.mesh))
     if pending is not None:
-      add(pending)
-    pending = out
+      add(*pending)
+    pending = (out, videos.gather_host(batch.host, rows))
     if progress:
       progress.update(1)
   if pending is not None:
-    add(pending)
+    add(*pending)
   if progress:
     progress.close()
   return accumulator
@@ -328,13 +283,12 @@ def _initial_state(exp: Experiment, shardings) -> state_lib.TrainState:
 
 def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step: int):
   state, streams, metadata = checkpointer.restore(step, abstract, exp.mesh)
-  if len(streams) == jax.process_count():
-    stream = streams[jax.process_index()]
-  else:  # another host count reads other files: continue at the same progress through an epoch
-    position = sum(s.position for s in streams) // jax.process_count()
-    stream = StreamState(position=position)
-    _log("checkpoint written by %d processes, resuming with %d: the data stream continues at "
-         "the same point of the epoch, not the same order", len(streams), jax.process_count())
+  stream = stream_lib.resume_state(exp.train_source, streams, jax.process_index(),
+                                   jax.process_count())
+  if len(streams) != jax.process_count():
+    _log("checkpoint written by %d processes, resuming with %d: the data stream continues where "
+         "it was as a whole (%s), not in the same order", len(streams), jax.process_count(),
+         "positions re-split" if exp.train_source.random_access else "the earliest saved epoch")
   if metadata.get("steps_per_epoch") not in (None, exp.steps_per_epoch):
     logging.warning("the checkpoint was trained with %s steps per epoch, the data now gives %d: "
                     "the learning-rate schedule changes", metadata["steps_per_epoch"],
@@ -392,9 +346,9 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
   schedule = optim.learning_rate_schedule(t, exp.steps_per_epoch)
   eval_every = config.eval.every_epochs * exp.steps_per_epoch
   local_batch = t.batch_size // jax.process_count()
-  batches = pipeline.as_numpy(pipeline.train_dataset(
+  batches = stream_lib.TrainStream(
       exp.train_source, config.data, batch_size=local_batch, seed=t.seed,
-      process_index=jax.process_index(), process_count=jax.process_count(), state=stream))
+      process_index=jax.process_index(), process_count=jax.process_count(), state=stream)
   rng = jax.random.key(t.seed)
   writer = MetricsWriter(exp.workdir)
   # One process: our SIGTERM handler. Several: JAX's preemption service (started by
@@ -414,9 +368,8 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     window_start, window_step = time.monotonic(), step
     while step < exp.total_steps:
-      local = next(batches)
-      stream = StreamState.after(local)
-      batch = mesh_lib.global_batch({k: local[k] for k in TRAIN_FIELDS if k in local}, mesh)
+      batch = mesh_lib.global_batch(next(batches).device, mesh)
+      stream = batches.state
       state, metrics = train_step(state, batch, rng)
       step += 1
       pending.append((step, metrics))
