@@ -48,23 +48,6 @@ class PredictError(ValueError):
   """A prediction input (video, checkpoint, labels, config) that cannot be used; one line."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodeSettings:
-  """How a video file is turned into stored frames; `origin` says where the values came from."""
-  fps: float
-  short_side: int
-  jpeg_quality: int
-  max_frames: int = 0
-  origin: str = ""
-
-  def describe(self) -> str:
-    side = f"short side {self.short_side}" if self.short_side else "original size"
-    text = f"{self.fps:g} fps, {side}, JPEG quality {self.jpeg_quality}"
-    if self.max_frames:
-      text += f", at most {self.max_frames} frames"
-    return f"{text} ({self.origin})" if self.origin else text
-
-
 @dataclasses.dataclass
 class Prediction:
   """Everything `classify` found for one video."""
@@ -72,7 +55,7 @@ class Prediction:
   probabilities: np.ndarray            # (num_classes,) softmax of the view-averaged logits
   view_logits: np.ndarray              # (views, num_classes)
   num_frames_decoded: int
-  decode: DecodeSettings
+  decode: Any                          # sources.DecodeSettings
   protocol: str
 
 
@@ -80,76 +63,29 @@ class Prediction:
 # What the model saw: decoding, views, class names.
 
 
-def decode_settings(data, short_side: int | None = None,
-                    jpeg_quality: int | None = None) -> DecodeSettings:
-  """How the data of `config.data` was prepared, so a new video is decoded the same way.
+def decode_settings(data, short_side: int | None = None, jpeg_quality: int | None = None):
+  """How the data of `config.data` was prepared (sources.decode_settings), so that a new video is
+  decoded the same way; `short_side` / `jpeg_quality` override the recorded values."""
+  from msca_jax.data import sources
 
-  The frame rate is config.data.fps. The short side, JPEG quality and frame limit come from the
-  dataset: a DMVR directory's `{eval_split}.manifest.json` (written by tools.prepare_videos), a
-  prepared TFDS dataset's metadata, the synthetic dataset's frame size, or else the defaults of
-  tools.prepare_videos. `short_side` / `jpeg_quality` override them.
-  """
-  values, origin = _dataset_settings(data)
-  overridden = []
+  settings = sources.decode_settings(data)
+  overridden = {}
   if short_side is not None:
-    values["short_side"] = int(short_side)
-    overridden.append("short side")
+    overridden["short_side"] = int(short_side)
   if jpeg_quality is not None:
-    values["jpeg_quality"] = int(jpeg_quality)
-    overridden.append("JPEG quality")
+    overridden["jpeg_quality"] = int(jpeg_quality)
   if overridden:
-    origin = f"{' and '.join(overridden)} as given, the rest {origin}"
-  if values["short_side"] < 0 or not 1 <= values["jpeg_quality"] <= 100:
+    names = " and ".join(k.replace("_", " ").replace("jpeg", "JPEG") for k in overridden)
+    settings = dataclasses.replace(settings, **overridden,
+                                   origin=f"{names} as given, the rest {settings.origin}")
+  if settings.short_side < 0 or not 1 <= settings.jpeg_quality <= 100:
     raise PredictError(f"short side must be >= 0 and JPEG quality in [1, 100], got "
-                       f"{values['short_side']} and {values['jpeg_quality']}")
-  return DecodeSettings(fps=float(data.fps), origin=origin, **values)
-
-
-def _dataset_settings(data) -> tuple[dict, str]:
-  from msca_jax.tools import prepare_videos
-
-  defaults = prepare_videos.Settings()
-  values = {"short_side": defaults.short_side, "jpeg_quality": defaults.jpeg_quality,
-            "max_frames": 0}
-  origin = "tools.prepare_videos defaults"
-  if data.source == "synthetic":
-    from msca_jax.data import synthetic
-    return dict(values, short_side=int(data.synthetic.size),
-                jpeg_quality=synthetic.JPEG_QUALITY), "as the synthetic dataset stores frames"
-  if data.source == "dmvr" and data.path:
-    manifest = os.path.join(data.path, f"{data.eval_split}.manifest.json")
-    tf = _tensorflow()
-    try:
-      with tf.io.gfile.GFile(manifest) as f:  # data.path may be gs://
-        settings = json.load(f)["settings"]
-      values = {"short_side": int(settings["short_side"]),
-                "jpeg_quality": int(settings["jpeg_quality"]),
-                "max_frames": int(settings.get("max_frames", 0))}
-    except Exception:  # pylint: disable=broad-except  # missing, unreadable or not ours
-      return values, f"{origin}: no readable {manifest}"
-    return values, f"from {manifest}" + _fps_note(settings.get("fps"), data.fps)
-  if data.source == "tfds" and data.path:
-    from msca_jax.data import kinetics
-    origin = "msca_jax.data.kinetics defaults"
-    values = {"short_side": kinetics.KineticsConfig.short_side,
-              "jpeg_quality": kinetics.KineticsConfig.jpeg_quality, "max_frames": 0}
-    try:
-      import tensorflow_datasets as tfds
-      metadata = tfds.builder(data.tfds_name, data_dir=data.path).info.metadata
-      return dict(values, short_side=int(metadata["short_side"]),
-                  jpeg_quality=int(metadata["jpeg_quality"])), \
-          (f"from the TFDS metadata of {data.tfds_name} in {data.path}"
-           + _fps_note(metadata.get("fps"), data.fps))
-    except Exception:  # pylint: disable=broad-except  # not prepared here: the builder defaults
-      return values, origin
-  return values, origin
-
-
-def _fps_note(prepared_fps, config_fps) -> str:
-  if prepared_fps is None or float(prepared_fps) == float(config_fps):
-    return ""
-  return (f"; WARNING: the data was prepared at {float(prepared_fps):g} fps but config.data.fps is "
-          f"{float(config_fps):g}, which is used")
+                       f"{settings.short_side} and {settings.jpeg_quality}")
+  if float(settings.fps) != float(data.fps):
+    settings = dataclasses.replace(settings, fps=float(data.fps), origin=(
+        f"{settings.origin}; WARNING: the data was prepared at {settings.fps:g} fps but "
+        f"config.data.fps is {float(data.fps):g}, which is used"))
+  return settings
 
 
 def _tensorflow():
@@ -162,7 +98,7 @@ def _tensorflow():
   return tf
 
 
-def decode_video(path: str, settings: DecodeSettings) -> list[bytes]:
+def decode_video(path: str, settings) -> list[bytes]:
   """The video's frames as JPEG bytes, as the preparation tools would store them."""
   from msca_jax.data import video
 
@@ -194,13 +130,18 @@ def describe_protocol(data, views: str = "test") -> str:
 
 
 def eval_views(frames: Sequence[bytes], data, views: str = "test") -> np.ndarray:
-  """(clips * crops, T, S, S, 3) views of JPEG frames, built as `pipeline.eval_dataset` does."""
-  from msca_jax.data import pipeline
+  """(clips * crops, T, S, S, 3) views of JPEG frames: one video through the evaluation stream."""
+  from msca_jax.data import pipeline, sources, stream
 
-  tf = _tensorflow()
+  _tensorflow()
   pipeline.check_config(data)
   num_clips, num_crops = view_counts(data, views)
-  return pipeline.eval_views(tf.constant(list(frames), tf.string), data, num_clips, num_crops).numpy()
+  source = sources.MemorySource([list(frames)], class_names=["?"])
+  batch = next(iter(stream.EvalStream(source, data, batch_size=1, num_clips=num_clips,
+                                      num_crops=num_crops)))
+  if batch.host["error"][0]:
+    raise PredictError(f"the video's frames could not be decoded ({pipeline.SKIP_REASONS[batch.host['error'][0] - 1]})")
+  return batch.device["video"][0]
 
 
 def class_names(config, labels: str | None = None) -> tuple[list[str], str]:
@@ -319,8 +260,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def classify(config, params, video_path: str, views: str = "test", top_k: int = 5,
-             names: Sequence[str] | None = None,
-             decode: DecodeSettings | None = None) -> Prediction:
+             names: Sequence[str] | None = None, decode=None) -> Prediction:
   """Decodes, builds the evaluation views, runs the model and ranks the classes.
 
   `names` defaults to `class_names(config)[0]`; `decode` to `decode_settings(config.data)`.

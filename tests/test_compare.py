@@ -17,7 +17,7 @@ def _tiny(variant, num_epochs, seed):
   if m.name == "msca":
     m.shift_div = 2  # 2 heads: one each way
   s = config.data.synthetic
-  s.train_size, s.eval_size, s.num_shards = 64, 16, 2
+  s.train_size, s.eval_size = 64, 16
   config.data.shuffle_buffer = 64
   config.train.batch_size = config.train.base_batch_size = 16
   config.train.warmup_epochs = 0

@@ -201,10 +201,62 @@ def read_manifest(root: str, split: str) -> dict | None:
     raise DataError(f"{path} is not a readable manifest ({e})") from e
 
 
-class FrameSource:
-  """Random access to the videos of one list: the pipeline's `Source` for frame folders."""
+class RandomAccessStreams:
+  """Training and evaluation streams over N videos that can be read in any order.
+
+  A subclass sets `num_records` and implements open / read / failure on {'video': list index}.
+  """
 
   random_access = True
+  num_records: int
+
+  def train_records(self, *, seed: int, process_index: int, process_count: int, start: int,
+                    num_epochs: int | None = None, **unused) -> tf.data.Dataset:
+    """{'index': p, 'video', 'position'} for this process's stream positions p = start, start+1, ...
+
+    Process i of P reads the global positions g = p * P + i: every epoch (N consecutive global
+    positions) is split between the processes, disjoint and complete. Epoch e = g // N visits the
+    list in the order of a bijection of [0, N) seeded by (seed, e), so position p is found
+    without reading anything before it.
+    """
+    del unused
+    n = self.num_records
+    stop = None
+    if num_epochs is not None:
+      stop = max(0, -(-(num_epochs * n - process_index) // process_count))
+    positions = tf.data.Dataset.range(start, stop if stop is not None else np.iinfo(np.int64).max)
+
+    def locate(p):
+      g = p * process_count + process_index
+      epoch, k = g // n, g % n
+      seed_pair = tf.stack([tf.constant(seed, tf.int64) * 7919 + _SHUFFLE_SALT, epoch])
+      video = tf.random.experimental.index_shuffle(k, seed_pair, n - 1) if n > 1 else k
+      return {"index": p, "video": video, "position": g}
+    return positions.map(locate)
+
+  def eval_records(self, *, process_index: int, process_count: int) -> tf.data.Dataset:
+    """This process's videos i, i + P, ... in list order, {'index': local position, 'video'}."""
+    videos = tf.data.Dataset.range(process_index, self.num_records, process_count)
+    return videos.enumerate().map(lambda j, v: {"index": j, "video": v})
+
+  def clip_seed(self, seed: int, element: dict) -> tf.Tensor:
+    """A clip's randomness depends on its global position only, not on the process count."""
+    position = element.get("position", element["index"])
+    return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), position)
+
+  def resume_position(self, positions: Sequence[int], process_index: int, process_count: int) -> int:
+    """Where process i of P continues a stream that `len(positions)` processes left off.
+
+    The global positions below min_j(p_j * P_old + j) were all read; the new processes start at
+    the first of their positions at or after it (a few clips past it may be read twice).
+    """
+    old = len(positions)
+    done = min(p * old + j for j, p in enumerate(positions))
+    return max(0, -(-(done - process_index) // process_count))
+
+
+class FrameSource(RandomAccessStreams):
+  """Random access to the videos of one list: the pipeline's `Source` for frame folders."""
 
   def __init__(self, root: str, videos: VideoList, class_names: Sequence[str], *,
                names: FrameNames = FrameNames(), check_frame_counts: bool = True,
@@ -225,52 +277,6 @@ class FrameSource:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
-
-  # Streams ------------------------------------------------------------------------------------
-
-  def train_records(self, *, seed: int, process_index: int, process_count: int, start: int,
-                    num_epochs: int | None = None, **unused) -> tf.data.Dataset:
-    """{'index': p, 'video', 'position'} for this process's stream positions p = start, start+1, ...
-
-    Process i of P reads the global positions g = p * P + i: every epoch (N consecutive global
-    positions) is split between the processes, disjoint and complete. Epoch e = g // N visits the
-    list in the order of a bijection of [0, N) seeded by (seed, e), so position p is found
-    without reading anything before it.
-    """
-    del unused
-    n = len(self.videos)
-    stop = None
-    if num_epochs is not None:
-      stop = max(0, -(-(num_epochs * n - process_index) // process_count))
-    positions = tf.data.Dataset.range(start, stop if stop is not None else np.iinfo(np.int64).max)
-
-    def locate(p):
-      g = p * process_count + process_index
-      epoch, k = g // n, g % n
-      seed_pair = tf.stack([tf.constant(seed, tf.int64) * 7919 + _SHUFFLE_SALT, epoch])
-      video = tf.random.experimental.index_shuffle(k, seed_pair, n - 1) if n > 1 else k
-      return {"index": p, "video": video, "position": g}
-    return positions.map(locate)
-
-  def eval_records(self, *, process_index: int, process_count: int) -> tf.data.Dataset:
-    """This process's videos i, i + P, ... in list order, {'index': local position, 'video'}."""
-    videos = tf.data.Dataset.range(process_index, len(self.videos), process_count)
-    return videos.enumerate().map(lambda j, v: {"index": j, "video": v})
-
-  def clip_seed(self, seed: int, element: dict) -> tf.Tensor:
-    """A clip's randomness depends on its global position only, not on the process count."""
-    position = element.get("position", element["index"])
-    return tf.random.experimental.stateless_fold_in(tf.constant([seed, 0], tf.int64), position)
-
-  def resume_position(self, positions: Sequence[int], process_index: int, process_count: int) -> int:
-    """Where process i of P continues a stream that `len(positions)` processes left off.
-
-    The global positions below min_j(p_j * P_old + j) were all read; the new processes start at
-    the first of their positions at or after it (a few clips past it may be read twice).
-    """
-    old = len(positions)
-    done = min(p * old + j for j, p in enumerate(positions))
-    return max(0, -(-(done - process_index) // process_count))
 
   # One video ----------------------------------------------------------------------------------
 

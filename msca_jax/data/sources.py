@@ -111,8 +111,7 @@ class RecordSource:
       records = tf.data.Dataset.from_tensor_slices((tf.gather(paths, order), tf.gather(sizes, order)))
       records = records.interleave(read_records, cycle_length=min(len(files), 16), block_length=1,
                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-      shuffle_seed = tf.random.experimental.stateless_fold_in(epoch_seed, 1)[0]
-      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+      records = records.shuffle(shuffle_buffer, seed=epoch_seed[0] * 1000003 + e)
       return records.enumerate().map(lambda j, r: dict(r, index=e * EPOCH_STRIDE + j))
 
     last = first_epoch + num_epochs if num_epochs is not None else np.iinfo(np.int64).max
@@ -164,7 +163,47 @@ class RecordSource:
     return tf.constant(errors.UNDECODABLE, tf.int32)
 
 
-Source = RecordSource | frames.FrameSource
+class MemorySource(frames.RandomAccessStreams):
+  """Videos already in memory as lists of JPEG frames: what `predict` feeds the eval stream."""
+
+  def __init__(self, videos: Sequence[Sequence[bytes]], class_names: Sequence[str], *,
+               keys: Sequence[str] | None = None, labels: Sequence[int] | None = None,
+               decode: DecodeSettings = DecodeSettings(), description: str = "videos in memory"):
+    if not videos:
+      raise DataError("no videos given")
+    self.class_names = tuple(class_names)
+    self.decode = decode
+    self.description = description
+    self.num_records = len(videos)
+    lengths = [len(v) for v in videos]
+    flat = [frame for v in videos for frame in v]
+    self._frames = tf.RaggedTensor.from_row_lengths(tf.constant(flat or [b""], tf.string)[:len(flat)],
+                                                    tf.constant(lengths, tf.int64))
+    self._keys = tf.constant(list(keys) if keys is not None else [str(i) for i in range(len(videos))])
+    self._labels = tf.constant(list(labels) if labels is not None else [0] * len(videos), tf.int64)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def open(self, element: dict) -> dict:
+    video = element["video"]
+    frames_ = self._frames[video]
+    label = tf.gather(self._labels, video)
+    error = tf.where(tf.size(frames_) == 0, errors.NO_FRAMES,
+                     tf.where((label < 0) | (label >= self.num_classes), errors.LABEL, 0))
+    return {"frames": frames_, "length": tf.size(frames_), "label": label,
+            "key": tf.gather(self._keys, video), "error": tf.cast(error, tf.int32)}
+
+  def read(self, opened: dict, indices: tf.Tensor) -> tf.Tensor:
+    return tf.gather(opened["frames"], indices)
+
+  def failure(self, element: dict) -> tf.Tensor:
+    del element
+    return tf.constant(errors.UNDECODABLE, tf.int32)
+
+
+Source = RecordSource | frames.FrameSource | MemorySource
 
 
 def _parse_dmvr(serialized: tf.Tensor) -> dict:
@@ -314,6 +353,35 @@ def make_source(data, split: str, *, num_classes: int | None = None) -> Source:
     if not data.path:
       raise DataError("config.data.path must name the TFDS data_dir (config.data.source='tfds')")
     return tfds_source(data.tfds_name, data.path, split)
+  raise DataError(f"config.data.source must be one of {SOURCES}, got {data.source!r}")
+
+
+def decode_settings(data) -> DecodeSettings:
+  """How the frames of config.data's dataset were made, read from what its preparation recorded
+  (without opening the dataset itself): the settings a new video must be decoded with."""
+  if data.source == "synthetic":
+    from msca_jax.data import synthetic
+    return DecodeSettings(short_side=int(data.synthetic.size), jpeg_quality=synthetic.JPEG_QUALITY,
+                          origin="as the synthetic dataset stores frames")
+  if not data.path:
+    return DecodeSettings(fps=float(data.fps), origin="the preparation defaults: config.data.path is empty")
+  if data.source in ("frames", "dmvr"):
+    path = (frames.manifest_path(data.path, data.eval_split) if data.source == "frames"
+            else os.path.join(data.path, f"{data.eval_split}.manifest.json"))
+    found = _manifest_decode(path)
+    if found is not None:
+      return found
+    if data.source == "frames":
+      try:
+        return frame_source(data, data.eval_split).decode
+      except DataError:
+        pass
+    return DecodeSettings(fps=float(data.fps), origin=f"the preparation defaults: no readable {path}")
+  if data.source == "tfds":
+    try:
+      return tfds_source(data.tfds_name, data.path, data.eval_split).decode
+    except DataError as e:
+      return DecodeSettings(fps=float(data.fps), origin=f"the preparation defaults ({e})")
   raise DataError(f"config.data.source must be one of {SOURCES}, got {data.source!r}")
 
 

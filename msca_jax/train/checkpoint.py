@@ -64,7 +64,8 @@ class Checkpointer:
         metadata=ocp.args.JsonRestore()))
     rows = np.asarray(jax.device_get(restored["streams"]["streams"])).astype(np.int64)
     metadata = dict(restored["metadata"])
-    return restored["state"], [_stream_state(row, metadata) for row in rows], metadata
+    columns = metadata.pop("stream_columns", None)
+    return restored["state"], [_stream_state(row, columns) for row in rows], metadata
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -74,8 +75,7 @@ class Checkpointer:
     self.manager.close()
 
 
-def _stream_state(row: np.ndarray, metadata: dict) -> StreamState:
-  columns = metadata.get("stream_columns")
+def _stream_state(row: np.ndarray, columns: list[str] | None) -> StreamState:
   if columns is None:  # written before the columns were named: position, then four reasons
     return StreamState(int(row[0]), tuple(int(x) for x in row[1:]))
   values = dict(zip(columns, (int(x) for x in row)))

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import pytest
 
@@ -34,7 +35,8 @@ def test_save_on_one_mesh_restore_on_others(tmp_path):
   model, tx, clip, mesh, rules = _setup(dict(data=2, fsdp=4, model=1), jax.devices())
   state, _ = state_lib.create(model, tx, clip, mesh, rules, jax.random.key(0))
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), save_interval_steps=1)
-  stream = StreamState(position=1234, skipped=(1, 0, 2, 0))
+  # A record stream's position carries its epoch above bit 32 (sources.EPOCH_STRIDE).
+  stream = StreamState(position=3 * 2**32 + 1234, skipped=(1, 0, 2, 0, 5, 0))
   assert checkpointer.save(7, state, ckpt_lib.streams_array(stream, mesh), {"step": 7, "note": "x"})
   checkpointer.close()
 
@@ -50,6 +52,14 @@ def test_save_on_one_mesh_restore_on_others(tmp_path):
     kernel = restored.params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
     assert kernel.sharding == shardings.params["Transformer"]["encoderblock_0"]["MlpBlock_3"]["Dense_0"]["kernel"]
     assert streams == [stream] and metadata == {"step": 7, "note": "x"}
+
+
+def test_stream_rows_without_column_names_read_as_position_then_four_reasons():
+  # Checkpoints written before the columns were named: [position, 4 skip counts]; newer reasons 0.
+  state = ckpt_lib._stream_state(np.array([77, 1, 2, 3, 4], np.int64), None)
+  assert state == StreamState(position=77, skipped=(1, 2, 3, 4, 0, 0))
+  named = ckpt_lib._stream_state(np.array([1, 5, 9], np.int64), ["position_hi", "position_lo", "no_frames"])
+  assert named.position == 2**31 + 5 and named.skipped_by_reason()["no_frames"] == 9
 
 
 def test_an_unfinished_save_is_not_the_latest(tmp_path):

@@ -89,7 +89,7 @@ def test_exact_with_padding_and_masks_whatever_the_masked_logits_hold():
   logits[4] = np.nan            # a skipped record: garbage
   logits[5] = np.inf
   logits[6:] = 1e30             # padding
-  errors = np.array([0, 0, 0, 0, 2, 4, 0, 0])
+  errors = np.array([0, 0, 0, 0, 2, 5, 0, 0])
   batch_keys = keys("v0", "v1", "v2", "v3", "", "", "", "")
   acc = evaluate.EvalAccumulator(len(NAMES), NAMES)
   acc.add(logits, labels, mask, batch_keys, errors)
@@ -101,7 +101,7 @@ def test_exact_with_padding_and_masks_whatever_the_masked_logits_hold():
   assert result.num_nonfinite == 0 and result.num_unkeyed == 0
   assert result.confusion.sum() == 4
   assert result.skipped == {"corrupt_shard": 0, "undecodable": 1, "label_out_of_range": 0,
-                            "no_frames": 1}
+                            "no_frames": 0, "missing_frames": 1, "frame_count_mismatch": 0}
   assert result.num_skipped == 2
   assert len(acc.predictions()) == 4
   assert acc.predictions().keys == ("v0", "v1", "v2", "v3")

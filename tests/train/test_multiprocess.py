@@ -3,7 +3,7 @@
 They train the demo model for a few steps, checkpoint and evaluate, and show that:
 - the losses equal a single-process run fed the same global batches;
 - a checkpoint written by 2 processes resumes in 1, and one written by 1 resumes in 2;
-- multi-process evaluation counts every video exactly once, with uneven shards.
+- multi-process evaluation counts every video exactly once, with uneven shares.
 """
 
 import csv
@@ -23,7 +23,7 @@ from flax import traverse_util
 
 from configs import msca_kv
 from launch import local
-from msca_jax.data import pipeline
+from msca_jax.data import stream as stream_lib
 from msca_jax.train import initialise, trainer
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import state as state_lib
@@ -31,12 +31,11 @@ from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 6
-EVAL_SIZE = 25  # 4 shards of 7, 6, 6, 6: process 0 reads 13 videos, process 1 reads 12
+EVAL_SIZE = 25  # process 0 reads videos 0, 2, ..., 24 (13), process 1 reads 1, 3, ..., 23 (12)
 TINY = {
     "model.depth": 1, "model.width": 32, "model.num_heads": 2, "model.mlp_dim": 64,
     "model.num_frames": 4, "model.shift_div": 2,
     "data.synthetic.train_size": 128, "data.synthetic.eval_size": EVAL_SIZE,
-    "data.synthetic.num_shards": 4,
     "train.batch_size": 16, "eval.batch_size": 8, "train.num_steps": STEPS,
     "train.checkpoint_every_steps": 3, "train.log_every_steps": 1, "eval.every_epochs": 0,
 }
@@ -106,13 +105,13 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
   state = trainer._initial_state(exp, shardings)
   step_fn = state_lib.make_train_step(exp.model, exp.tx, trainer._loss_fn(config.train), shardings,
                                       exp.mesh, exp.rules)
-  streams = [pipeline.as_numpy(pipeline.train_dataset(
-      exp.train_source, config.data, batch_size=8, seed=config.train.seed, process_index=i,
-      process_count=2)) for i in range(2)]
+  streams = [stream_lib.TrainStream(exp.train_source, config.data, batch_size=8,
+                                    seed=config.train.seed, process_index=i, process_count=2)
+             for i in range(2)]
   losses = []
   for _ in range(STEPS):
-    halves = [next(s) for s in streams]
-    batch = {k: np.concatenate([h[k] for h in halves]) for k in trainer.TRAIN_FIELDS if k in halves[0]}
+    halves = [next(s).device for s in streams]
+    batch = {k: np.concatenate([h[k] for h in halves]) for k in halves[0]}
     state, metrics = step_fn(state, mesh_lib.global_batch(batch, exp.mesh), jax.random.key(config.train.seed))
     losses.append(float(metrics["loss"]))
 

@@ -46,7 +46,6 @@ TINY = {
     "model.depth": 1, "model.width": 32, "model.num_heads": 2, "model.mlp_dim": 64,
     "model.num_frames": 4, "model.shift_div": 2,  # 2 heads: one takes K/V from t-1, one from t+1
     "data.synthetic.train_size": 128, "data.synthetic.eval_size": EVAL_SIZE,
-    "data.synthetic.num_shards": 4,
     "train.batch_size": BATCH, "eval.batch_size": 16, "train.num_steps": NUM_STEPS,
     "train.checkpoint_every_steps": CHECKPOINT_EVERY, "train.log_every_steps": 2,
     "eval.every_epochs": 2,  # 8 steps per epoch: validation at step 16
