@@ -52,6 +52,7 @@ import tensorflow_datasets as tfds
 
 from msca_jax.data import annotations, video
 from msca_jax.data.dmvr import DataError
+from msca_jax.data.sources import DecodeSettings
 
 # Split name -> accepted CSV file names, in order of preference.
 CSV_NAMES = {
@@ -93,13 +94,13 @@ class KineticsConfig(tfds.core.BuilderConfig):
     num_classes: classes in train.csv (400, 600 or 700 for the official sets).
     fps: frame rate every video is resampled to (0 keeps the decoded frames as they are).
     short_side: the shorter image side after resizing, in pixels (0 keeps the size).
-    jpeg_quality: quality of the per-frame JPEGs, 0-100 (95 is tf.io.encode_jpeg's default and
-      what tfds.features.Video would use; lower values save disk space).
+    jpeg_quality: quality of the per-frame JPEGs, 0-100 (the project's default,
+      sources.DecodeSettings, as prepare_videos; lower values save disk space).
   """
   num_classes: int = 400
   fps: float = 25.0
   short_side: int = 256
-  jpeg_quality: int = 95
+  jpeg_quality: int = DecodeSettings.jpeg_quality
 
   def __post_init__(self):
     # A bad value here would otherwise surface as every single video failing to encode.
@@ -322,7 +323,7 @@ def define_flags() -> None:
   flags.DEFINE_string("config", "400", "400, 600 or 700.")
   flags.DEFINE_float("fps", None, "Frame rate (default: the config's, 25).")
   flags.DEFINE_integer("short_side", None, "Short side in pixels (default: the config's, 256).")
-  flags.DEFINE_integer("jpeg_quality", None, "JPEG quality, 0-100 (default: the config's, 95).")
+  flags.DEFINE_integer("jpeg_quality", None, "JPEG quality, 0-100 (default: the config's, 90).")
   flags.DEFINE_integer("workers", None, "Videos decoded at a time (default: the CPU count).")
 
 

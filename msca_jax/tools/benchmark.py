@@ -296,8 +296,12 @@ def _random_batch(config, batch: int, mesh, seed: int, views: int | None = None)
   if views is not None:
     shape = shape[:1] + (views,) + shape[1:]
   rng = np.random.default_rng(seed)
-  dtype = np.dtype(jax.numpy.dtype(config.data.get("dtype", "float32") or "float32"))
-  video = rng.uniform(-1, 1, shape).astype(dtype)
+  # What the input pipeline sends (config.data.dtype): uint8 pixels by default, else [-1, 1].
+  dtype = np.dtype(jax.numpy.dtype(config.data.get("dtype", "uint8") or "uint8"))
+  if np.issubdtype(dtype, np.integer):
+    video = rng.integers(0, 256, shape).astype(dtype)
+  else:
+    video = rng.uniform(-1, 1, shape).astype(dtype)
   labels = rng.integers(0, config.model.num_classes, (local,)).astype(np.int32)
   return mesh_lib.global_batch({"video": video, "label": labels}, mesh)
 
