@@ -61,6 +61,38 @@ class StreamState:
     return dict(zip(SKIP_REASONS, self.skipped))
 
 
+@dataclasses.dataclass(frozen=True)
+class Field:
+  name: str
+  shape: tuple[int, ...]     # per example
+  dtype: str
+  device: bool               # goes to the accelerators (else stays on the host)
+
+
+def train_fields(data) -> tuple[Field, ...]:
+  """What a training batch holds."""
+  clip = (data.num_frames, data.image_size, data.image_size, 3)
+  fields = [Field("video", clip, data.dtype, True), Field("label", (), "int32", True)]
+  if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
+    fields += [Field("label_mix", (), "int32", True), Field("mix_weight", (), "float32", True)]
+  fields += [Field("index", (), "int64", False), Field("skipped", (len(SKIP_REASONS),), "int64", False)]
+  return tuple(fields)
+
+
+def eval_fields(data, num_views: int) -> tuple[Field, ...]:
+  """What an evaluation batch holds: every view of each video, a mask, and host bookkeeping."""
+  views = (num_views, data.num_frames, data.image_size, data.image_size, 3)
+  return (Field("video", views, data.dtype, True), Field("label", (), "int32", True),
+          Field("mask", (), "int32", True), Field("error", (), "int32", False),
+          Field("index", (), "int64", False), Field("key", (), "bytes", False))
+
+
+def _blank(fields: tuple[Field, ...], names: tuple[str, ...]) -> dict[str, tf.Tensor]:
+  """Per-example zeros of the named fields: what a skipped video or a padding row carries."""
+  return {f.name: tf.zeros(f.shape, DTYPES.get(f.dtype, tf.as_dtype(f.dtype)))
+          for f in fields if f.name in names}
+
+
 def train_augment(data) -> augment.TrainAugment:
   return augment.TrainAugment(
       image_size=data.image_size, short_side_range=tuple(data.train_short_side_range),
@@ -155,9 +187,8 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   """
   check_config(data)
   aug = train_augment(data)
-  dtype = DTYPES[data.dtype]
   clip_shape = (data.num_frames, data.image_size, data.image_size, 3)
-  empty = {"video": tf.zeros(clip_shape, dtype), "label": tf.constant(0, tf.int32)}
+  empty = _blank(train_fields(data), ("video", "label"))
 
   def process(element):
     opened = source.open(element)
@@ -229,10 +260,7 @@ def eval_dataset(source: Source, data, *, batch_size: int, num_clips: int, num_c
   many batches (multi-host evaluation needs the same count on every host).
   """
   check_config(data)
-  dtype = DTYPES[data.dtype]
-  views = num_clips * num_crops
-  view_shape = (views, data.num_frames, data.image_size, data.image_size, 3)
-  empty = {"video": tf.zeros(view_shape, dtype), "label": tf.constant(0, tf.int32)}
+  empty = _blank(eval_fields(data, num_clips * num_crops), ("video", "label"))
 
   def process(element):
     opened = source.open(element)

@@ -2,7 +2,8 @@
 
 A stream owns everything about batches that is not the model's business:
   * the batch layout: every field's per-example shape and dtype, and whether it goes to the
-    devices or stays on the host, declared once (`train_fields`, `eval_fields`);
+    devices or stays on the host, declared once beside the code that makes the batches
+    (`pipeline.train_fields`, `pipeline.eval_fields`) and checked here;
   * padding and masks, and the lockstep that keeps every process at every evaluation step;
   * the video keys and error codes, which stay on the host (`EvalStream.gather_host` brings the
     other processes' rows to every process, for the reports);
@@ -10,8 +11,8 @@ A stream owns everything about batches that is not the model's business:
   * the dataset's decode settings (`stream.source.decode`), recorded when the data was prepared.
 
 Each batch arrives as `Batch(device=..., host=...)`: the trainer puts `device` on the mesh and
-keeps `host` for its bookkeeping. Adding a field to the batches is a change here and in the
-pipeline that produces it (pipeline.py), nowhere else.
+keeps `host` for its bookkeeping. Adding a field to the batches is a change in pipeline.py alone
+(declare it, produce it); the trainer, the evaluator and predict pass `device` on whole.
 """
 
 from __future__ import annotations
@@ -23,40 +24,9 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from msca_jax.data import pipeline, sources
-from msca_jax.data.errors import SKIP_REASONS
-from msca_jax.data.pipeline import StreamState
+from msca_jax.data.pipeline import Field, StreamState, eval_fields, train_fields  # noqa: F401
 
 KEY_BYTES = 256  # keys cross processes as fixed-width bytes (longer keys are cut)
-
-
-@dataclasses.dataclass(frozen=True)
-class Field:
-  name: str
-  shape: tuple[int, ...]     # per example
-  dtype: str
-  device: bool               # goes to the accelerators (else stays on the host)
-
-
-def _video_dtype(data) -> str:
-  return {"uint8": "uint8", "float32": "float32", "bfloat16": "bfloat16"}[data.dtype]
-
-
-def train_fields(data) -> tuple[Field, ...]:
-  """What a training batch holds."""
-  clip = (data.num_frames, data.image_size, data.image_size, 3)
-  fields = [Field("video", clip, _video_dtype(data), True), Field("label", (), "int32", True)]
-  if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
-    fields += [Field("label_mix", (), "int32", True), Field("mix_weight", (), "float32", True)]
-  fields += [Field("index", (), "int64", False), Field("skipped", (len(SKIP_REASONS),), "int64", False)]
-  return tuple(fields)
-
-
-def eval_fields(data, num_views: int) -> tuple[Field, ...]:
-  """What an evaluation batch holds: every view of each video, a mask, and host bookkeeping."""
-  views = (num_views, data.num_frames, data.image_size, data.image_size, 3)
-  return (Field("video", views, _video_dtype(data), True), Field("label", (), "int32", True),
-          Field("mask", (), "int32", True), Field("error", (), "int32", False),
-          Field("index", (), "int64", False), Field("key", (), "bytes", False))
 
 
 @dataclasses.dataclass
