@@ -163,8 +163,12 @@ def write_frames(root: str, folder: str, jpegs: Sequence[bytes],
   """
   final = os.path.join(root, folder)
   tmp = f"{final}.tmp-{os.getpid()}"
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  # Leftovers of this video from killed writers (any pid) go too: they would only waste disk.
+  parent, base = os.path.split(final)
+  if os.path.isdir(parent):
+    for name in os.listdir(parent):
+      if name.startswith(base + ".tmp-"):
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
   os.makedirs(tmp)
   for i, data in enumerate(jpegs):
     with open(os.path.join(tmp, names.name(i)), "wb") as f:
@@ -177,7 +181,7 @@ def write_frames(root: str, folder: str, jpegs: Sequence[bytes],
 MANIFEST_VERSION = 1
 
 
-def write_manifest(root: str, split: str, settings: dict, names: FrameNames = FrameNames(),
+def write_manifest(root: str, split: str, settings: dict, names: FrameNames = FrameNames(), /,
                    **extra) -> None:
   """ROOT/SPLIT.manifest.json: how the frames were made, read back by the source and predict."""
   manifest = {"version": MANIFEST_VERSION, "layout": "frames", "settings": settings,

@@ -28,8 +28,9 @@ and in both cases
   SPLIT.failures.tsv                every video that was skipped, and why
 
 A rerun with the same arguments resumes: finished chunks and shards are kept (to retry the failed
-videos of one, delete it and rerun). A video that cannot be used is reported and skipped; the run
-fails only when nothing at all could be written.
+videos of one, delete it, or its part, and rerun). A video that cannot be used is reported and
+skipped; the run fails only when nothing at all could be written. DMVR shards or a TFDS dataset
+made earlier convert to frame folders without decoding: msca_jax.tools.convert_to_frames.
 """
 
 from __future__ import annotations
@@ -395,27 +396,62 @@ def _write_frame_chunk(task: _ShardTask, on_video: Callable[[int], None] | None)
 
 
 def frame_folder(split: str, key: str) -> str:
-  """The folder of a video in the frame layout: SPLIT/<key>, without a video extension and with
-  whitespace replaced (list lines are space-separated)."""
+  """The folder of a video in the frame layout: SPLIT/<key>, without a video extension, with
+  whitespace replaced (list lines are space-separated) and without '.' or '..' components (a
+  frame list's '../frames/x' must not write outside SPLIT/)."""
   stem, ext = os.path.splitext(key)
   if ext.lower() in annotations.VIDEO_EXTENSIONS:
     key = stem
-  key = re.sub(r"\s+", "_", key.replace(os.sep, "/")).strip("/")
-  return f"{split}/{key}"
+  key = re.sub(r"\s+", "_", key.replace(os.sep, "/"))
+  parts = [p for p in key.split("/") if p not in ("", ".", "..")]
+  return f"{split}/{'/'.join(parts) or '_'}"
 
 
-def _unique_folders(split: str, keys: Sequence[str]) -> dict[str, str]:
-  """key -> folder; keys that would share a folder after cleaning get a ~N suffix."""
-  out, taken = {}, set()
-  for key in sorted(keys):
-    folder = base = frame_folder(split, key)
+class FolderNames:
+  """Hands out distinct video folders of one split in the frame layout (`frame_folder`).
+
+  A folder already handed out gets a ~N suffix, and so does one that would nest inside another
+  video's folder or hold one: rewriting a video's folder replaces it whole, so it holds only its
+  frames.
+  """
+
+  def __init__(self, split: str):
+    self.split = split
+    self.taken: set[str] = set()
+    self._holding: set[str] = set()   # the parents of taken folders
+
+  def add(self, folder: str) -> None:
+    """Marks a folder as in use."""
+    self.taken.add(folder)
+    parts = folder.split("/")
+    self._holding.update("/".join(parts[:i]) for i in range(1, len(parts)))
+
+  def _taken_parent(self, folder: str) -> int:
+    """How many leading components of `folder` name a taken folder (0: none does)."""
+    parts = folder.split("/")
+    return next((i for i in range(1, len(parts)) if "/".join(parts[:i]) in self.taken), 0)
+
+  def claim(self, key: str) -> str:
+    """A folder for `key` that no other video uses; it is marked as in use."""
+    folder = base = frame_folder(self.split, key)
     n = 1
-    while folder in taken:
+    while folder in self.taken or folder in self._holding or self._taken_parent(folder):
       n += 1
-      folder = f"{base}~{n}"
-    taken.add(folder)
-    out[key] = folder
-  return out
+      depth = self._taken_parent(base)
+      if depth:  # inside another video's folder: rename the component that is that folder
+        parts = base.split("/")
+        parts[depth - 1] += f"~{n}"
+        folder = "/".join(parts)
+      else:
+        folder = f"{base}~{n}"
+    self.add(folder)
+    return folder
+
+
+def unique_folders(split: str, keys: Sequence[str]) -> dict[str, str]:
+  """key -> folder for every key, assigned in sorted key order (so every run agrees)."""
+  names = FolderNames(split)
+  return {key: names.claim(key) for key in sorted(keys)}
 
 
 def parts_dir(output: str, split: str) -> str:
@@ -461,7 +497,8 @@ def _check_output(output: str, split: str, manifest_path: str, manifest: dict) -
       raise DataError(
           f"{output} already holds split {split!r} prepared from different inputs or settings "
           f"({'; '.join(differences[:5])}). Use another --output, or delete {manifest_path} and "
-          f"the {split}-* shards to start over.")
+          f"the {split}-* shards (frame layout: {split}.parts, {split}.txt and {split}/) to "
+          "start over.")
     return
   pattern = re.compile(rf"^{re.escape(split)}(-\d{{5}}-of-\d{{5}}|\.parts|\.txt)$")
   stray = sorted(n for n in os.listdir(output) if pattern.match(n)) if os.path.isdir(output) else []
@@ -599,7 +636,7 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     names_ = frames.FrameNames()
     manifest.update(layout="frames", frame_pattern=names_.pattern,
                     frame_first_index=names_.first_index)
-    folders = _unique_folders(split, list(usable))
+    folders = unique_folders(split, list(usable))
   if os.path.exists(output) and not os.path.isdir(output):
     raise DataError(f"--output {output} exists and is not a directory")
   manifest_path = os.path.join(output, f"{split}.manifest.json")
