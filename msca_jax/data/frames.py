@@ -162,13 +162,11 @@ def write_frames(root: str, folder: str, jpegs: Sequence[bytes],
   file system; copy the finished dataset to a bucket afterwards). An existing folder is replaced.
   """
   final = os.path.join(root, folder)
-  tmp = f"{final}.tmp-{os.getpid()}"
-  # Leftovers of this video from killed writers (any pid) go too: they would only waste disk.
-  parent, base = os.path.split(final)
-  if os.path.isdir(parent):
-    for name in os.listdir(parent):
-      if name.startswith(base + ".tmp-"):
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  # One fixed name per video (chunks never share a video): a killed writer's leftover is
+  # replaced by the next writer of the same video, without listing a directory of 240k videos.
+  tmp = f"{final}.tmp"
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
   os.makedirs(tmp)
   for i, data in enumerate(jpegs):
     with open(os.path.join(tmp, names.name(i)), "wb") as f:
