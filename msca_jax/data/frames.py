@@ -77,6 +77,12 @@ class FrameNames:
                                    fill="0" if match["fill"] else " ")
     return match["prefix"] + numbers + match["suffix"]
 
+  def matches(self, file_name: str) -> bool:
+    """Whether a file is named like a frame of this pattern (any number)."""
+    match = _PATTERN_RE.match(self.pattern)
+    return re.fullmatch(re.escape(match["prefix"]) + r"\d+" + re.escape(match["suffix"]),
+                        file_name) is not None
+
   def glob(self) -> str:
     match = _PATTERN_RE.match(self.pattern)
     return _escape_glob(match["prefix"]) + "*" + _escape_glob(match["suffix"])
@@ -306,6 +312,10 @@ class FrameSource(RandomAccessStreams):
     if indices.shape.rank == 1 and indices.shape[0] is not None:
       return tf.stack([tf.io.read_file(p) for p in tf.unstack(paths)])
     return tf.map_fn(tf.io.read_file, paths, fn_output_signature=tf.string)
+
+  def key(self, element: dict) -> tf.Tensor:
+    """The video's key without reading anything (a failed video still names itself)."""
+    return tf.gather(self._keys, element["video"])
 
   def failure(self, element: dict) -> tf.Tensor:
     """Why reading this video failed: missing frame files, or else an undecodable one."""

@@ -275,7 +275,7 @@ def eval_dataset(source: Source, data, *, batch_size: int, num_clips: int, num_c
   def fallback(element, error):
     if error is None:
       error = source.failure(element)
-    return dict(empty, error=error, index=element["index"], key=tf.constant(""))
+    return dict(empty, error=error, index=element["index"], key=source.key(element))
 
   ds = source.eval_records(process_index=process_index, process_count=process_count)
   ds = _guarded(process, fallback, deterministic=True)(ds)

@@ -158,6 +158,11 @@ class RecordSource:
   def read(self, opened: dict, indices: tf.Tensor) -> tf.Tensor:
     return tf.gather(opened["frames"], indices)
 
+  def key(self, element: dict) -> tf.Tensor:
+    """Unknown without parsing the record, which is what failed."""
+    del element
+    return tf.constant("")
+
   def failure(self, element: dict) -> tf.Tensor:
     del element
     return tf.constant(errors.UNDECODABLE, tf.int32)
@@ -197,6 +202,9 @@ class MemorySource(frames.RandomAccessStreams):
 
   def read(self, opened: dict, indices: tf.Tensor) -> tf.Tensor:
     return tf.gather(opened["frames"], indices)
+
+  def key(self, element: dict) -> tf.Tensor:
+    return tf.gather(self._keys, element["video"])
 
   def failure(self, element: dict) -> tf.Tensor:
     del element
@@ -312,17 +320,28 @@ def frame_source(data, split: str, *, root: str | None = None,
 
 
 def _check_first_frame(root: str, videos: frames.VideoList, names: frames.FrameNames) -> None:
-  """The first listed video's first frame exists: a wrong pattern fails now, naming what is there."""
+  """The frame files of the first listed video follow config.data.frame_pattern and
+  frame_first_index: a wrong setting fails now, naming the files that are there, instead of
+  every clip being skipped. A first video that is merely bad (missing, empty, a frame short) is
+  left to be counted when it is read, like any other."""
   folder = os.path.join(root, videos.folders[0])
-  expected = os.path.join(folder, names.name(0))
-  if tf.io.gfile.exists(expected):
-    return
   if not tf.io.gfile.isdir(folder):
-    return  # a missing folder is one bad video, counted when it is read
-  present = sorted(tf.io.gfile.listdir(folder))[:3]
-  raise DataError(f"{expected} does not exist, but {folder} holds {present}: set "
-                  "config.data.frame_pattern (e.g. 'img_{:05d}.jpg' or '{:06d}.jpg') and "
-                  "config.data.frame_first_index (0 or 1) to match the frame files")
+    return
+  present = set(tf.io.gfile.listdir(folder))
+  if not present:
+    return
+  zero, one = names.pattern.format(0), names.pattern.format(1)
+  setting = "config.data.frame_first_index"
+  if names.first_index == 1 and zero in present:
+    raise DataError(f"{folder} holds {zero}: its frames are numbered from 0, set {setting}=0")
+  if names.first_index == 0 and zero not in present and one in present:
+    raise DataError(f"{folder} holds {one} but no {zero}: its frames are numbered from 1, set "
+                    f"{setting}=1")
+  if not any(names.matches(name) for name in present):
+    raise DataError(f"{os.path.join(folder, names.name(0))} does not exist, and no file in {folder} "
+                    f"is named like it (it holds {sorted(present)[:3]}): set "
+                    "config.data.frame_pattern (e.g. 'img_{:05d}.jpg' or '{:06d}.jpg') and "
+                    f"{setting} (0 or 1) to match the frame files")
 
 
 def _sniff_decode(root: str, videos: frames.VideoList, data) -> DecodeSettings:

@@ -33,6 +33,23 @@ def write(directory: str, split: str = "train", num_videos: int = 12, num_shards
   return dmvr.write_shards(directory, split, records, num_shards)
 
 
+def pixels(video: np.ndarray) -> np.ndarray:
+  """Batch pixels as float32 in [0, 255] whatever the batch dtype (uint8, or floats in [-1, 1])."""
+  video = np.asarray(video)
+  if video.dtype == np.uint8:
+    return video.astype(np.float32)
+  return (video.astype(np.float32) + 1) / 2 * 255
+
+
+def assert_pixels(video: np.ndarray, dtype: str = "uint8") -> None:
+  """The batch carries `dtype` pixels in its range: uint8, or finite floats in [-1, 1]."""
+  video = np.asarray(video)
+  assert video.dtype.name == dtype, (video.dtype, dtype)
+  if dtype != "uint8":
+    values = video.astype(np.float32)
+    assert np.isfinite(values).all() and -1 <= values.min() and values.max() <= 1
+
+
 def data_config(path: str, **overrides):
   """config.data of the demo, reading DMVR shards at `path`, small enough for fast tests."""
   data = common.get_config("vit", "demo").data

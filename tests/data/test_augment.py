@@ -26,7 +26,7 @@ def test_every_frame_gets_the_same_view(seed):
                              randaugment_layers=2)
   video = augment.train_clip(_jpegs([frame] * 4), tf.constant([seed, 7]), aug).numpy()
   assert video.shape == (4, 32, 32, 3) and video.dtype == np.float32
-  assert -1.0 <= video.min() and video.max() <= 1.0
+  assert 0.0 <= video.min() and video.max() <= 1.0   # [0, 1]: the pipeline maps it (to_output)
   for t in range(1, 4):
     np.testing.assert_array_equal(video[t], video[0])
 
@@ -49,7 +49,7 @@ def test_crop_scale_offset_and_flip_follow_the_recipe():
   aug = augment.TrainAugment(image_size=size, short_side_range=(lo, hi), color_prob=0.0)
   implied, flips, lefts = [], 0, []
   for s in range(120):
-    view = (augment.train_clip(_jpegs([frame]), tf.constant([s, 0]), aug).numpy()[0] + 1) / 2 * 255
+    view = augment.train_clip(_jpegs([frame]), tf.constant([s, 0]), aug).numpy()[0] * 255
     x_first, x_last = view[size // 2, 0, 0], view[size // 2, -1, 0]
     flipped = x_first > x_last
     flips += flipped
@@ -84,8 +84,9 @@ def test_eval_views_are_left_centre_right_of_the_resized_frame():
   jpegs = _jpegs([frame] * 3)
   indices = tf.constant([[0, 1], [1, 2]])
   views = augment.eval_views(jpegs, indices, image_size=24, short_side=24, num_crops=3).numpy()
-  assert views.shape == (6, 2, 24, 24, 3)
-  x = (views[..., 0] + 1) / 2
+  assert views.shape == (6, 2, 24, 24, 3) and views.dtype == np.float32
+  assert 0.0 <= views.min() and views.max() <= 1.0
+  x = views[..., 0]
   np.testing.assert_allclose(x[0, :, 12, 0], 0.0, atol=0.03)    # left crop starts at the left edge
   np.testing.assert_allclose(x[2, :, 12, -1], 1.0, atol=0.03)   # right crop ends at the right edge
   centre = x[1, 0, 12]
@@ -93,12 +94,33 @@ def test_eval_views_are_left_centre_right_of_the_resized_frame():
   np.testing.assert_array_equal(views[:3], views[3:])          # same frames content -> same views
   portrait = _jpegs([_position_image(96, 48)])
   views = augment.eval_views(portrait, tf.constant([[0]]), 24, 24, 3).numpy()
-  y = (views[..., 1] + 1) / 2
+  y = views[..., 1]
   np.testing.assert_allclose(y[0, 0, 0, 12], 0.0, atol=0.03)
   np.testing.assert_allclose(y[2, 0, -1, 12], 1.0, atol=0.03)
   one = augment.eval_views(jpegs, tf.constant([[0]]), 24, 32, 1).numpy()
-  xc = (one[0, 0, 12, :, 0] + 1) / 2
+  xc = one[0, 0, 12, :, 0]
   np.testing.assert_allclose(xc[0] + xc[-1], 1.0, atol=0.03)
+
+
+def test_views_in_0_1_become_what_batches_carry():
+  """pipeline.to_output: uint8 round(255 v) by default, or floats 2 v - 1 in [-1, 1]."""
+  from msca_jax.data import pipeline
+  v = tf.constant([0.0, 0.2, 0.5, 1 / 255, 0.999, 1.0])
+  u = pipeline.to_output(v, "uint8").numpy()
+  assert u.dtype == np.uint8
+  np.testing.assert_array_equal(u, [0, 51, 128, 1, 255, 255])
+  f = pipeline.to_output(v, "float32").numpy()
+  assert f.dtype == np.float32
+  np.testing.assert_allclose(f, [-1.0, -0.6, 0.0, 2 / 255 - 1, 0.998, 1.0], atol=1e-6)
+  b = pipeline.to_output(v, "bfloat16")
+  assert b.dtype == tf.bfloat16
+  np.testing.assert_allclose(tf.cast(b, tf.float32).numpy(), f, atol=1e-2)
+  # A real training clip, end to end: the same view in both forms.
+  frame = _position_image(40, 40)
+  aug = augment.TrainAugment(image_size=16, short_side_range=(16, 24))
+  view = augment.train_clip(_jpegs([frame] * 2), tf.constant([3, 4]), aug)
+  np.testing.assert_allclose(pipeline.to_output(view, "uint8").numpy().astype(np.float32),
+                             (pipeline.to_output(view, "float32").numpy() + 1) / 2 * 255, atol=0.5 + 1e-3)
 
 
 def test_config_mistakes_name_the_field():
@@ -124,3 +146,12 @@ def test_mixup_and_cutmix_weights_match_the_pixels():
     out = augment.mix_batch(batch, tf.constant([s, 0]), mixup_alpha=0.4, cutmix_alpha=0.0)
     w = out["mix_weight"].numpy()
     np.testing.assert_allclose(out["video"].numpy()[0], 1 - w[0], atol=1e-6)
+    # uint8 batches (the default) mix in float32 and round back to uint8.
+    pixels = {"video": tf.cast(video * 255, tf.uint8), "label": batch["label"]}
+    out = augment.mix_batch(pixels, tf.constant([s, 0]), mixup_alpha=0.4, cutmix_alpha=0.0)
+    assert out["video"].dtype == tf.uint8
+    np.testing.assert_array_equal(out["video"].numpy()[0], np.round(255 * (1 - w[0])))
+    out = augment.mix_batch(pixels, tf.constant([s, 0]), mixup_alpha=0.0, cutmix_alpha=1.0)
+    own = out["video"].numpy()[0].astype(np.float64) / 255
+    assert out["video"].dtype == tf.uint8 and set(np.unique(own)) <= {0.0, 1.0}
+    np.testing.assert_allclose(1 - own.mean(), out["mix_weight"].numpy()[0], atol=1e-6)

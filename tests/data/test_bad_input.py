@@ -24,17 +24,18 @@ def _eval(directory, num_shards_expected=None):
   return cat("key")[cat("mask") == 1], pipeline.skip_summary(cat("error")), batches
 
 
-def _train(directory, n_batches=6, batch_size=4):
-  data = shards.data_config(directory)
+def _train(directory, n_batches=6, batch_size=4, dtype="uint8"):
+  data = shards.data_config(directory, dtype=dtype)
   batches = list(itertools.islice(pipeline.as_numpy(pipeline.train_dataset(
       sources.dmvr_source(directory, "validation"), data, batch_size=batch_size, seed=0)), n_batches))
   return batches, pipeline.StreamState.after(batches[-1])
 
 
-def _assert_clean(batches):
+def _assert_clean(batches, dtype="uint8"):
   for b in batches:
-    assert np.isfinite(b["video"]).all() and -1 <= b["video"].min() and b["video"].max() <= 1
-    assert b["video"].std() > 0   # real frames, not a zero placeholder
+    shards.assert_pixels(b["video"], dtype)  # uint8, or finite floats in [-1, 1]
+    # Real frames, not a zero placeholder, in every clip of the batch.
+    assert (shards.pixels(b["video"]).reshape(len(b["video"]), -1).std(axis=1) > 0).all()
 
 
 def _bad_jpeg_record():
@@ -73,8 +74,8 @@ def test_bad_record_is_skipped_and_counted(tmp_path, case):
   assert set(labels) <= {0, 1, 2}
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped_byte"])
-def test_corrupt_shard_keeps_the_readable_records_and_counts_the_loss(tmp_path, damage):
+@pytest.mark.parametrize("damage,dtype", [("truncated", "uint8"), ("flipped_byte", "float32")])
+def test_corrupt_shard_keeps_the_readable_records_and_counts_the_loss(tmp_path, damage, dtype):
   paths = shards.write(str(tmp_path), "validation", records=[_good(i) for i in range(12)], num_shards=2)
   data = open(paths[1], "rb").read()
   middle = len(data) // 2
@@ -89,9 +90,10 @@ def test_corrupt_shard_keeps_the_readable_records_and_counts_the_loss(tmp_path, 
   assert {f"v{i}".encode() for i in range(0, 12, 2)} <= set(keys)
   assert 6 < len(keys) < 12
   assert skipped["corrupt_shard"] == 1 and sum(skipped.values()) == 1
-  batches, state = _train(str(tmp_path), n_batches=8)
-  _assert_clean(batches)
+  batches, state = _train(str(tmp_path), n_batches=8, dtype=dtype)
+  _assert_clean(batches, dtype)
   assert state.skipped_by_reason()["corrupt_shard"] >= 2   # once per epoch
+  assert sum(state.skipped) == state.skipped_by_reason()["corrupt_shard"]
 
 
 def test_a_video_shorter_than_the_clip_is_used_not_skipped(tmp_path):
@@ -145,9 +147,15 @@ def test_configuration_mistakes_fail_at_start_up(tmp_path, field, value, message
     pipeline.train_dataset(sources.dmvr_source(str(tmp_path), "train"), data, batch_size=2, seed=0)
 
 
-def test_make_source_names_bad_fields():
+def test_make_source_names_bad_fields(tmp_path):
   data = shards.data_config("")
   with pytest.raises(dmvr.DataError, match="config.data.path"):
+    sources.make_source(data, "train")
+  data.source = "frames"
+  with pytest.raises(dmvr.DataError, match="config.data.path must name the frame-folder root"):
+    sources.make_source(data, "train")
+  data.path = str(tmp_path)
+  with pytest.raises(dmvr.DataError, match=f"video list {tmp_path}/train.txt does not exist"):
     sources.make_source(data, "train")
   data.source = "imagenet"
   with pytest.raises(dmvr.DataError, match="config.data.source"):

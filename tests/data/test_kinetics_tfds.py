@@ -282,6 +282,7 @@ def test_training_pipeline_reads_the_tfds_dataset_like_dmvr_shards(tiny):
                             color_prob=0.0, num_frames=4, image_size=16, eval_short_side=16)
   source = sources.make_source(data, "train")
   assert source.class_names == tuple(CLASSES) and source.num_records == 3
+  assert source.decode.short_side == SHORT_SIDE and source.decode.fps == 25.0
   batches = list(pipeline.as_numpy(pipeline.eval_dataset(source, data, batch_size=2, num_clips=2,
                                                          num_crops=3)))
   mask = np.concatenate([b["mask"] for b in batches]).astype(bool)
@@ -289,11 +290,25 @@ def test_training_pipeline_reads_the_tfds_dataset_like_dmvr_shards(tiny):
   assert sorted(keys) == sorted(k for k in EXPECTED if EXPECTED[k] and k != "fff_000006_000016")
   labels = np.concatenate([b["label"] for b in batches])[mask]
   videos = np.concatenate([b["video"] for b in batches])[mask]
+  assert videos.dtype == np.uint8   # the default batch dtype
   for key, label, clip in zip(keys, labels, videos):
     assert label == EXPECTED[key][0]
-    colour = (clip.reshape(-1, 3).mean(axis=0) + 1) / 2 * 255
+    colour = shards.pixels(clip).reshape(-1, 3).mean(axis=0)
     np.testing.assert_allclose(colour, VIDEOS[key[:3]][0], atol=12)
+  # float32 batches carry the same views in [-1, 1].
+  floats = list(pipeline.as_numpy(pipeline.eval_dataset(
+      source, shards.data_config(data_dir, source="tfds", tfds_name=f"kinetics/{TINY['name']}",
+                                 num_frames=4, image_size=16, eval_short_side=16, dtype="float32"),
+      batch_size=2, num_clips=2, num_crops=3)))
+  float_videos = np.concatenate([b["video"] for b in floats])[mask]
+  shards.assert_pixels(float_videos, "float32")
+  np.testing.assert_allclose(shards.pixels(float_videos), videos, atol=0.5 + 1e-3)
   b = next(pipeline.as_numpy(pipeline.train_dataset(source, data, batch_size=4, seed=0)))
   assert b["video"].shape == (4, 4, 16, 16, 3) and set(b["label"]) <= {0, 1}
+  shards.assert_pixels(b["video"], "uint8")
+  for clip, label in zip(b["video"], b["label"]):   # solid colours: the label's video's colour
+    colour = shards.pixels(clip).reshape(-1, 3).mean(axis=0)
+    assert min(np.abs(colour - VIDEOS[k[:3]][0]).max() for k in EXPECTED
+               if EXPECTED[k][0] == label and k != "fff_000006_000016") < 12
   with pytest.raises(DataError, match="has no split 'test'"):
     sources.make_source(data, "test")

@@ -23,14 +23,15 @@ def dataset_dir(tmp_path_factory):
   return directory
 
 
-def test_training_batches(dataset_dir):
-  data = shards.data_config(dataset_dir, color_prob=0.0)  # colours identify the videos below
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_training_batches(dataset_dir, dtype):
+  data = shards.data_config(dataset_dir, color_prob=0.0, dtype=dtype)  # colours identify the videos below
   source = sources.dmvr_source(dataset_dir, "train")
   assert source.class_names == shards.CLASSES
   batches = _take(pipeline.train_dataset(source, data, batch_size=5, seed=0), 6)
   for b in batches:
-    assert b["video"].shape == (5, 4, 16, 16, 3) and b["video"].dtype == np.float32
-    assert -1 <= b["video"].min() and b["video"].max() <= 1
+    assert b["video"].shape == (5, 4, 16, 16, 3)
+    shards.assert_pixels(b["video"], dtype)
     assert set(b["label"]) <= {0, 1, 2}
     assert b["skipped"].shape == (5, len(pipeline.SKIP_REASONS)) and not b["skipped"].any()
   # Every record index appears once, across epochs of 13 records (30 drawn of 39 after 3 epochs' shuffle).
@@ -38,15 +39,28 @@ def test_training_batches(dataset_dir):
   assert len(set(indices)) == len(indices)
   # The label belongs to the clip: video i has label i % 3 and its frames' red level says which i it is.
   for b in batches:
-    red = ((b["video"][:, :, 8, 8, 0] + 1) / 2 * 255).mean(axis=1)
+    red = shards.pixels(b["video"])[:, :, 8, 8, 0].mean(axis=1)
     which = [min(range(13), key=lambda i: abs((i * 37 % 200 + 20) - r)) for r in red]
     np.testing.assert_array_equal(np.array(which) % 3, b["label"])
+
+
+def test_uint8_and_float_batches_are_the_same_pixels(dataset_dir):
+  """uint8 (the default) is round(255 v) and float32 is 2 v - 1 of the same [0, 1] clip v."""
+  source = sources.dmvr_source(dataset_dir, "train")
+  assert shards.data_config(dataset_dir).dtype == "uint8"
+  u, = _take(pipeline.train_dataset(source, shards.data_config(dataset_dir), batch_size=4, seed=1), 1)
+  f, = _take(pipeline.train_dataset(source, shards.data_config(dataset_dir, dtype="float32"),
+                                    batch_size=4, seed=1), 1)
+  np.testing.assert_array_equal(u["index"], f["index"])
+  assert u["video"].dtype == np.uint8 and f["video"].dtype == np.float32
+  np.testing.assert_allclose(shards.pixels(f["video"]), u["video"], atol=0.5 + 1e-3)
+  assert u["video"].std() > 10   # real pixels over the whole [0, 255] scale, not [0, 1]
 
 
 def test_bfloat16_output(dataset_dir):
   data = shards.data_config(dataset_dir, dtype="bfloat16")
   b, = _take(pipeline.train_dataset(sources.dmvr_source(dataset_dir, "train"), data, batch_size=4, seed=0), 1)
-  assert b["video"].dtype.name == "bfloat16"
+  shards.assert_pixels(b["video"], "bfloat16")
 
 
 @pytest.mark.parametrize("mixing", [False, True])
@@ -108,17 +122,23 @@ def test_hosts_read_disjoint_files_that_cover_the_data(dataset_dir):
                           process_count=4)
 
 
-def test_eval_clips_cover_the_video_and_short_videos_wrap(tmp_path):
+@pytest.mark.parametrize("positions", ["centred", "reference"])
+def test_eval_clips_cover_the_video_and_short_videos_wrap(tmp_path, positions):
   # Video 0: 40 frames; video 1: 3 frames, shorter than a 4-frame clip.
   records = [dmvr.make_example(shards.jpegs(shards.video(0, num_frames=40)), 0, "a", "long"),
              dmvr.make_example(shards.jpegs(shards.video(1, num_frames=3)), 1, "b", "short")]
   shards.write(str(tmp_path), "validation", records=records, num_shards=1)
-  data = shards.data_config(str(tmp_path), stride=2)
+  data = shards.data_config(str(tmp_path), stride=2, clip_positions=positions)
   b, = pipeline.as_numpy(pipeline.eval_dataset(
       sources.dmvr_source(str(tmp_path), "validation"), data, batch_size=2, num_clips=3, num_crops=1))
-  frame_of = lambda v: np.round(((v[..., 8, 8, 1] + 1) / 2 * 255) / 6).astype(int)  # green = 6 t
-  # Dense eval: starts at the centres of 3 segments of the 40 - 7 = 33 valid starts.
-  starts = np.round((np.arange(3) + 0.5) / 3 * 33).astype(int)
+  frame_of = lambda v: np.round(shards.pixels(v)[..., 8, 8, 1] / 6).astype(int)  # green = 6 t
+  if positions == "centred":
+    # Dense eval: starts at the centres of 3 segments of the 40 - 7 = 33 valid starts.
+    starts = np.round((np.arange(3) + 0.5) / 3 * 33).astype(int)
+    np.testing.assert_array_equal(starts, [6, 16, 28])
+  else:
+    # The reference: clip x starts at x * 40 // 3, clipped to max_bound = 40 - 4 * 2 + 1 = 33.
+    starts = np.array([0, 13, 26])
   np.testing.assert_array_equal(frame_of(b["video"][0]), starts[:, None] + 2 * np.arange(4))
   np.testing.assert_array_equal(frame_of(b["video"][1]), np.tile([0, 2, 1, 0], (3, 1)))  # (2t) mod 3
 
@@ -151,9 +171,11 @@ def test_real_mp4_files_become_batches(tmp_path):
                             num_frames=8, stride=4)
   b, = _take(pipeline.train_dataset(sources.dmvr_source(out, "train"), data, batch_size=6, seed=0), 1)
   assert b["video"].shape == (6, 8, 32, 32, 3)
-  assert b["video"].std() > 0.1 and -1 <= b["video"].min() and b["video"].max() <= 1
+  shards.assert_pixels(b["video"], "uint8")
+  assert shards.pixels(b["video"]).std() > 0.1 * 127.5   # std > 0.1 on the model's [-1, 1] scale
   e, = pipeline.as_numpy(pipeline.eval_dataset(
       sources.dmvr_source(out, "validation"), data, batch_size=4, num_clips=2, num_crops=3))
   assert e["video"].shape == (4, 6, 8, 32, 32, 3)
+  shards.assert_pixels(e["video"], "uint8")
   np.testing.assert_array_equal(e["mask"], [1, 1, 1, 0])
   np.testing.assert_array_equal(e["label"][:3], [0, 1, 2])

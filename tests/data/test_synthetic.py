@@ -77,47 +77,98 @@ def test_bad_label():
 def _synthetic_config(directory, **overrides):
   import ml_collections
   cfg = ml_collections.ConfigDict(dict(seed=1, train_size=24, eval_size=10, video_frames=6, size=16,
-                                       num_shards=3, dir=str(directory)))
+                                       dir=str(directory)))
   cfg.update(overrides)
   return cfg
 
 
-def test_shards_are_written_once_deterministically_and_read_by_the_pipeline(tmp_path):
+def _files(root):
+  """Every file under root, as paths relative to it."""
   import os
-  from msca_jax.data import dmvr, pipeline, sources
-  from tests.data import shards
-  first = synthetic.ensure_shards(_synthetic_config(tmp_path / "a"))
-  again = synthetic.ensure_shards(_synthetic_config(tmp_path / "b"))
-  files = sorted(f for f in os.listdir(first))
-  assert files == sorted(os.listdir(again))
+  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  """The tiny dataset written twice (same config, other directories) and once with another seed."""
+  base = tmp_path_factory.mktemp("synthetic")
+  return (base, synthetic.ensure_dataset(_synthetic_config(base / "a")),
+          synthetic.ensure_dataset(_synthetic_config(base / "b")),
+          synthetic.ensure_dataset(_synthetic_config(base / "a", seed=2)))
+
+
+def test_dataset_is_written_once_deterministically_as_frame_folders(written):
+  import os
+  from msca_jax.data import dmvr, frames
+  base, first, again, other = written
+  files = _files(first)
+  assert files == _files(again)
   for name in files:   # same seed, same bytes
     assert open(os.path.join(first, name), "rb").read() == open(os.path.join(again, name), "rb").read()
-  stamp = os.path.getmtime(os.path.join(first, "train-00000-of-00003"))
-  assert synthetic.ensure_shards(_synthetic_config(tmp_path / "a")) == first   # cached, not rewritten
-  assert os.path.getmtime(os.path.join(first, "train-00000-of-00003")) == stamp
-  assert synthetic.ensure_shards(_synthetic_config(tmp_path / "a", seed=2)) != first
+  # The frame-folder layout: labels, a list and a manifest per split, one JPEG per frame.
   assert dmvr.read_labels(first) == list(synthetic.CLASSES)
-  assert not [f for f in os.listdir(tmp_path / "a") if ".tmp" in f]
+  for split, count, offset in (("train", 24, 0), ("validation", 10, synthetic.EVAL_INDEX_OFFSET)):
+    videos = frames.read_list(frames.list_path(first, split))
+    assert videos.folders == tuple(f"{split}/{offset + i:010d}" for i in range(count))
+    np.testing.assert_array_equal(videos.labels, [(offset + i) % 8 for i in range(count)])
+    np.testing.assert_array_equal(videos.num_frames, [6] * count)
+    assert not videos.problems
+    manifest = frames.read_manifest(first, split)
+    assert manifest["layout"] == "frames" and manifest["settings"]["short_side"] == 16
+    assert manifest["settings"]["jpeg_quality"] == synthetic.JPEG_QUALITY
+    assert sorted(os.listdir(os.path.join(first, videos.folders[0]))) == [
+        frames.FrameNames().name(t) for t in range(6)]
+  # Cached, not rewritten; another seed is another dataset; nothing temporary is left behind.
+  stamp = os.path.getmtime(os.path.join(first, "train", "0000000000", "img_00001.jpg"))
+  assert synthetic.ensure_dataset(_synthetic_config(base / "a")) == first
+  assert os.path.getmtime(os.path.join(first, "train", "0000000000", "img_00001.jpg")) == stamp
+  assert other != first and os.path.dirname(other) == os.path.dirname(first)
+  a0 = open(os.path.join(first, "train", "0000000000", "img_00001.jpg"), "rb").read()
+  assert open(os.path.join(other, "train", "0000000000", "img_00001.jpg"), "rb").read() != a0
+  assert not [f for f in os.listdir(base / "a") if ".tmp" in f]
+  assert not [f for f in _files(first) if ".tmp" in f]
 
+
+@pytest.mark.parametrize("positions,dtype", [("reference", "uint8"), ("centred", "float32")])
+def test_dataset_is_read_by_the_pipeline(written, positions, dtype):
+  import tensorflow as tf
+  from msca_jax.data import pipeline, sources
+  from tests.data import shards
+  base, first, _, _ = written
   data = shards.data_config("", source="synthetic", num_frames=4, image_size=16,
-                            train_short_side_range=(16, 20), eval_short_side=16)
-  data.synthetic = _synthetic_config(tmp_path / "a")
+                            train_short_side_range=(16, 20), eval_short_side=16,
+                            clip_positions=positions, dtype=dtype)
+  data.synthetic = _synthetic_config(base / "a")
+  source = sources.make_source(data, "validation")
+  assert source.root == first and source.class_names == synthetic.CLASSES
+  assert source.decode.short_side == 16 and source.decode.jpeg_quality == synthetic.JPEG_QUALITY
   batches = list(pipeline.as_numpy(pipeline.eval_dataset(
-      sources.make_source(data, "validation"), data, batch_size=4, num_clips=1, num_crops=1)))
-  labels = np.concatenate([b["label"] for b in batches])[np.concatenate([b["mask"] for b in batches]) == 1]
-  assert sorted(labels) == sorted(i % 8 for i in range(10))
+      source, data, batch_size=4, num_clips=1, num_crops=1)))
+  mask = np.concatenate([b["mask"] for b in batches]) == 1
+  labels = np.concatenate([b["label"] for b in batches])[mask]
+  assert mask.sum() == 10 and sorted(labels) == sorted(i % 8 for i in range(10))
   # The stored frames are the rendered clip (up to JPEG), so the pipeline sees the real motion.
   frames, label = synthetic.clip(1, synthetic.EVAL_INDEX_OFFSET, 6, 16)
-  key = f"synthetic/1/{synthetic.EVAL_INDEX_OFFSET}".encode()
+  key = f"validation/{synthetic.EVAL_INDEX_OFFSET:010d}".encode()
   (clip, read_label), = [(v, l) for b in batches for v, l, k in zip(b["video"], b["label"], b["key"]) if k == key]
   assert clip.shape == (1, 4, 16, 16, 3) and read_label == label == 0
-  # One centred clip of 4 of the 6 frames starts at frame 1: the stored JPEGs of those frames.
-  import tensorflow as tf
-  stored = np.stack([tf.io.decode_jpeg(tf.io.encode_jpeg(f, quality=95)).numpy() for f in frames])
-  np.testing.assert_allclose((clip[0] + 1) / 2 * 255, stored[1:5], atol=0.01)
+  shards.assert_pixels(clip, dtype)
+  stored = np.stack([tf.io.decode_jpeg(tf.io.encode_jpeg(f, quality=synthetic.JPEG_QUALITY)).numpy()
+                     for f in frames])
+  # One clip of 4 of the 6 frames: the reference's starts at 0 (x * F // N with x = 0), the
+  # centred one at the centre of the 6 - 4 + 1 = 3 valid starts, frame 1.
+  start = 0 if positions == "reference" else 1
+  np.testing.assert_allclose(shards.pixels(clip[0]), stored[start:start + 4],
+                             atol=0.5 + 1e-3 if dtype == "uint8" else 0.01)
+  # Training reads it too (the source is frame folders: random access).
+  source = sources.make_source(data, "train")
+  b = next(pipeline.as_numpy(pipeline.train_dataset(source, data, batch_size=4, seed=0)))
+  assert b["video"].shape == (4, 4, 16, 16, 3) and set(b["label"]) <= set(range(8))
+  shards.assert_pixels(b["video"], dtype)
 
 
 def test_bad_synthetic_config_names_the_field(tmp_path):
   from msca_jax.data import dmvr
   with pytest.raises(dmvr.DataError, match="config.data.synthetic.train_size"):
-    synthetic.ensure_shards(_synthetic_config(tmp_path, train_size=0))
+    synthetic.ensure_dataset(_synthetic_config(tmp_path, train_size=0))
+  assert not (tmp_path / "synthetic").exists() and not list(tmp_path.iterdir())
