@@ -86,6 +86,11 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   d.randaugment_magnitude = 9.0
   d.mixup_alpha = 0.0                # batch-level mixup / cutmix hooks; 0 is off (the recipe)
   d.cutmix_alpha = 0.0
+  # Where training views are finished: 'device' resizes, flips and colours the decoded crop windows
+  # in the train step (the host only decodes); 'host' does all of it in tf.data; 'auto' is
+  # 'device' unless RandAugment or mixup / CutMix (host-only hooks) are on.
+  d.augment_on = "auto"
+  d.device_window = 0                # crop windows are padded to this side; 0: from the stored short side
   d.eval_short_side = 224
   d.eval_clips = 10                  # test protocol: 10 clips x 3 crops
   d.eval_crops = 3                   # 3: left, centre, right along the long side; 1: centre

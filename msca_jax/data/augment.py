@@ -61,9 +61,19 @@ def _seeds(seed: tf.Tensor, n: int) -> list[tf.Tensor]:
   return tf.unstack(tf.random.experimental.stateless_split(seed, n))
 
 
-def train_clip(jpegs: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tensor:
-  """T JPEG frames -> float32 (T, S, S, 3) in [0, 1], one random view for all frames."""
-  s_size, s_crop, s_flip, s_color, s_rand = _seeds(seed, 5)
+# The colour changes in the order they apply, with the value that leaves a clip unchanged.
+COLOR_CHANGES = ("brightness", "saturation", "gamma", "hue")
+COLOR_IDENTITY = (1.0, 1.0, 1.0, 0.0)
+
+
+def train_view(jpegs: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> dict[str, tf.Tensor]:
+  """One clip's random view, drawn once for all its frames.
+
+  {'crop': [y0, x0, window, window] of the source frames, 'flip': bool, 'color': (4,) values of
+  COLOR_CHANGES, the identity where a change is not applied}. `train_clip` applies it on the
+  host; the device path (device_augment.py) applies the same values in the train step.
+  """
+  s_size, s_crop, s_flip, s_color, _ = _seeds(seed, 5)
   shape = tf.io.extract_jpeg_shape(jpegs[0])
   height, width = shape[0], shape[1]
   lo, hi = aug.short_side_range
@@ -75,32 +85,48 @@ def train_clip(jpegs: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tenso
   oy, ox = tf.unstack(_uniform(s_crop, [2]))
   y0 = tf.cast(tf.floor(oy * tf.cast(height - window + 1, tf.float32)), tf.int32)
   x0 = tf.cast(tf.floor(ox * tf.cast(width - window + 1, tf.float32)), tf.int32)
-  crop = tf.stack([y0, x0, window, window])
-  frames = tf.map_fn(lambda b: tf.io.decode_and_crop_jpeg(b, crop, channels=3), jpegs,
-                     fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+  ranges = (aug.brightness, aug.saturation, aug.gamma, aug.hue)
+  color = []
+  for s, (lo_c, hi_c), identity in zip(_seeds(s_color, len(ranges)), ranges, COLOR_IDENTITY):
+    s_apply, s_value = _seeds(s, 2)
+    value = _uniform(s_value, (), lo_c, hi_c)
+    color.append(tf.where(_uniform(s_apply) < aug.color_prob, value, identity))
+  return {"crop": tf.stack([y0, x0, window, window]), "flip": _uniform(s_flip) < aug.flip_prob,
+          "color": tf.stack(color)}
+
+
+def decode_window(jpegs: tf.Tensor, crop: tf.Tensor) -> tf.Tensor:
+  """uint8 (T, window, window, 3): only the crop window of each frame is decoded."""
+  return tf.map_fn(lambda b: tf.io.decode_and_crop_jpeg(b, crop, channels=3), jpegs,
+                   fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+
+
+def train_clip(jpegs: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tensor:
+  """T JPEG frames -> float32 (T, S, S, 3) in [0, 1], one random view for all frames."""
+  view = train_view(jpegs, seed, aug)
+  frames = decode_window(jpegs, view["crop"])
   video = tf.image.resize(tf.cast(frames, tf.float32) / 255.0, (aug.image_size, aug.image_size),
                           method="bicubic")
   video = tf.clip_by_value(video, 0.0, 1.0)
-  video = tf.cond(_uniform(s_flip) < aug.flip_prob, lambda: tf.reverse(video, [2]), lambda: video)
-  video = color_jitter(video, s_color, aug)
+  video = tf.cond(view["flip"], lambda: tf.reverse(video, [2]), lambda: video)
+  video = apply_color(video, view["color"])
   if aug.randaugment_layers:
+    s_rand = _seeds(seed, 5)[4]
     video = randaugment(video, s_rand, aug.randaugment_layers, aug.randaugment_magnitude)
   return video
 
 
-def color_jitter(video: tf.Tensor, seed: tf.Tensor, aug: TrainAugment) -> tf.Tensor:
-  """Brightness, saturation, gamma, hue in that order, each with probability aug.color_prob."""
+def apply_color(video: tf.Tensor, color: tf.Tensor) -> tf.Tensor:
+  """Brightness, saturation, gamma, hue in that order; a change at its identity value is skipped."""
   changes = (
-      (aug.brightness, lambda v, f: tf.clip_by_value(v * f, 0.0, 1.0)),
-      (aug.saturation, lambda v, f: tf.clip_by_value(tf.image.adjust_saturation(v, f), 0.0, 1.0)),
-      (aug.gamma, lambda v, f: tf.image.adjust_gamma(v, f)),
-      (aug.hue, lambda v, f: tf.image.adjust_hue(v, f)),
+      lambda v, f: tf.clip_by_value(v * f, 0.0, 1.0),
+      lambda v, f: tf.clip_by_value(tf.image.adjust_saturation(v, f), 0.0, 1.0),
+      lambda v, f: tf.image.adjust_gamma(v, f),
+      lambda v, f: tf.image.adjust_hue(v, f),
   )
-  for s, ((lo, hi), change) in zip(_seeds(seed, len(changes)), changes):
-    s_apply, s_value = _seeds(s, 2)
-    factor = _uniform(s_value, (), lo, hi)
-    video = tf.cond(_uniform(s_apply) < aug.color_prob,
-                    lambda v=video, f=factor, c=change: c(v, f), lambda v=video: v)
+  for value, identity, change in zip(tf.unstack(color), COLOR_IDENTITY, changes):
+    video = tf.cond(tf.equal(value, identity), lambda v=video: v,
+                    lambda v=video, f=value, c=change: c(v, f))
   return video
 
 

@@ -69,8 +69,46 @@ class Field:
   device: bool               # goes to the accelerators (else stays on the host)
 
 
-def train_fields(data) -> tuple[Field, ...]:
-  """What a training batch holds."""
+AUGMENT_ON = ("auto", "device", "host")
+
+
+def augments_on_device(data) -> bool:
+  """Whether the training views are finished in the train step (config.data.augment_on).
+
+  'auto' does so unless a host-only hook is on: RandAugment and mixup / CutMix work on finished
+  clips in tf.data.
+  """
+  host_only = [name for name, on in (("randaugment_layers", data.randaugment_layers > 0),
+                                     ("mixup_alpha", data.mixup_alpha > 0),
+                                     ("cutmix_alpha", data.cutmix_alpha > 0)) if on]
+  if data.augment_on == "device" and host_only:
+    raise DataError(f"config.data.augment_on='device' cannot apply config.data.{host_only[0]}: "
+                    "set augment_on to 'auto' or 'host'")
+  return data.augment_on != "host" and not host_only
+
+
+def device_window(data, short_side: int) -> int:
+  """The side P that training crop windows are padded to for the device (config.data.device_window).
+
+  A window is at most S * short / lo pixels (S the crop size, lo the smallest random short side,
+  short the stored frames' short side), and at most the short side itself.
+  """
+  if data.device_window:
+    return int(data.device_window)
+  lo = data.train_short_side_range[0]
+  return max(1, min(short_side, -(-data.image_size * short_side // lo)))
+
+
+def train_fields(data, window: int | None = None) -> tuple[Field, ...]:
+  """What a training batch holds; with `window` (the device path), the clips' decoded crop
+  windows padded to `window` and the view each gets in the train step (device_augment.py)."""
+  if window:
+    fields = [Field("video", (data.num_frames, window, window, 3), "uint8", True),
+              Field("window", (), "int32", True), Field("flip", (), "int32", True),
+              Field("color", (len(augment.COLOR_CHANGES),), "float32", True),
+              Field("label", (), "int32", True)]
+    return tuple(fields + [Field("index", (), "int64", False),
+                           Field("skipped", (len(SKIP_REASONS),), "int64", False)])
   clip = (data.num_frames, data.image_size, data.image_size, 3)
   fields = [Field("video", clip, data.dtype, True), Field("label", (), "int32", True)]
   if data.mixup_alpha > 0 or data.cutmix_alpha > 0:
@@ -125,6 +163,11 @@ def check_config(data) -> None:
     raise DataError("config.data.mixup_alpha and cutmix_alpha must be >= 0")
   if data.shuffle_buffer < 1:
     raise DataError(f"config.data.shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
+  if data.augment_on not in AUGMENT_ON:
+    raise DataError(f"config.data.augment_on must be one of {AUGMENT_ON}, got {data.augment_on!r}")
+  if data.device_window < 0:
+    raise DataError(f"config.data.device_window must be >= 0 (0: from the data), got {data.device_window}")
+  augments_on_device(data)
   try:
     train_augment(data)
   except ValueError as e:
@@ -187,8 +230,27 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   """
   check_config(data)
   aug = train_augment(data)
-  clip_shape = (data.num_frames, data.image_size, data.image_size, 3)
-  empty = _blank(train_fields(data), ("video", "label"))
+  window = device_window(data, source.decode.short_side) if augments_on_device(data) else None
+  fields = train_fields(data, window)
+  # Per clip: everything the devices get except what batch-level mixing adds.
+  empty = _blank(fields, tuple(f.name for f in fields if f.device
+                               and f.name not in ("label_mix", "mix_weight")))
+
+  def finished(jpegs, s_aug):
+    return {"video": tf.ensure_shape(to_output(augment.train_clip(jpegs, s_aug, aug), data.dtype),
+                                     empty["video"].shape)}
+
+  def windowed(jpegs, s_aug):
+    """The crop window, padded for the device; views wider than `window` are shrunk here."""
+    view = augment.train_view(jpegs, s_aug, aug)
+    frames = augment.decode_window(jpegs, view["crop"])
+    side = tf.shape(frames)[1]
+    frames, side = tf.cond(side > window, lambda: (tf.cast(tf.round(tf.clip_by_value(
+        tf.image.resize(tf.cast(frames, tf.float32), (window, window), method="bicubic"),
+        0.0, 255.0)), tf.uint8), tf.constant(window)), lambda: (frames, side))
+    frames = tf.pad(frames, [[0, 0], [0, window - side], [0, window - side], [0, 0]])
+    return {"video": tf.ensure_shape(frames, empty["video"].shape), "window": side,
+            "flip": tf.cast(view["flip"], tf.int32), "color": view["color"]}
 
   def process(element):
     opened = source.open(element)
@@ -198,9 +260,9 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
           source.clip_seed(seed, element), 2))
       indices = sampling.train_indices(data.sampling, opened["length"], data.num_frames,
                                        data.stride, s_sample, positions=data.clip_positions)
-      video = augment.train_clip(source.read(opened, indices), s_aug, aug)
-      return {"video": tf.ensure_shape(to_output(video, data.dtype), clip_shape),
-              "label": tf.cast(opened["label"], tf.int32)}
+      jpegs = source.read(opened, indices)
+      out = windowed(jpegs, s_aug) if window else finished(jpegs, s_aug)
+      return dict(out, label=tf.cast(opened["label"], tf.int32))
     out = tf.cond(opened["error"] == 0, decode, lambda: empty)
     return dict(out, error=opened["error"], index=element["index"])
 

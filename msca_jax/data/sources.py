@@ -233,9 +233,27 @@ def dmvr_source(directory: str, split: str) -> RecordSource:
   files = dmvr.list_shards(directory, split)
   names = dmvr.read_labels(directory)
   manifest = os.path.join(directory, f"{split}.manifest.json")
-  decode = _manifest_decode(manifest) or DecodeSettings(origin=f"defaults: no readable {manifest}")
+  decode = _manifest_decode(manifest)
+  if decode is None or not decode.short_side:
+    decode = _measured_short_side(decode or DecodeSettings(origin=f"defaults: no readable {manifest}"),
+                                  files, _parse_dmvr)
   return RecordSource(description=f"DMVR shards {directory}/{split}-*-of-{len(files):05d}",
                       files=tuple(files), parse=_parse_dmvr, class_names=tuple(names), decode=decode)
+
+
+def _measured_short_side(decode: DecodeSettings, files: Sequence[str], parse) -> DecodeSettings:
+  """`decode` with the short side of the first record's first frame, when nothing recorded it:
+  the device path pads training crop windows to a size derived from it."""
+  try:
+    for record in tf.data.TFRecordDataset(list(files[:1])).take(1):
+      jpegs = parse(record)["frames"]
+      if tf.size(jpegs) > 0:
+        height, width = tf.io.extract_jpeg_shape(jpegs[0]).numpy()[:2]
+        return dataclasses.replace(decode, short_side=int(min(height, width)),
+                                   origin=f"{decode.origin}; short side read off the first frame")
+  except (tf.errors.OpError, ValueError):
+    pass
+  return decode
 
 
 def tfds_source(name: str, data_dir: str, split: str) -> RecordSource:
@@ -278,7 +296,9 @@ def tfds_source(name: str, data_dir: str, split: str) -> RecordSource:
   try:
     decode = DecodeSettings.from_json(dict(metadata), origin=origin)
   except (KeyError, TypeError, ValueError):
-    decode = DecodeSettings(origin=f"defaults: {name} in {data_dir} records no settings")
+    decode = DecodeSettings(short_side=0, origin=f"defaults: {name} in {data_dir} records no settings")
+  if not decode.short_side:
+    decode = _measured_short_side(decode, [str(p) for p in split_info.filepaths], parse)
   return RecordSource(description=f"TFDS {name} split {split!r} in {data_dir}",
                       files=tuple(str(p) for p in split_info.filepaths), parse=parse,
                       class_names=tuple(features["label"].names),
@@ -309,6 +329,9 @@ def frame_source(data, split: str, *, root: str | None = None,
     decode = DecodeSettings.from_json(manifest["settings"], origin=f"from {frames.manifest_path(root, split)}")
     pattern = manifest.get("frame_pattern", frames.DEFAULT_PATTERN)
     first = int(manifest.get("frame_first_index", frames.DEFAULT_FIRST_INDEX))
+    if not decode.short_side:   # prepared at the videos' own sizes
+      decode = dataclasses.replace(_sniff_decode(root, videos, data), fps=decode.fps,
+                                   jpeg_quality=decode.jpeg_quality, max_frames=decode.max_frames)
   else:
     decode = _sniff_decode(root, videos, data)
     pattern, first = data.frame_pattern, int(data.frame_first_index)

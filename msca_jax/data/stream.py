@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,6 +68,33 @@ def _split(fields: Sequence[Field], batch: dict, batch_size: int, where: str) ->
                host={f.name: batch[f.name] for f in fields if not f.device})
 
 
+def training_window(data, source: sources.Source) -> int | None:
+  """The padded crop-window side of training batches when the device finishes the views, else None."""
+  if not pipeline.augments_on_device(data):
+    return None
+  return pipeline.device_window(data, source.decode.short_side)
+
+
+def model_inputs(data, window: int | None) -> Callable[[dict], object]:
+  """batch -> the model's video, called inside the jitted train step.
+
+  With `window` (training_window: the device path) the batch holds the clips' decoded crop
+  windows and their views: this resizes, flips and colours them (device_augment.py) and maps
+  them to [-1, 1]. Otherwise the batch's video goes to the model as it is (the model maps uint8
+  pixels itself).
+  """
+  if window is None:
+    return lambda batch: batch["video"]
+  from msca_jax.data import device_augment
+  size = data.image_size
+
+  def inputs(batch: dict):
+    views = device_augment.train_views(batch["video"], batch["window"], batch["flip"],
+                                       batch["color"], size)
+    return views * 2.0 - 1.0
+  return inputs
+
+
 def resume_state(source: sources.Source, saved: Sequence[StreamState], process_index: int,
                  process_count: int) -> StreamState:
   """This process's state from the states every process saved (possibly another count of them).
@@ -94,7 +121,7 @@ class TrainStream:
                state: StreamState = StreamState(), num_epochs: int | None = None):
     self.source = source
     self.batch_size = batch_size
-    self.fields = train_fields(data)
+    self.fields = train_fields(data, training_window(data, source))
     self.state = state
     self._batches = pipeline.as_numpy(pipeline.train_dataset(
         source, data, batch_size=batch_size, seed=seed, process_index=process_index,

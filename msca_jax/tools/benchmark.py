@@ -13,8 +13,10 @@ are vit, tokenshift and the --config file's own.
 
 What is timed is the trainer's own train step (`train.state.make_train_step`: the recipe's
 optimiser from `config.train`, e.g. clipping + SGD momentum under gradient accumulation, the
-label-smoothed loss, the state donated, sharded over `config.mesh`) on a random batch, and with
---eval the evaluation step (forward only, one view). Per variant:
+label-smoothed loss, the state donated, sharded over `config.mesh`) on a random batch in the
+layout the input stream sends (with `config.data.augment_on`'s device path, the decoded crop
+windows that the step resizes, flips and colours), and with --eval the evaluation step (forward
+only, one view). Per variant:
 
   compile     lower + compile of the train step, seconds
   step        train-step seconds: median and minimum over --steps after --warmup steps
@@ -58,6 +60,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from msca_jax import host_memory, models, progress
+from msca_jax.data import pipeline, sources, stream
 from msca_jax.models import vit as vit_lib
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim
@@ -290,6 +293,44 @@ class Bench:
     return time.perf_counter() - start
 
 
+def _training_window(config) -> int | None:
+  """The padded crop window of the trainer's batches when the device finishes the views
+  (data/stream.py), for frames stored at the preparation tools' short side."""
+  data = config.data
+  if not pipeline.augments_on_device(data):
+    return None
+  return pipeline.device_window(data, sources.DecodeSettings().short_side)
+
+
+def _random_train_batch(config, batch: int, mesh, seed: int) -> dict:
+  """A batch in the layout the trainer's input stream sends (pipeline.train_fields)."""
+  window = _training_window(config)
+  if window is None:
+    return _random_batch(config, batch, mesh, seed)
+  local = batch // jax.process_count()
+  rng = np.random.default_rng(seed)
+  lo = config.data.train_short_side_range[0]
+  out = {}
+  for field in pipeline.train_fields(config.data, window):
+    if not field.device:
+      continue
+    shape = (local,) + field.shape
+    if field.name == "video":
+      out[field.name] = rng.integers(0, 256, shape).astype(np.uint8)
+    elif field.name == "window":   # the recipe's range of windows
+      out[field.name] = rng.integers(max(1, window * lo // config.data.train_short_side_range[1]),
+                                     window + 1, shape).astype(np.int32)
+    elif field.name == "flip":
+      out[field.name] = rng.integers(0, 2, shape).astype(np.int32)
+    elif field.name == "color":    # every change applied: the most work the step can do
+      out[field.name] = np.tile(np.array([1.2, 1.5, 0.9, 0.1], np.float32), (local, 1))
+    elif field.name == "label":
+      out[field.name] = rng.integers(0, config.model.num_classes, shape).astype(np.int32)
+    else:
+      raise AssertionError(f"no random values for batch field {field.name!r}")
+  return mesh_lib.global_batch(out, mesh)
+
+
 def _random_batch(config, batch: int, mesh, seed: int, views: int | None = None) -> dict:
   local = batch // jax.process_count()
   shape = models.clip_spec(config.model, local).shape
@@ -318,8 +359,9 @@ def prepare(name: str, config, *, with_eval: bool = False, devices: Sequence[jax
   state, shardings = state_lib.create(model, tx, models.clip_spec(config.model), mesh, rules,
                                       jax.random.key(seed))
   loss_fn = _loss_fn(config.train)
-  step = state_lib.make_train_step(model, tx, loss_fn, shardings, mesh, rules)
-  data = _random_batch(config, batch, mesh, seed)
+  inputs = stream.model_inputs(config.data, _training_window(config))
+  step = state_lib.make_train_step(model, tx, loss_fn, shardings, mesh, rules, inputs=inputs)
+  data = _random_train_batch(config, batch, mesh, seed)
   rng = jax.random.key(seed + 1)
 
   start = time.perf_counter()
@@ -338,8 +380,8 @@ def prepare(name: str, config, *, with_eval: bool = False, devices: Sequence[jax
     twin_config = m.copy_and_resolve_references()
     twin_config.remat, twin_config.attention_impl = False, "xla"
     twin = models.build(twin_config)
-    lowered_twin = state_lib.make_train_step(twin, tx, loss_fn, shardings, mesh, rules).lower(
-        state, data, rng)
+    lowered_twin = state_lib.make_train_step(twin, tx, loss_fn, shardings, mesh, rules,
+                                             inputs=inputs).lower(state, data, rng)
   else:
     lowered_twin = lowered
   train_flops = _cost(lowered_twin).get("flops", 0.0)

@@ -66,18 +66,22 @@ def create(model, tx, clip: jax.ShapeDtypeStruct, mesh: Mesh, logical_rules,
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
-                    shardings: TrainState, mesh: Mesh, logical_rules):
+                    shardings: TrainState, mesh: Mesh, logical_rules,
+                    inputs: Callable[[dict], jax.Array] | None = None):
   """step(state, batch, rng) -> (state, metrics); the old state's buffers are donated.
 
+  `inputs(batch)` gives the model's video (data/stream.py's `model_inputs`: where the views
+  are finished on the device); by default batch['video'] as it is.
   step.lower(state, batch, rng) lowers it ahead of time (a jax.stages.Lowered).
   """
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
 
   def step(state: TrainState, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
+    video = inputs(batch) if inputs is not None else batch["video"]
 
     def objective(params):
-      logits = model.apply({"params": params}, batch["video"], train=True, rngs={"dropout": rng})
+      logits = model.apply({"params": params}, video, train=True, rngs={"dropout": rng})
       loss, metrics = loss_fn(logits, batch)
       return loss, metrics
 

@@ -341,7 +341,9 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
 
   metadata = {"config": config.to_json_best_effort(), "steps_per_epoch": exp.steps_per_epoch,
               "total_steps": exp.total_steps}
-  train_step = state_lib.make_train_step(exp.model, exp.tx, _loss_fn(t), shardings, mesh, exp.rules)
+  train_step = state_lib.make_train_step(exp.model, exp.tx, _loss_fn(t), shardings, mesh, exp.rules,
+                                         inputs=stream_lib.model_inputs(
+                                             config.data, stream_lib.training_window(config.data, exp.train_source)))
   eval_step = state_lib.make_eval_step(exp.model, shardings, mesh, exp.rules)
   schedule = optim.learning_rate_schedule(t, exp.steps_per_epoch)
   eval_every = config.eval.every_epochs * exp.steps_per_epoch
