@@ -268,13 +268,14 @@ class FrameSource(RandomAccessStreams):
 
   def __init__(self, root: str, videos: VideoList, class_names: Sequence[str], *,
                names: FrameNames = FrameNames(), check_frame_counts: bool = True,
-               decode=None, description: str = ""):
+               decode=None, description: str = "", frame_short_side: int = 0):
     self.root = root.rstrip("/")
     self.videos = videos
     self.class_names = tuple(class_names)
     self.names = names
     self.check_frame_counts = check_frame_counts
     self.decode = decode
+    self.frame_short_side = frame_short_side   # of the stored frames; 0: unknown
     self.description = description or f"frame folders under {root} listed in {videos.path}"
     self.num_records = len(videos)
     self._folders = tf.constant([f"{self.root}/{f}/" for f in videos.folders])

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import augment, errors, sampling
+from msca_jax.data import augment, errors, sampling, sources
 from msca_jax.data.errors import SKIP_REASONS, DataError
 from msca_jax.data.sources import Source
 
@@ -230,7 +230,8 @@ def train_dataset(source: Source, data, *, batch_size: int, seed: int, process_i
   """
   check_config(data)
   aug = train_augment(data)
-  window = device_window(data, source.decode.short_side) if augments_on_device(data) else None
+  window = (device_window(data, sources.stored_short_side(source))
+            if augments_on_device(data) else None)
   fields = train_fields(data, window)
   # Per clip: everything the devices get except what batch-level mixing adds.
   empty = _blank(fields, tuple(f.name for f in fields if f.device

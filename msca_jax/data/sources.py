@@ -77,6 +77,7 @@ class RecordSource:
   class_names: tuple[str, ...]
   num_records: int | None = None            # when the writer recorded it
   decode: DecodeSettings = DecodeSettings()
+  frame_short_side: int = 0                 # of the stored frames (recorded, or measured); 0: unknown
 
   random_access = False
 
@@ -233,27 +234,26 @@ def dmvr_source(directory: str, split: str) -> RecordSource:
   files = dmvr.list_shards(directory, split)
   names = dmvr.read_labels(directory)
   manifest = os.path.join(directory, f"{split}.manifest.json")
-  decode = _manifest_decode(manifest)
-  if decode is None or not decode.short_side:
-    decode = _measured_short_side(decode or DecodeSettings(origin=f"defaults: no readable {manifest}"),
-                                  files, _parse_dmvr)
+  decode = _manifest_decode(manifest) or DecodeSettings(origin=f"defaults: no readable {manifest}")
+  found = _manifest_decode(manifest) is not None
   return RecordSource(description=f"DMVR shards {directory}/{split}-*-of-{len(files):05d}",
-                      files=tuple(files), parse=_parse_dmvr, class_names=tuple(names), decode=decode)
+                      files=tuple(files), parse=_parse_dmvr, class_names=tuple(names), decode=decode,
+                      frame_short_side=(decode.short_side if found and decode.short_side
+                                        else _first_record_short_side(files, _parse_dmvr)))
 
 
-def _measured_short_side(decode: DecodeSettings, files: Sequence[str], parse) -> DecodeSettings:
-  """`decode` with the short side of the first record's first frame, when nothing recorded it:
-  the device path pads training crop windows to a size derived from it."""
+def _first_record_short_side(files: Sequence[str], parse) -> int:
+  """The short side of the first record's first frame (0 if it cannot be read): what the stored
+  frames measure when nothing recorded it."""
   try:
     for record in tf.data.TFRecordDataset(list(files[:1])).take(1):
       jpegs = parse(record)["frames"]
       if tf.size(jpegs) > 0:
         height, width = tf.io.extract_jpeg_shape(jpegs[0]).numpy()[:2]
-        return dataclasses.replace(decode, short_side=int(min(height, width)),
-                                   origin=f"{decode.origin}; short side read off the first frame")
+        return int(min(height, width))
   except (tf.errors.OpError, ValueError):
     pass
-  return decode
+  return 0
 
 
 def tfds_source(name: str, data_dir: str, split: str) -> RecordSource:
@@ -294,15 +294,16 @@ def tfds_source(name: str, data_dir: str, split: str) -> RecordSource:
   metadata = builder.info.metadata or {}
   origin = f"from the TFDS metadata of {name} in {data_dir}"
   try:
-    decode = DecodeSettings.from_json(dict(metadata), origin=origin)
+    decode, found = DecodeSettings.from_json(dict(metadata), origin=origin), True
   except (KeyError, TypeError, ValueError):
-    decode = DecodeSettings(short_side=0, origin=f"defaults: {name} in {data_dir} records no settings")
-  if not decode.short_side:
-    decode = _measured_short_side(decode, [str(p) for p in split_info.filepaths], parse)
-  return RecordSource(description=f"TFDS {name} split {split!r} in {data_dir}",
-                      files=tuple(str(p) for p in split_info.filepaths), parse=parse,
-                      class_names=tuple(features["label"].names),
-                      num_records=int(split_info.num_examples), decode=decode)
+    decode = DecodeSettings(origin=f"defaults: {name} in {data_dir} records no settings")
+    found = False
+  files = tuple(str(p) for p in split_info.filepaths)
+  return RecordSource(description=f"TFDS {name} split {split!r} in {data_dir}", files=files,
+                      parse=parse, class_names=tuple(features["label"].names),
+                      num_records=int(split_info.num_examples), decode=decode,
+                      frame_short_side=(decode.short_side if found and decode.short_side
+                                        else _first_record_short_side(files, parse)))
 
 
 def frame_source(data, split: str, *, root: str | None = None,
@@ -329,15 +330,13 @@ def frame_source(data, split: str, *, root: str | None = None,
     decode = DecodeSettings.from_json(manifest["settings"], origin=f"from {frames.manifest_path(root, split)}")
     pattern = manifest.get("frame_pattern", frames.DEFAULT_PATTERN)
     first = int(manifest.get("frame_first_index", frames.DEFAULT_FIRST_INDEX))
-    if not decode.short_side:   # prepared at the videos' own sizes
-      decode = dataclasses.replace(_sniff_decode(root, videos, data), fps=decode.fps,
-                                   jpeg_quality=decode.jpeg_quality, max_frames=decode.max_frames)
   else:
     decode = _sniff_decode(root, videos, data)
     pattern, first = data.frame_pattern, int(data.frame_first_index)
   names_ = frames.FrameNames(pattern, first)
   _check_first_frame(root, videos, names_)
-  return frames.FrameSource(root, videos, names, names=names_,
+  short_side = decode.short_side or _sniff_decode(root, videos, data).short_side
+  return frames.FrameSource(root, videos, names, names=names_, frame_short_side=short_side,
                             check_frame_counts=bool(data.get("check_frame_counts", True)),
                             decode=decode)
 
@@ -425,6 +424,13 @@ def decode_settings(data) -> DecodeSettings:
     except DataError as e:
       return DecodeSettings(fps=float(data.fps), origin=f"the preparation defaults ({e})")
   raise DataError(f"config.data.source must be one of {SOURCES}, got {data.source!r}")
+
+
+def stored_short_side(source: Source) -> int:
+  """The short side of a source's stored frames: recorded, or measured on its first frame; the
+  preparation default when neither is known."""
+  return (getattr(source, "frame_short_side", 0) or source.decode.short_side
+          or DecodeSettings().short_side)
 
 
 def num_records(source: Source) -> int:

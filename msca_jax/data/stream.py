@@ -72,7 +72,7 @@ def training_window(data, source: sources.Source) -> int | None:
   """The padded crop-window side of training batches when the device finishes the views, else None."""
   if not pipeline.augments_on_device(data):
     return None
-  return pipeline.device_window(data, source.decode.short_side)
+  return pipeline.device_window(data, sources.stored_short_side(source))
 
 
 def model_inputs(data, window: int | None) -> Callable[[dict], object]:

@@ -51,9 +51,14 @@ def assert_pixels(video: np.ndarray, dtype: str = "uint8") -> None:
 
 
 def data_config(path: str, **overrides):
-  """config.data of the demo, reading DMVR shards at `path`, small enough for fast tests."""
+  """config.data of the demo, reading DMVR shards at `path`, small enough for fast tests.
+
+  Training views are finished in tf.data (augment_on='host'), so that batches hold the clips
+  themselves; the device path is compared with this one in tests/data/test_device_augment.py.
+  """
   data = common.get_config("vit", "demo").data
   data.source, data.path = "dmvr", path
+  data.augment_on = "host"
   data.num_frames = 4
   data.image_size = 16
   data.train_short_side_range = (16, 24)
