@@ -1,171 +1,1219 @@
-"""Measures the training input pipeline: clips/s, per core, and where the time goes.
+"""Measures the training input pipeline on both video layouts, side by side, in one run.
 
-  python -m msca_jax.tools.input_benchmark                       # Kinetics-like shards it writes
-  python -m msca_jax.tools.input_benchmark --data_dir=DIR --split=train   # your prepared shards
+  python -m msca_jax.tools.input_benchmark [--seconds=12] [--videos=24] [--layouts=frames,dmvr]
+      [--json=out.json] [--accelerator_clips_per_s=580]
 
-Without --data_dir it writes stand-in shards shaped like prepared Kinetics (25 fps, 340x256
-JPEG frames, 10 s videos) into a cache directory once. It then times:
-  * the full training pipeline (8x224 by default) with every core, and with one core;
-  * its stages, each alone on one core: reading + parsing records, decoding the clip's
-    JPEG frames (only the crop window), and augmenting (resize, flip, colour, normalise).
-With --accelerator_clips_per_s (a measured train-step rate), it prints the cores that feed it.
+It writes stand-in videos shaped like prepared Kinetics (10 s at 25 fps, 340x256 frames, JPEG
+quality 90, textured moving content that compresses to about 30 KB a frame) once into a cache
+directory (--cache_dir, else $MSCA_JAX_CACHE, else ~/.cache/msca_jax). Each frame is encoded once
+and the same JPEG bytes are stored in both layouts: frame folders (one file per frame and a list,
+`data.frames`) and DMVR shards (one record per whole video, `data.dmvr`). Then, for each layout:
+
+  1. bytes read per training clip (rchar of /proc/self/io around many batches, after warm-up)
+     over the bytes of the JPEG frames the clip decodes;
+  2. time and bytes to the first batch after resuming a stream at a saved position;
+  3. peak resident memory of a process iterating the pipeline while shuffling over 20,000 (and
+     240,000) videos, and for DMVR with shuffle buffers of a few sizes, extrapolated to the
+     recipe's 4096 records;
+  4. clips/s and host CPU per clip with every core and with one, from a warm and from a cold page
+     cache (the data files evicted with posix_fadvise(POSIX_FADV_DONTNEED)), for the recipe's
+     pipeline (config.data as common.get_config('vit') sets it: uint8 clips, the views finished
+     where config.data.augment_on says); once with the views finished on the host in uint8 and in
+     float32, to show what each choice costs; and where one clip's time goes, stage by stage;
+  5. the host cores it takes to feed one accelerator at a given train-step rate (README's computed
+     rates, and --accelerator_clips_per_s).
+
+The stand-in list and shard sets are longer than the videos written: the frame list cycles over
+the same folders, and the DMVR file list names the same shards many times, so an epoch has
+20,000 videos while the disk holds a few hundred MB. Memory and resume costs depend on the index
+and on the positions, not on how many distinct videos the bytes come from.
+
+The pieces are functions (stand_in_data, throughput, resume_cost, peak_rss, stage_times,
+run_benchmark, format_report) so tests and notebooks can run them without flags.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import dataclasses
+import gc
 import json
+import math
 import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
-from absl import app, flags
 import numpy as np
 import tensorflow as tf
 
-from configs import common
 from msca_jax import host_memory
-from msca_jax.data import augment, dmvr, pipeline, sampling, sources
+from msca_jax.data import augment, dmvr, frames, pipeline, sampling, sources
 
-FLAGS = flags.FLAGS
+# The previous tool's measurement of the old pipeline on this 2-core machine: DMVR stand-in shards,
+# float32 clips, batch 16, 8x224 at stride 32 (README, Measured).
+OLD_CLIPS_PER_S, OLD_CORES = 100.8, 2
+OLD_PER_CORE = OLD_CLIPS_PER_S / OLD_CORES
+
+# README "What to expect": clips/s per chip at 50 % MFU, computed from XLA's 857 GFLOP per
+# ViT-B/16 8x224 training clip and each chip's dense bf16 peak (not measured).
+README_ACCELERATORS = (("H100 SXM", 580.0), ("TPU v5p", 270.0), ("TPU v4", 160.0),
+                       ("TPU v5e", 115.0))
+
+KINETICS_FRAME = (256, 340)          # (height, width): short side 256, as prepared Kinetics
+KINETICS_KB_PER_FRAME = 30.0         # at 340x256, JPEG quality 90
+RECIPE_SHUFFLE_BUFFER = 4096         # configs/common.py: config.data.shuffle_buffer
+KINETICS_RECORD_MB = 7.5             # 250 frames x 30 KB: one prepared-Kinetics DMVR record
+LAYOUTS = ("frames", "dmvr")
+SPLIT = "train"
+EVICT_INTERVAL_S = 0.25
 
 
-def define_flags() -> None:
-  flags.DEFINE_string("data_dir", "", "DMVR shard directory; empty writes stand-in Kinetics shards")
-  flags.DEFINE_string("split", "train", "split to read")
-  flags.DEFINE_integer("num_frames", 8, "frames per clip")
-  flags.DEFINE_integer("stride", 32, "frame stride")
-  flags.DEFINE_integer("image_size", 224, "crop size")
-  flags.DEFINE_integer("batch_size", 16, "clips per batch")
-  flags.DEFINE_float("seconds", 20.0, "seconds per timed measurement")
-  flags.DEFINE_integer("stand_in_videos", 48, "videos in the stand-in shards")
-  flags.DEFINE_float("accelerator_clips_per_s", 0.0, "a train-step rate to feed (clips/s)")
-  flags.DEFINE_string("json", "", "also write the results here")
+def _log(message: str) -> None:
+  print(message, flush=True)
 
 
-def stand_in_shards(num_videos: int, seconds: float = 10.0, fps: int = 25, size=(256, 340)) -> str:
-  """Prepared-Kinetics look-alikes: smooth moving content (JPEG sizes like real video), 25 fps."""
-  root = os.path.join(os.environ.get("MSCA_JAX_CACHE") or os.path.expanduser("~/.cache/msca_jax"),
-                      f"input_benchmark-{num_videos}x{int(seconds * fps)}-{size[0]}x{size[1]}")
-  if os.path.exists(os.path.join(root, dmvr.LABELS_FILE)):
-    return root
-  print(f"writing {num_videos} stand-in videos to {root} (once)")
-  rng = np.random.default_rng(0)
-  h, w = size
-  ys, xs = np.meshgrid(np.linspace(0, 1, h), np.linspace(0, 1, w), indexing="ij")
-  encode = tf.function(lambda f: tf.map_fn(lambda x: tf.io.encode_jpeg(x, quality=90), f,
-                                           fn_output_signature=tf.string))
+# ---------------------------------------------------------------------------------------------
+# Stand-in data.
 
-  def records():
+@dataclasses.dataclass(frozen=True)
+class StandIn:
+  """Stand-in videos stored in both layouts (the same JPEG bytes)."""
+  root: str
+  num_videos: int
+  frames_per_video: int
+  height: int
+  width: int
+  jpeg_quality: int
+  fps: float
+  mean_frame_bytes: float          # over every frame written
+  mean_record_bytes: float         # a serialised DMVR record (one video)
+  texture_amplitude: float
+  reused: bool = False
+
+  @property
+  def frames_root(self) -> str:
+    return os.path.join(self.root, "frames")
+
+  @property
+  def dmvr_root(self) -> str:
+    return os.path.join(self.root, "dmvr")
+
+  def frame_files(self) -> list[str]:
+    folder_paths = [os.path.join(self.frames_root, _folder(i)) for i in range(self.num_videos)]
+    return [e.path for f in folder_paths for e in os.scandir(f) if e.is_file()]
+
+  def dmvr_files(self) -> list[str]:
+    return dmvr.list_shards(self.dmvr_root, SPLIT)
+
+  def files(self, layout: str) -> list[str]:
+    return self.frame_files() if layout == "frames" else self.dmvr_files()
+
+  def describe(self) -> str:
+    seconds = self.frames_per_video / self.fps
+    return (f"{self.num_videos} stand-in videos x {self.frames_per_video} frames ({seconds:.1f} s at "
+            f"{self.fps:g} fps), {self.width}x{self.height}, JPEG quality {self.jpeg_quality}: "
+            f"{self.mean_frame_bytes / 1024:.1f} KB per frame (mean of "
+            f"{self.num_videos * self.frames_per_video}), {self.mean_record_bytes / 2**20:.2f} MB per "
+            f"DMVR record")
+
+
+def _folder(i: int) -> str:
+  return f"v{i:05d}"
+
+
+def cache_root(cache_dir: str | None = None) -> str:
+  return (cache_dir or os.environ.get("MSCA_JAX_CACHE") or os.path.expanduser("~/.cache/msca_jax"))
+
+
+class _Content:
+  """Textured moving frames: smooth colour waves drifting in time plus a multi-scale noise texture
+  that slides across the frame; `amplitude` sets the texture's strength, hence the JPEG size."""
+
+  def __init__(self, seed: int, height: int, width: int):
+    rng = np.random.default_rng(seed)
+    self.height, self.width, self.pad = height, width, max(8, min(height, width) // 4)
+    ys, xs = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    base = (7 * xs + 5 * ys)[..., None]
+    self.sin, self.cos = np.sin(base), np.cos(base)
+    self.phase = rng.uniform(0, 2 * np.pi, 3)
+    self.colour = rng.uniform(0.4, 1.0, 3) * 70
+    big = (height + 2 * self.pad, width + 2 * self.pad)
+    layers = []
+    for scale, weight in ((16, 1.0), (4, 0.6), (1, 0.3)):
+      small = rng.normal(0, 1, (max(2, big[0] // scale + 1), max(2, big[1] // scale + 1), 3))
+      layer = tf.image.resize(small[None].astype(np.float32), big, method="bicubic")[0].numpy()
+      layers.append(weight * layer)
+    texture = sum(layers)
+    self.texture = (texture / texture.std()).astype(np.float32)
+
+  def frame(self, t: int, amplitude: float) -> np.ndarray:
+    angle = self.phase + 0.05 * t
+    wave = self.sin * np.cos(angle) + self.cos * np.sin(angle)   # sin(base + angle)
+    span = 2 * self.pad                                   # the texture's margin
+    dy = span - abs(span - t % (2 * span))                # to and fro: no jumps
+    dx = span - abs(span - (2 * t) % (2 * span))
+    window = self.texture[dy:dy + self.height, dx:dx + self.width]
+    return np.clip(128 + self.colour * wave + amplitude * window, 0, 255).astype(np.uint8)
+
+
+def _jpeg(frame: np.ndarray, quality: int) -> bytes:
+  return tf.io.encode_jpeg(frame, quality=quality).numpy()
+
+
+def calibrate_texture(height: int, width: int, quality: int, target_bytes: float) -> float:
+  """The texture amplitude whose frames compress to about `target_bytes` (bisection)."""
+  content = _Content(10_000, height, width)
+
+  def mean_bytes(amplitude):
+    return np.mean([len(_jpeg(content.frame(t, amplitude), quality)) for t in (0, 40, 80, 120)])
+
+  lo, hi = 0.0, 160.0
+  for _ in range(12):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if mean_bytes(mid) < target_bytes else (lo, mid)
+  return (lo + hi) / 2
+
+
+def stand_in_data(num_videos: int = 24, frames_per_video: int = 250,
+                  size: tuple[int, int] = KINETICS_FRAME, jpeg_quality: int = 90,
+                  kb_per_frame: float | None = None, fps: float = 25.0,
+                  cache_dir: str | None = None, log: Callable[[str], None] = _log) -> StandIn:
+  """Writes (once) `num_videos` stand-in videos as frame folders and as DMVR shards.
+
+  The directory is named by the parameters, so a rerun with the same ones reuses it.
+  `kb_per_frame` defaults to 30 KB at 340x256, scaled by area for other sizes.
+  """
+  height, width = size
+  if kb_per_frame is None:
+    kb_per_frame = KINETICS_KB_PER_FRAME * height * width / (KINETICS_FRAME[0] * KINETICS_FRAME[1])
+  name = (f"input_benchmark-v2-{num_videos}x{frames_per_video}-{width}x{height}-q{jpeg_quality}-"
+          f"{kb_per_frame:g}kb")
+  root = os.path.join(cache_root(cache_dir), name)
+  stats_path = os.path.join(root, "stand_in.json")
+  if os.path.exists(stats_path):
+    with open(stats_path) as f:
+      stand_in = StandIn(root=root, reused=True, **json.load(f))
+    _write_dmvr_manifest(stand_in.dmvr_root, fps, height, width, jpeg_quality)
+    return stand_in
+
+  log(f"writing {num_videos} stand-in videos to {root} (once; a rerun reuses them)")
+  tmp = f"{root}.tmp-{os.getpid()}"
+  try:
+    stats = _write_stand_in(tmp, num_videos, frames_per_video, height, width, jpeg_quality,
+                            kb_per_frame, fps, log)
+    os.replace(tmp, root)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return StandIn(root=root, **stats)
+
+
+def _write_stand_in(tmp: str, num_videos: int, frames_per_video: int, height: int, width: int,
+                    jpeg_quality: int, kb_per_frame: float, fps: float,
+                    log: Callable[[str], None]) -> dict:
+  start = time.perf_counter()
+  amplitude = calibrate_texture(height, width, jpeg_quality, kb_per_frame * 1024)
+  frames_root, dmvr_root = os.path.join(tmp, "frames"), os.path.join(tmp, "dmvr")
+  os.makedirs(frames_root, exist_ok=True)
+  num_classes = min(4, num_videos)
+  class_names = [f"class{i}" for i in range(num_classes)]
+  frame_bytes, record_bytes = [], []
+
+  def records() -> Iterable[bytes]:
     for i in range(num_videos):
-      phase, colour = rng.uniform(0, 6.3, 3), rng.uniform(0.3, 1, 3)
-      texture = rng.normal(0, 12, (h, w, 3))
-      frames = []
-      for t in range(int(seconds * fps)):
-        wave = np.stack([np.sin(7 * xs + 5 * ys + phase[c] + t * 0.05) for c in range(3)], -1)
-        frames.append(np.clip(128 + 90 * wave * colour + texture, 0, 255).astype(np.uint8))
-      jpegs = [bytes(b) for b in encode(np.stack(frames)).numpy()]
-      yield dmvr.make_example(jpegs, i % 4, f"class{i % 4}", f"stand_in/{i}")
+      content = _Content(i, height, width)
+      jpegs = [_jpeg(content.frame(t, amplitude), jpeg_quality) for t in range(frames_per_video)]
+      frame_bytes.extend(len(j) for j in jpegs)
+      frames.write_frames(frames_root, _folder(i), jpegs)
+      record = dmvr.make_example(jpegs, i % num_classes, class_names[i % num_classes],
+                                 f"stand_in/{_folder(i)}")
+      record_bytes.append(len(record))
+      if (i + 1) % max(1, num_videos // 6) == 0 or i + 1 == num_videos:
+        log(f"  {i + 1}/{num_videos} videos, {np.mean(frame_bytes) / 1024:.1f} KB per frame so far")
+      yield record
 
-  tmp = root + ".tmp"
-  dmvr.write_labels(tmp, [f"class{i}" for i in range(4)])
-  dmvr.write_shards(tmp, "train", records(), num_shards=8)
-  os.replace(tmp, root)
-  return root
+  dmvr.write_labels(dmvr_root, class_names)
+  dmvr.write_shards(dmvr_root, SPLIT, records(), num_shards=min(8, num_videos))
+  frames.write_list(frames.list_path(frames_root, SPLIT),
+                    [(_folder(i), frames_per_video, i % num_classes) for i in range(num_videos)])
+  settings = sources.DecodeSettings(fps=fps, short_side=min(height, width),
+                                    jpeg_quality=jpeg_quality).as_json()
+  frames.write_manifest(frames_root, SPLIT, settings)
+  dmvr.write_labels(frames_root, class_names)
+  _write_dmvr_manifest(dmvr_root, fps, height, width, jpeg_quality)
+  stats = dict(num_videos=num_videos, frames_per_video=frames_per_video, height=height,
+               width=width, jpeg_quality=jpeg_quality, fps=fps,
+               mean_frame_bytes=float(np.mean(frame_bytes)),
+               mean_record_bytes=float(np.mean(record_bytes)), texture_amplitude=amplitude)
+  with open(os.path.join(tmp, "stand_in.json"), "w") as f:
+    json.dump(stats, f, indent=1)
+  os.sync()  # clean pages: posix_fadvise can evict them
+  log(f"  written in {time.perf_counter() - start:.0f} s")
+  return stats
 
 
-def _rate(iterator, seconds: float, items_per_next: int) -> float:
-  next(iterator)  # warm-up: tracing, file opening, buffers
-  count, start = 0, time.perf_counter()
-  while time.perf_counter() - start < seconds:
-    next(iterator)
-    count += items_per_next
-  return count / (time.perf_counter() - start)
+def _write_dmvr_manifest(dmvr_root: str, fps: float, height: int, width: int,
+                         jpeg_quality: int) -> None:
+  """SPLIT.manifest.json beside the shards: the frames' settings, read by sources.dmvr_source."""
+  path = os.path.join(dmvr_root, f"{SPLIT}.manifest.json")
+  if not os.path.exists(path):
+    settings = sources.DecodeSettings(fps=fps, short_side=min(height, width),
+                                      jpeg_quality=jpeg_quality).as_json()
+    with open(path + ".tmp", "w") as f:
+      json.dump({"version": 1, "layout": "dmvr", "settings": settings}, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
-def _single_core(ds: tf.data.Dataset) -> tf.data.Dataset:
+def frame_list(stand_in: StandIn, num_videos: int) -> str:
+  """A list of `num_videos` lines cycling over the stand-in folders (written once)."""
+  if num_videos == stand_in.num_videos:
+    return frames.list_path(stand_in.frames_root, SPLIT)
+  path = os.path.join(stand_in.frames_root, f"{SPLIT}_x{num_videos}.txt")
+  if not os.path.exists(path):
+    n = stand_in.num_videos
+    labels = min(4, n)
+    frames.write_list(path, [(_folder(i % n), stand_in.frames_per_video, (i % n) % labels)
+                             for i in range(num_videos)])
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations and sources.
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+  num_frames: int = 8
+  stride: int = 32
+  image_size: int = 224
+  batch_size: int = 16
+
+  def describe(self) -> str:
+    return f"{self.num_frames}x{self.image_size} clips at stride {self.stride}, batch {self.batch_size}"
+
+
+def data_config(layout: str, stand_in: StandIn, clip: Clip, *, dtype: str = "uint8",
+                shuffle_buffer: int = 16, list_videos: int | None = None,
+                augment_on: str | None = None):
+  """config.data of the recipe (common.get_config('vit').data) reading the stand-in data;
+  `augment_on` overrides config.data.augment_on where the pipeline has it."""
+  from configs import common  # noqa: PLC0415  (imports JAX: only where a config is built)
+
+  data = common.get_config("vit").data
+  data.num_frames, data.stride, data.image_size = clip.num_frames, clip.stride, clip.image_size
+  if clip.image_size != 224:  # the recipe's ranges, scaled to a small test crop
+    data.train_short_side_range = (clip.image_size, clip.image_size * 330 // 224)
+    data.eval_short_side = clip.image_size
+  data.dtype = dtype
+  data.shuffle_buffer = shuffle_buffer
+  if augment_on is not None and "augment_on" in data:
+    data.augment_on = augment_on
+  if layout == "frames":
+    data.source, data.path = "frames", stand_in.frames_root
+    data.train_list = frame_list(stand_in, list_videos or stand_in.num_videos)
+  elif layout == "dmvr":
+    data.source, data.path = "dmvr", stand_in.dmvr_root
+  else:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+  return data
+
+
+def augment_where(data) -> str:
+  """'device' when the train step finishes the views (the host only decodes crop windows), else
+  'host' (config.data.augment_on, where the pipeline has it)."""
+  on_device = getattr(pipeline, "augments_on_device", None)
+  return "device" if on_device is not None and "augment_on" in data and on_device(data) else "host"
+
+
+def layout_source(data, *, dmvr_repeat: int = 1) -> sources.Source:
+  """The pipeline's source for `data`; DMVR's file list names every shard `dmvr_repeat` times."""
+  if data.source == "frames":
+    return sources.make_source(data, SPLIT)
+  source = sources.dmvr_source(data.path, SPLIT)
+  if dmvr_repeat > 1:
+    source = dataclasses.replace(
+        source, files=tuple(source.files) * dmvr_repeat,
+        description=f"{source.description}, each listed {dmvr_repeat} times")
+  return source
+
+
+def records_per_epoch(source: sources.Source) -> int:
+  if isinstance(source, frames.FrameSource):
+    return len(source.videos)
+  distinct = sorted(set(source.files))
+  per_file = dict(zip(distinct, sources.count_records(distinct)))
+  return sum(per_file[f] for f in source.files)
+
+
+# ---------------------------------------------------------------------------------------------
+# Process measurements: I/O counters, memory, CPU, page cache, one core.
+
+def io_counters() -> dict[str, int]:
+  """/proc/self/io: rchar (bytes returned by read calls, page cache or not) and read_bytes (bytes
+  the storage layer fetched). Zeros where the file is not available."""
+  try:
+    with open("/proc/self/io") as f:
+      values = dict(line.split(":") for line in f if ":" in line)
+    return {"rchar": int(values["rchar"]), "read_bytes": int(values["read_bytes"])}
+  except (OSError, KeyError, ValueError):
+    return {"rchar": 0, "read_bytes": 0}
+
+
+def _status_kb(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return 0
+
+
+def _cpu_s() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+def warm_page_cache(paths: Sequence[str]) -> float:
+  """Reads every file once so that the measurement finds them in the page cache; seconds taken."""
+  start = time.perf_counter()
+  for path in paths:
+    with open(path, "rb", buffering=0) as f:
+      while f.read(1 << 22):
+        pass
+  return time.perf_counter() - start
+
+
+def evict(fds: Sequence[int]) -> None:
+  for fd in fds:
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+@contextlib.contextmanager
+def cold_page_cache(paths: Sequence[str], interval_s: float = EVICT_INTERVAL_S):
+  """Evicts `paths` from the page cache on entry and every `interval_s` until exit.
+
+  posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) on every data file (no root needed): the stand-in
+  set is small, so without the repeats a measurement would soon read from memory again. Yields a
+  dict that gets the eviction thread's rounds and CPU seconds (counted against the pipeline's CPU).
+  """
+  _allow_open_files(len(paths) + 256)
+  fds = [os.open(p, os.O_RDONLY) for p in paths]
+  stats = {"rounds": 0, "cpu_s": 0.0, "interval_s": interval_s, "files": len(fds)}
+  stop = threading.Event()
+
+  def loop():
+    cpu = time.thread_time()
+    while not stop.wait(interval_s):
+      evict(fds)
+      stats["rounds"] += 1
+    stats["cpu_s"] = time.thread_time() - cpu
+
+  try:
+    evict(fds)
+    thread = threading.Thread(target=loop, daemon=True, name="evict")
+    thread.start()
+    try:
+      yield stats
+    finally:
+      stop.set()
+      thread.join()
+  finally:
+    for fd in fds:
+      os.close(fd)
+
+
+def _allow_open_files(count: int) -> None:
+  """Raises the soft limit on open files towards `count` (up to the hard limit)."""
+  try:
+    import resource  # noqa: PLC0415  (POSIX only)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+      resource.setrlimit(resource.RLIMIT_NOFILE,
+                         (count if hard == resource.RLIM_INFINITY else min(count, hard), hard))
+  except (ImportError, ValueError, OSError):
+    pass
+
+
+def _tasks() -> list[int]:
+  try:
+    return [int(t) for t in os.listdir("/proc/self/task")]
+  except OSError:
+    return [0]
+
+
+@contextlib.contextmanager
+def one_core():
+  """Pins every thread of this process (and the threads they start) to one CPU; yields a function
+  that pins the threads started since. Restores the original affinity on exit."""
+  if not hasattr(os, "sched_setaffinity"):
+    yield lambda: None
+    return
+  original = os.sched_getaffinity(0)
+  cpu = {min(original)}
+
+  def pin():
+    for tid in _tasks():
+      with contextlib.suppress(OSError):
+        os.sched_setaffinity(tid, cpu)
+  pin()
+  try:
+    yield pin
+  finally:
+    for tid in _tasks():
+      with contextlib.suppress(OSError):
+        os.sched_setaffinity(tid, original)
+
+
+def single_core(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """tf.data's own threads: one (a private pool of one thread, no intra-op parallelism)."""
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
   return ds.with_options(options)
 
 
-def main(argv: Sequence[str]) -> None:
-  print(host_memory.keep_freed_memory(), flush=True)  # before JAX starts its threads
-  del argv
-  directory = FLAGS.data_dir or stand_in_shards(FLAGS.stand_in_videos)
-  data = common.get_config("vit").data
-  data.source, data.path = "dmvr", directory
-  data.num_frames, data.stride, data.image_size = FLAGS.num_frames, FLAGS.stride, FLAGS.image_size
-  data.shuffle_buffer = 256
-  source = sources.dmvr_source(directory, FLAGS.split)
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  print(f"input: {source.description}; {FLAGS.num_frames}x{FLAGS.image_size} clips at stride "
-        f"{FLAGS.stride}, batch {FLAGS.batch_size}, {cores} cores, {FLAGS.seconds:.0f} s per measurement")
-  results = {"cores": cores, "clip": f"{FLAGS.num_frames}x{FLAGS.image_size}", "stride": FLAGS.stride}
+def _load() -> float:
+  return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-  def train(single: bool):
-    ds = pipeline.train_dataset(source, data, batch_size=FLAGS.batch_size, seed=0)
-    return iter(_single_core(ds) if single else ds)
 
-  results["clips_per_s"] = _rate(train(False), FLAGS.seconds, FLAGS.batch_size)
-  results["clips_per_s_one_core"] = _rate(train(True), FLAGS.seconds, FLAGS.batch_size)
+def num_cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
-  # Stages, each alone on one core, per clip.
-  files = list(source.files)
-  reads = tf.data.Dataset.from_tensor_slices(files).interleave(
-      tf.data.TFRecordDataset, cycle_length=1).map(source.parse).repeat()
-  results["read_parse_ms"] = 1e3 / _rate(iter(_single_core(reads)), FLAGS.seconds / 2, 1)
-  sample = [r["frames"] for r, _ in zip(reads.as_numpy_iterator(), range(8))]
-  results["frames_per_video"] = float(np.mean([len(f) for f in sample]))
-  results["kb_per_frame"] = float(np.mean([len(j) for f in sample for j in f]) / 1024)
-  print(f"videos: {results['frames_per_video']:.0f} frames on average, "
-        f"{results['kb_per_frame']:.1f} KB per JPEG frame")
 
+# ---------------------------------------------------------------------------------------------
+# The measurements.
+
+def throughput(source: sources.Source, data, *, batch_size: int, seconds: float,
+               use_one_core: bool = False, warmup_s: float = 2.0, warmup_batches: int = 2,
+               windows: int = 3, seed: int = 0) -> dict:
+  """Clips/s of the training pipeline (numpy batches, as the trainer takes them), with the bytes
+  read (rchar), storage reads (read_bytes) and process CPU per clip, after a warm-up.
+
+  `seconds` are timed as `windows` consecutive windows: clips_per_s is the best window's rate (on
+  a shared machine, the one least slowed by other processes), clips_per_s_overall the whole
+  time's; bytes and CPU per clip are over the whole time."""
+  ds = pipeline.train_dataset(source, data, batch_size=batch_size, seed=seed)
+  if use_one_core:
+    ds = single_core(ds)
+  with one_core() if use_one_core else contextlib.nullcontext(None) as repin:
+    iterator = pipeline.as_numpy(ds)
+    start, batches = time.perf_counter(), 0
+    while batches < warmup_batches or time.perf_counter() - start < warmup_s:
+      next(iterator)
+      batches += 1
+    if repin:
+      repin()
+    io0, cpu0, t0 = io_counters(), _cpu_s(), time.perf_counter()
+    clips, window_rates = 0, []
+    for _ in range(windows):  # consecutive windows: the best is the least disturbed by others
+      w_start, w_clips, w_cpu = time.perf_counter(), 0, _cpu_s()
+      while time.perf_counter() - w_start < seconds / windows or w_clips < 2 * batch_size:
+        batch = next(iterator)
+        w_clips += len(batch["label"])
+      w_elapsed = time.perf_counter() - w_start
+      window_rates.append({"clips_per_s": w_clips / w_elapsed,
+                           "cores_used": (_cpu_s() - w_cpu) / w_elapsed})
+      clips += w_clips
+    elapsed = time.perf_counter() - t0
+    io1, cpu1 = io_counters(), _cpu_s()
+  del iterator
+  gc.collect()
+  best = max(window_rates, key=lambda w: w["clips_per_s"])
+  return {"clips_per_s": best["clips_per_s"], "clips_per_s_overall": clips / elapsed,
+          "windows": window_rates, "clips": clips, "seconds": elapsed,
+          "rchar_per_clip": (io1["rchar"] - io0["rchar"]) / clips,
+          "read_bytes_per_clip": (io1["read_bytes"] - io0["read_bytes"]) / clips,
+          "cpu_ms_per_clip": 1e3 * (cpu1 - cpu0) / clips,
+          "output_bytes_per_clip": int(batch["video"][0].nbytes)}
+
+
+def resume_cost(source: sources.Source, data, *, position: int, batch_size: int,
+                seed: int = 0) -> dict:
+  """Seconds (building the pipeline included) and bytes read until the first batch of a stream
+  resumed at `position` (pipeline.StreamState)."""
+  gc.collect()
+  io0, t0 = io_counters(), time.perf_counter()
+  ds = pipeline.train_dataset(source, data, batch_size=batch_size, seed=seed,
+                              state=pipeline.StreamState(position=position))
+  build_s = time.perf_counter() - t0
+  iterator = pipeline.as_numpy(ds)
+  batch = next(iterator)
+  seconds = time.perf_counter() - t0
+  io1 = io_counters()
+  del iterator
+  gc.collect()
+  return {"position": int(position), "seconds": seconds, "build_s": build_s,
+          "rchar": io1["rchar"] - io0["rchar"], "read_bytes": io1["read_bytes"] - io0["read_bytes"],
+          "first_index": int(batch["index"].min())}
+
+
+def stage_times(source: sources.Source, data, *, seconds: float, seed: int = 0) -> dict:
+  """ms per clip of each stage, on one core, each timed alone (cumulatively, then differenced):
+  read (open, sample, read the clip's JPEG bytes; for DMVR parsing the whole record), decode (the
+  8 frames' crop windows at a typical window size), augment (resize, flip, colour, to the output
+  dtype)."""
   aug = pipeline.train_augment(data)
+  lo, hi = data.train_short_side_range
+  records = source.train_records(seed=seed, process_index=0, process_count=1, start=0,
+                                 shuffle_buffer=data.shuffle_buffer, deterministic=True)
 
-  def sampled(frames, seed):
-    indices = sampling.train_indices("dense", tf.size(frames), FLAGS.num_frames, FLAGS.stride, seed)
-    return tf.gather(frames, indices)
+  def prepare(element):
+    opened = source.open(element)
+    s_sample, s_aug = tf.unstack(tf.random.experimental.stateless_split(
+        source.clip_seed(seed, element), 2))
+    indices = sampling.train_indices(data.sampling, opened["length"], data.num_frames,
+                                     data.stride, s_sample, positions=data.clip_positions)
+    return source.read(opened, indices), s_aug
 
-  def decode(frames, seed):
-    jpegs = sampled(frames, seed)
+  def read(element):
+    jpegs, _ = prepare(element)
+    return tf.reduce_sum(tf.strings.length(jpegs))
+
+  def decode(element):
+    jpegs, _ = prepare(element)
     shape = tf.io.extract_jpeg_shape(jpegs[0])
-    window = tf.minimum(shape[0], shape[1]) * FLAGS.image_size // 280  # a typical crop window
+    short = tf.minimum(shape[0], shape[1])
+    window = tf.minimum(short, short * data.image_size * 2 // (lo + hi))  # the mean short side
     crop = tf.stack([0, 0, window, window])
     return tf.map_fn(lambda b: tf.io.decode_and_crop_jpeg(b, crop, channels=3), jpegs,
                      fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
 
-  def full(frames, seed):
-    return augment.train_clip(sampled(frames, seed), seed, aug)
+  def full(element):
+    jpegs, s_aug = prepare(element)
+    return pipeline.to_output(augment.train_clip(jpegs, s_aug, aug), data.dtype)
 
-  def per_clip_ms(fn) -> float:
-    ds = reads.enumerate().map(lambda i, r: fn(r["frames"], tf.stack([i, i])))
-    return 1e3 / _rate(iter(_single_core(ds)), FLAGS.seconds / 2, 1)
+  def ms_per_clip(fn) -> float:
+    ds = single_core(records.map(fn))
+    with one_core() as repin:
+      iterator = iter(ds)
+      next(iterator)
+      repin()
+      count, t0 = 0, time.perf_counter()
+      while time.perf_counter() - t0 < seconds or count < 4:
+        next(iterator)
+        count += 1
+      elapsed = time.perf_counter() - t0
+    del iterator
+    gc.collect()
+    return 1e3 * elapsed / count
 
-  read_decode = per_clip_ms(decode)
-  read_decode_augment = per_clip_ms(full)
-  results["decode_ms"] = max(read_decode - results["read_parse_ms"], 0.0)
-  results["augment_ms"] = max(read_decode_augment - read_decode, 0.0)
-  stages = {"read + parse": results["read_parse_ms"], "decode (crop window)": results["decode_ms"],
-            "augment": results["augment_ms"]}
-  total = sum(stages.values())
+  read_ms = ms_per_clip(read)
+  decode_ms = ms_per_clip(decode)
+  full_ms = ms_per_clip(full)
+  return {"read_ms": read_ms, "decode_ms": max(decode_ms - read_ms, 0.0),
+          "augment_ms": max(full_ms - decode_ms, 0.0), "total_ms": full_ms}
 
-  print(f"\ntraining input, {FLAGS.num_frames}x{FLAGS.image_size}:")
-  print(f"  {results['clips_per_s']:8.1f} clips/s on {cores} cores "
-        f"({results['clips_per_s'] / cores:.1f} clips/s per core)")
-  print(f"  {results['clips_per_s_one_core']:8.1f} clips/s on 1 core")
-  print("\nwhere one clip's time goes (each stage alone on one core):")
-  for name, ms in stages.items():
-    print(f"  {name:22s} {ms:7.2f} ms  {100 * ms / total:5.1f}%")
-  if FLAGS.accelerator_clips_per_s:
-    need = FLAGS.accelerator_clips_per_s / (results["clips_per_s"] / cores)
-    results["cores_to_feed"] = need
-    print(f"\nfeeding {FLAGS.accelerator_clips_per_s:.0f} clips/s takes about {need:.1f} cores")
-  if FLAGS.json:
-    with open(FLAGS.json, "w") as f:
-      json.dump(results, f, indent=2)
+
+# Peak memory: each configuration in a fresh process (freed memory stays resident in this one:
+# host_memory keeps it, as training does), its spec on stdin and its result on stdout's last line.
+
+def _rss_child_main() -> None:
+  import ml_collections  # noqa: PLC0415
+
+  spec = json.loads(sys.stdin.read())
+  data = ml_collections.ConfigDict(spec["data"])
+  gc.collect()
+  idle_kb = _status_kb("VmRSS")  # TensorFlow imported, nothing built: the index counts as used
+  try:  # resets VmHWM to the current RSS (Linux >= 4.0, own process, no root)
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    hwm_reset = True
+  except OSError:
+    hwm_reset = False
+  samples, stop = [], threading.Event()
+
+  def sample():
+    while not stop.is_set():
+      samples.append(_status_kb("VmRSS"))
+      stop.wait(0.02)
+  sampler = threading.Thread(target=sample, daemon=True)
+  sampler.start()
+  source = layout_source(data, dmvr_repeat=spec["dmvr_repeat"])
+  ds = pipeline.train_dataset(source, data, batch_size=spec["batch_size"], seed=0)
+  built_kb = _status_kb("VmRSS")
+  t0 = time.perf_counter()
+  iterator = pipeline.as_numpy(ds)
+  next(iterator)
+  first_s = time.perf_counter() - t0
+  for _ in range(spec["batches"] - 1):
+    next(iterator)
+  stop.set()
+  sampler.join()
+  peak_kb = max(max(samples), _status_kb("VmRSS"), _status_kb("VmHWM") if hwm_reset else 0)
+  print(json.dumps({"idle_mb": idle_kb / 1024, "built_mb": built_kb / 1024, "peak_mb": peak_kb / 1024,
+                    "sampled_peak_mb": max(samples) / 1024, "first_batch_s": first_s,
+                    "samples": len(samples), "hwm_reset": hwm_reset,
+                    "epoch_records": records_per_epoch(source)}), flush=True)
+
+
+def peak_rss(specs: Sequence[dict], parallel: int = 2) -> list[dict]:
+  """Peak RSS of the pipeline for each spec {'data': config.data as a dict, 'dmvr_repeat',
+  'batch_size', 'batches'}, each in its own process (`parallel` at a time; resident memory is
+  per process, so they do not disturb each other's figures)."""
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  # As the trainer does: the malloc options before TensorFlow starts its threads.
+  code = ("import sys; from msca_jax import host_memory; "
+          "print(host_memory.keep_freed_memory(), file=sys.stderr); "
+          "from msca_jax.tools import input_benchmark as b; b._rss_child_main()")
+
+  def one(spec: dict) -> dict:
+    done = subprocess.run([sys.executable, "-c", code], env=env, input=json.dumps(spec),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+      raise RuntimeError(f"memory measurement {spec.get('label', '')!r} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), label=spec.get("label", ""))
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+    return list(pool.map(one, specs))
+
+
+def _linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+  """(intercept, slope) of the least-squares line."""
+  if len(xs) < 2:
+    return float(ys[0]), 0.0
+  slope, intercept = np.polyfit(np.asarray(xs, float), np.asarray(ys, float), 1)
+  return float(intercept), float(slope)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole benchmark.
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What run_benchmark measures; the defaults are the Kinetics-shaped run."""
+  layouts: tuple[str, ...] = LAYOUTS
+  videos: int = 24
+  frames_per_video: int = 250
+  frame_size: tuple[int, int] = KINETICS_FRAME     # (height, width)
+  jpeg_quality: int = 90
+  kb_per_frame: float | None = None                # None: 30 KB at 340x256, scaled by area
+  clip: Clip = Clip()
+  seconds: float = 12.0                            # per clips/s measurement
+  warmup_s: float = 3.0
+  stage_seconds: float | None = None               # None: seconds / 4; 0: no stage breakdown
+  list_videos: int = 20_000                        # videos an epoch shuffles over
+  rss_list_videos: tuple[int, ...] = (20_000, 240_000)
+  rss_buffers: tuple[int, ...] = (16, 64, 256)
+  rss_batches: int = 8
+  rss_parallel: int = 2
+  throughput_buffer: int = 16                      # DMVR shuffle buffer for clips/s and bytes
+  resume_positions: tuple[int, ...] = (0, 100_000, 1_000_000)
+  resume_epoch_records: int = 240                  # a DMVR epoch for the resume measurement
+  resume_epoch: int = 1
+  resume_cold: bool = True
+  rss_background: bool = False   # memory processes alongside the timings: faster, disturbs them
+  float32: bool = True
+  cold: bool = True
+  accelerator_clips_per_s: float = 0.0
+  cache_dir: str | None = None
+
+
+class _Run:
+  """One benchmark run's data, sources and log; each measurement is a method."""
+
+  def __init__(self, settings: Settings, log: Callable[[str], None]):
+    self.settings, self.clip, self.log = settings, settings.clip, log
+    self.start = time.perf_counter()
+    self.cores = num_cores()
+    self.stand_in = stand_in_data(settings.videos, settings.frames_per_video, settings.frame_size,
+                                  settings.jpeg_quality, settings.kb_per_frame,
+                                  cache_dir=settings.cache_dir, log=self.progress)
+    self.decoded_per_clip = self.clip.num_frames * self.stand_in.mean_frame_bytes
+    # The DMVR shard list repeated until an epoch holds as many videos as the frame list.
+    self.epoch_repeat = max(1, math.ceil(settings.list_videos / self.stand_in.num_videos))
+    self.files = {layout: self.stand_in.files(layout) for layout in settings.layouts}
+
+  def progress(self, message: str) -> None:
+    self.log(f"[{time.perf_counter() - self.start:5.0f} s] {message}")
+
+  def setup(self, layout: str, *, dtype: str = "uint8", shuffle_buffer: int | None = None,
+            list_videos: int | None = None, repeat: int | None = None,
+            augment_on: str | None = None):
+    """(source, config.data) of a layout; DMVR's shard list repeated `repeat` times."""
+    data = data_config(layout, self.stand_in, self.clip, dtype=dtype,
+                       shuffle_buffer=shuffle_buffer or self.settings.throughput_buffer,
+                       list_videos=list_videos or self.settings.list_videos, augment_on=augment_on)
+    repeat = self.epoch_repeat if repeat is None else repeat
+    return layout_source(data, dmvr_repeat=repeat if layout == "dmvr" else 1), data
+
+  def cache(self, layout: str, state: str):
+    """A context in which `layout`'s files are in the page cache ('warm') or kept out ('cold')."""
+    if state == "warm":
+      warm_page_cache(self.files[layout])
+      return contextlib.nullcontext(None)
+    return cold_page_cache(self.files[layout])
+
+  # 1 and 4 ----------------------------------------------------------------------------------
+
+  def throughput(self, layout: str, cache: str, use_one_core: bool, dtype: str = "uint8",
+                 augment_on: str | None = None) -> dict:
+    """One clips/s row; without `augment_on` the recipe's (the row's 'recipe' is True)."""
+    source, data = self.setup(layout, dtype=dtype, augment_on=augment_on)
+    where = augment_where(data)
+    cores = 1 if use_one_core else self.cores
+    self.progress(f"clips/s: {layout}, {dtype}, views finished on the {where}, {cores} "
+                  f"core{'s' * (cores > 1)}, {cache} page cache ...")
+    with self.cache(layout, cache) as eviction:
+      r = throughput(source, data, batch_size=self.clip.batch_size, seconds=self.settings.seconds,
+                     use_one_core=use_one_core, warmup_s=self.settings.warmup_s)
+    r.update(layout=layout, dtype=dtype, augment=where, recipe=augment_on is None, cache=cache,
+             cores=cores, per_core=r["clips_per_s"] / cores,
+             clips_per_cpu_s=1e3 / max(r["cpu_ms_per_clip"], 1e-9),
+             ratio_to_old_per_core=r["clips_per_s"] / cores / OLD_PER_CORE,
+             rchar_over_decoded=r["rchar_per_clip"] / self.decoded_per_clip)
+    if eviction is not None:
+      r["eviction"] = dict(eviction, core_share=eviction["cpu_s"] / max(r["seconds"], 1e-9))
+    self.progress(f"  {r['clips_per_s']:.1f} clips/s, {r['rchar_per_clip'] / 2**20:.3f} MB read per "
+                  f"clip ({r['read_bytes_per_clip'] / 2**20:.3f} MB from storage), "
+                  f"{r['cpu_ms_per_clip']:.1f} CPU ms per clip")
+    return r
+
+  def stages(self, layout: str, seconds: float, one_core_run: dict) -> dict:
+    self.progress(f"stages, one core: {layout} ...")
+    source, data = self.setup(layout)
+    warm_page_cache(self.files[layout])
+    st = stage_times(source, data, seconds=seconds)
+    st["augment"] = one_core_run["augment"]
+    st["pipeline_ms"] = 1e3 / one_core_run["clips_per_s"]
+    host = st["read_ms"] + st["decode_ms"] + (st["augment_ms"] if st["augment"] == "host" else 0.0)
+    st["other_ms"] = max(st["pipeline_ms"] - host, 0.0)
+    return st
+
+  # 2 ------------------------------------------------------------------------------------------
+
+  def resume(self, layout: str) -> dict:
+    s = self.settings
+    if layout == "frames":
+      source, data = self.setup("frames")
+      positions = list(s.resume_positions)
+    else:
+      source, data = self.setup("dmvr", repeat=max(1, math.ceil(s.resume_epoch_records /
+                                                                self.stand_in.num_videos)))
+      epoch_records = records_per_epoch(source)
+      positions = [s.resume_epoch * sources.EPOCH_STRIDE + o
+                   for o in (0, epoch_records // 2, epoch_records)]
+    self.progress(f"resume: {layout} at positions {positions} ...")
+    rows = []
+    for cache in ("warm", "cold") if s.cold and s.resume_cold else ("warm",):
+      for position in positions:
+        with self.cache(layout, cache):
+          r = resume_cost(source, data, position=position, batch_size=self.clip.batch_size)
+        r["cache"] = cache
+        if layout == "dmvr":
+          r["epoch"], r["offset"] = divmod(position, sources.EPOCH_STRIDE)
+        rows.append(r)
+        self.progress(f"  {cache} position {position}: {r['seconds']:.2f} s, "
+                      f"{r['rchar'] / 2**20:.2f} MB read")
+    entry: dict = {"rows": rows}
+    if layout == "dmvr":
+      entry["epoch_records"] = epoch_records
+      for cache in dict.fromkeys(r["cache"] for r in rows):
+        first, last = (next(r for r in rows if r["cache"] == cache and r["offset"] == o)
+                       for o in (0, epoch_records))
+        entry[f"per_record_{cache}"] = {
+            "mb": (last["rchar"] - first["rchar"]) / epoch_records / 2**20,
+            "s_per_1000": 1000 * (last["seconds"] - first["seconds"]) / epoch_records}
+    else:
+      for cache in dict.fromkeys(r["cache"] for r in rows):
+        mine = [r for r in rows if r["cache"] == cache]
+        entry[f"rchar_ratio_to_first_{cache}"] = {
+            str(r["position"]): r["rchar"] / max(mine[0]["rchar"], 1) for r in mine}
+    return entry
+
+  # 3 ------------------------------------------------------------------------------------------
+
+  def memory(self, background: bool = False) -> Callable[[], dict]:
+    """Starts the peak-RSS processes; the returned function waits for them and summarises.
+    In the background they run while this process times the other measurements."""
+    s = self.settings
+    specs = []
+    for layout in s.layouts:
+      if layout == "frames":
+        for n in s.rss_list_videos:
+          _, data = self.setup("frames", list_videos=n)
+          specs.append({"label": f"frames, {n:,} videos", "layout": "frames", "videos": n,
+                        "shuffle_buffer": None, "data": data.to_dict(), "dmvr_repeat": 1})
+      else:
+        for b in s.rss_buffers:
+          _, data = self.setup("dmvr", shuffle_buffer=b)
+          specs.append({"label": f"dmvr, buffer {b}", "layout": "dmvr", "shuffle_buffer": b,
+                        "videos": self.epoch_repeat * self.stand_in.num_videos,
+                        "data": data.to_dict(), "dmvr_repeat": self.epoch_repeat})
+    for spec in specs:
+      spec.update(batch_size=self.clip.batch_size, batches=s.rss_batches)
+    self.progress(f"peak RSS: {len(specs)} processes, {s.rss_parallel} at a time"
+                  f"{' (in the background)' if background else ''} ...")
+    box: dict = {}
+
+    def measure():
+      try:
+        box["measured"] = peak_rss(specs, parallel=s.rss_parallel)
+      except BaseException as e:  # re-raised by finish()
+        box["error"] = e
+
+    if background:
+      thread = threading.Thread(target=measure, daemon=True, name="peak_rss")
+      thread.start()
+    else:
+      for layout in s.layouts:
+        warm_page_cache(self.files[layout])
+      measure()
+
+    def finish() -> dict:
+      if background:
+        thread.join()
+      if "error" in box:
+        raise box["error"]
+      return self._memory_summary(specs, box["measured"])
+    return finish
+
+  def _memory_summary(self, specs: Sequence[dict], measured: Sequence[dict]) -> dict:
+    rows = [dict(m, layout=spec["layout"], videos=spec["videos"], shuffle_buffer=spec["shuffle_buffer"])
+            for spec, m in zip(specs, measured)]
+    for m in rows:
+      self.progress(f"  {m['label']}: peak {m['peak_mb']:.0f} MB ({m['idle_mb']:.0f} MB idle)")
+    memory: dict = {"rows": rows}
+    dmvr_rows = [m for m in rows if m["layout"] == "dmvr"]
+    if dmvr_rows:
+      intercept, slope = _linear_fit([m["shuffle_buffer"] for m in dmvr_rows],
+                                     [m["peak_mb"] for m in dmvr_rows])
+      memory["dmvr_fit"] = {
+          "intercept_mb": intercept, "mb_per_buffered_record": slope,
+          "stand_in_record_mb": self.stand_in.mean_record_bytes / 2**20,
+          "recipe_buffer": RECIPE_SHUFFLE_BUFFER, "kinetics_record_mb": KINETICS_RECORD_MB,
+          "computed_peak_mb_at_recipe_buffer": intercept + slope * RECIPE_SHUFFLE_BUFFER,
+          "computed_recipe_buffer_mb": RECIPE_SHUFFLE_BUFFER * KINETICS_RECORD_MB}
+    return memory
+
+
+def feeding_table(runs: Sequence[dict], cores: int, extra_clips_per_s: float = 0.0) -> list[dict]:
+  """Cores to feed each accelerator: its clips/s x the host CPU seconds one clip of the recipe's
+  pipeline took (all cores). On an idle machine that is its clips/s over the measured clips/s per
+  core; unlike that ratio, it holds when other processes share the cores."""
+  accelerators = list(README_ACCELERATORS)
+  if extra_clips_per_s:
+    accelerators.insert(0, ("--accelerator_clips_per_s", extra_clips_per_s))
+  table = []
+  for name, rate in accelerators:
+    mine = [r for r in runs if r["recipe"] and r["cores"] == cores]
+    needed = {f"{r['layout']}_{r['cache']}": rate * r["cpu_ms_per_clip"] / 1e3 for r in mine}
+    reads = {r["layout"]: rate * r["rchar_per_clip"] / 2**20 for r in mine if r["cache"] == "warm"}
+    table.append({"accelerator": name, "clips_per_s": rate, "cores": needed,
+                  "read_mb_per_s": reads})
+  return table
+
+
+def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = _log) -> dict:
+  """Every measurement, as a JSON-ready dict (format_report prints it)."""
+  s = settings
+  load_start = _load()
+  run = _Run(settings, log)
+  stand_in, clip, cores = run.stand_in, run.clip, run.cores
+  results: dict = {
+      "cores": cores, "clip": dataclasses.asdict(clip), "layouts": list(s.layouts),
+      "load_average_start": load_start,
+      "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "clip"},
+      "stand_in": dict(dataclasses.asdict(stand_in), description=stand_in.describe()),
+      "decoded_jpeg_bytes_per_clip": run.decoded_per_clip,
+      "old": {"clips_per_s": OLD_CLIPS_PER_S, "cores": OLD_CORES, "per_core": OLD_PER_CORE,
+              "what": "the old pipeline: DMVR stand-in shards, float32 clips, all cores"},
+      "cold_method": (f"every data file evicted from the page cache with posix_fadvise(fd, 0, 0, "
+                      f"POSIX_FADV_DONTNEED) before the measurement and every "
+                      f"{EVICT_INTERVAL_S:g} s during it (no root needed); the eviction thread's "
+                      f"CPU is included in CPU ms per clip"),
+  }
+  run.progress(stand_in.describe() + (" (reused)" if stand_in.reused else ""))
+  results["epoch_videos"] = {layout: records_per_epoch(run.setup(layout)[0]) for layout in s.layouts}
+  run.progress(f"{clip.describe()}, {cores} cores; an epoch shuffles over "
+               + ", ".join(f"{n:,} videos ({l})" for l, n in results["epoch_videos"].items()))
+  memory = run.memory(background=True) if s.rss_background else None
+
+  # 4 (and 1: the bytes of the warm all-core runs): warm first, then stages, then cold.
+  runs = []
+  for layout in s.layouts:
+    runs.append(run.throughput(layout, "warm", False))
+    runs.append(run.throughput(layout, "warm", True))
+  recipe_on = runs[0]["augment"]
+  results["augment_on"] = recipe_on
+  if s.float32:  # the effect of sending uint8, and of finishing the views on the device
+    layout = "frames" if "frames" in s.layouts else s.layouts[0]
+    if recipe_on == "device":
+      runs.append(run.throughput(layout, "warm", False, augment_on="host"))
+    runs.append(run.throughput(layout, "warm", False, dtype="float32",
+                               augment_on="host" if recipe_on == "device" else None))
+    runs[-1]["recipe"] = False
+
+  def recipe_run(layout, cache, n):
+    return next(r for r in runs if r["recipe"] and (r["layout"], r["cache"], r["cores"]) ==
+                (layout, cache, n))
+
+  stage_seconds = s.seconds / 4 if s.stage_seconds is None else s.stage_seconds
+  if stage_seconds > 0:
+    results["stages"] = {layout: run.stages(layout, stage_seconds, recipe_run(layout, "warm", 1))
+                         for layout in s.layouts}
+  if s.cold:
+    for layout in s.layouts:
+      runs.append(run.throughput(layout, "cold", False))
+      runs.append(run.throughput(layout, "cold", True))
+  results["throughput"] = runs
+  results["bytes_per_clip"] = {}
+  for layout in s.layouts:
+    r = recipe_run(layout, "warm", cores)
+    results["bytes_per_clip"][layout] = {
+        k: r[k] for k in ("rchar_per_clip", "rchar_over_decoded", "clips", "read_bytes_per_clip")}
+
+  # 2, 3, 5.
+  results["resume"] = {layout: run.resume(layout) for layout in s.layouts}
+  results["memory"] = (memory or run.memory())()
+  results["feeding"] = feeding_table(runs, cores, s.accelerator_clips_per_s)
+  results["runtime_s"] = time.perf_counter() - run.start
+  results["load_average_end"] = _load()
+  run.progress("done")
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Report.
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
+  text = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(r[i]) for r in text) for i in range(len(headers))]
+  align = align or "l" + "r" * (len(headers) - 1)
+  lines = []
+  for n, row in enumerate(text):
+    cells = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)]
+    lines.append("  " + "  ".join(cells).rstrip())
+    if n == 0:
+      lines.append("  " + "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
+
+
+def _mb(n: float) -> str:
+  return f"{n / 2**20:.3f}" if n < 10 * 2**20 else f"{n / 2**20:.1f}"
+
+
+def format_report(results: dict) -> str:
+  cores, clip = results["cores"], results["clip"]
+  out = []
+  add = out.append
+  add(f"\nInput pipeline, {clip['num_frames']}x{clip['image_size']} training clips at stride "
+      f"{clip['stride']}, batch {clip['batch_size']}, on {cores} cores")
+  add(f"data: {results['stand_in']['description']}")
+  add("an epoch shuffles over " + ", ".join(f"{n:,} videos ({l})"
+                                             for l, n in results["epoch_videos"].items())
+      + " (the list / the shard list repeat the stand-in videos)")
+  decoded = results["decoded_jpeg_bytes_per_clip"]
+
+  add(f"\n1. Bytes read per training clip (rchar of /proc/self/io over the timed batches, warm page "
+      f"cache, {cores} cores) / bytes of the {clip['num_frames']} JPEG frames it decodes "
+      f"({decoded / 1024:.0f} KB)")
+  rows = []
+  for layout, b in results["bytes_per_clip"].items():
+    target = "<= 2 (target)" if layout == "frames" else "~30 (old pipeline)"
+    rows.append([layout, b["clips"], _mb(b["rchar_per_clip"]), f"{b['rchar_over_decoded']:.2f}",
+                 target])
+  add(_table(["layout", "clips", "MB read / clip", "read / decoded", "expected"], rows))
+
+  add("\n2. Resuming a stream: time (building the pipeline included) and bytes read until the "
+      "first batch")
+  rows = []
+  for layout, entry in results["resume"].items():
+    for r in entry["rows"]:
+      where = (f"{r['position']:,}" if layout == "frames" else
+               f"epoch {r['epoch']} + {r['offset']} of {entry['epoch_records']}")
+      first = r["first_index"] % sources.EPOCH_STRIDE if layout == "dmvr" else r["first_index"]
+      rows.append([layout, where, r["cache"], f"{r['seconds']:.2f}", f"{r['build_s']:.2f}",
+                   _mb(r["rchar"]), _mb(r["read_bytes"]), f"{first:,}"])
+  add(_table(["layout", "position", "page cache", "s", "of which building", "MB read",
+              "MB from storage", "first batch's index"], rows, "lllrrrrr"))
+  add("  the source (the list, the shard names) is opened before, the same at every position; MB "
+      "read includes what the pipeline had read ahead when the first batch arrived")
+  if "frames" in results["resume"]:
+    for key, ratios in results["resume"]["frames"].items():
+      if key.startswith("rchar_ratio_to_first_"):
+        add(f"  frames, {key.rsplit('_', 1)[1]}: bytes to the first batch relative to the first "
+            "position: " + ", ".join(f"{int(p):,}: {v:.2f}x" for p, v in ratios.items()))
+  if "dmvr" in results["resume"]:
+    entry = results["resume"]["dmvr"]
+    warm = entry["per_record_warm"]
+    digits = 1 if warm["mb"] >= 1 else 3
+    line = (f"  dmvr: resuming reads the current epoch up to the saved position: about "
+            f"{warm['mb']:.{digits}f} MB per record, {warm['s_per_1000']:.1f} s per 1000 records "
+            f"(warm page cache)")
+    if "per_record_cold" in entry:
+      cold = entry["per_record_cold"]
+      line += f", {cold['s_per_1000']:.1f} s per 1000 records (cold)"
+    add(line)
+    add(f"        (position = epoch * EPOCH_STRIDE + offset; the difference between offsets "
+        f"{entry['epoch_records']} and 0, per record)")
+
+  add("\n3. Peak resident memory of a process iterating the pipeline (own process each; VmHWM "
+      "and VmRSS sampled every 20 ms)")
+  rows = []
+  for m in results["memory"]["rows"]:
+    rows.append([m["layout"], f"{m['videos']:,}", m["shuffle_buffer"] or "-", f"{m['idle_mb']:.0f}",
+                 f"{m['built_mb']:.0f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] - m['idle_mb']:.0f}",
+                 f"{m['first_batch_s']:.1f}"])
+  add(_table(["layout", "videos shuffled", "shuffle buffer", "idle MB", "built MB", "peak MB",
+              "peak - idle MB", "first batch s"], rows))
+  add(f"  idle: TensorFlow imported, nothing built; built: source (the index) and pipeline made; "
+      f"peak: while reading {results['settings']['rss_batches']} batches")
+  fit = results["memory"].get("dmvr_fit")
+  if fit:
+    idle = np.mean([m["idle_mb"] for m in results["memory"]["rows"] if m["layout"] == "dmvr"])
+    add(f"  dmvr: peak = {fit['intercept_mb']:.0f} MB + {fit['mb_per_buffered_record']:.2f} MB per "
+        f"buffered record (fit; a stand-in record is {fit['stand_in_record_mb']:.2f} MB): besides "
+        f"the shuffle buffer, {fit['intercept_mb'] - idle:.0f} MB above idle, records in flight "
+        f"in the file interleave and the parallel parse/decode")
+    add(f"  computed: the recipe's {fit['recipe_buffer']}-record buffer -> "
+        f"{fit['computed_peak_mb_at_recipe_buffer'] / 1024:.1f} GB peak with these records; with "
+        f"{fit['kinetics_record_mb']} MB Kinetics records the buffer alone holds "
+        f"{fit['recipe_buffer']} x {fit['kinetics_record_mb']} MB = "
+        f"{fit['computed_recipe_buffer_mb'] / 1024:.1f} GB")
+
+  add(f"\n4. Clips/s (numpy batches as the trainer takes them; the best of 3 consecutive windows "
+      f"of {results['settings']['seconds'] / 3:g} s, the whole time's rate is in the JSON; per core = "
+      f"clips/s / cores; the old pipeline: {OLD_CLIPS_PER_S} clips/s on {OLD_CORES} cores = "
+      f"{OLD_PER_CORE} per core)")
+  add(f"   the recipe's pipeline finishes the views on the {results['augment_on']}"
+      + (" (the host decodes the crop windows and sends them padded, with each clip's flip and "
+         "colour values; the train step resizes and colours)" if results["augment_on"] == "device"
+         else " (decode, resize, flip, colour in tf.data)"))
+  rows = []
+  for r in results["throughput"]:
+    rows.append([r["layout"], r["augment"] + ("" if r["recipe"] else " *"), r["dtype"], r["cache"],
+                 r["cores"], f"{r['clips_per_s']:.1f}", f"{r['per_core']:.1f}",
+                 f"{r['ratio_to_old_per_core']:.2f}", f"{r['cpu_ms_per_clip']:.1f}",
+                 f"{r['clips_per_cpu_s']:.1f}",
+                 _mb(r["rchar_per_clip"]), _mb(r["read_bytes_per_clip"]),
+                 f"{r['output_bytes_per_clip'] / 2**20:.2f}"])
+  add(_table(["layout", "views on", "dtype", "page cache", "cores", "clips/s", "per core",
+              "vs old/core", "CPU ms/clip", "clips/CPU-s", "MB read/clip", "MB storage/clip",
+              "MB out/clip"], rows, "llllrrrrrrrrr"))
+  add("  * not the recipe's setting: for comparison. CPU ms/clip: the process's user + system CPU "
+      "(every thread) per clip; clips/CPU-s = 1000 / that. MB out/clip: what a clip sends to the "
+      "device.")
+  busy = [r for r in results["throughput"] if r["cores"] > 1
+          and max(w["cores_used"] for w in r["windows"]) < 0.8 * r["cores"]]
+  if busy:
+    add(f"  note: {len(busy)} multi-core rows used under {0.8 * cores:.1f} of the {cores} cores "
+        "in every window (process CPU / time): other processes or I/O held them back; their "
+        "clips/s per core understates, clips/CPU-s does not")
+  add(f"  cold: {results['cold_method']}.")
+  shares = [r["eviction"]["core_share"] for r in results["throughput"] if "eviction" in r]
+  if shares:
+    add(f"        The eviction thread used {100 * min(shares):.1f}-{100 * max(shares):.1f} % of one "
+        f"core; 'MB storage/clip' (read_bytes) shows what came from the disk.")
+  add("  one core: tf.data's private thread pool of one thread and every thread of the process "
+      "pinned to one CPU (sched_setaffinity).")
+  by = {(r["layout"], r["augment"], r["dtype"], r["cache"], r["cores"]): r
+        for r in results["throughput"]}
+  u8 = by.get(("frames", "host", "uint8", "warm", cores))
+  f32 = by.get(("frames", "host", "float32", "warm", cores))
+  dev = by.get(("frames", "device", "uint8", "warm", cores))
+  if u8 and f32:
+    add(f"  sending uint8 instead of float32 (frames, views on the host, warm, {cores} cores): "
+        f"{u8['clips_per_s']:.1f} vs {f32['clips_per_s']:.1f} clips/s "
+        f"({u8['clips_per_s'] / f32['clips_per_s']:.2f}x), "
+        f"{u8['output_bytes_per_clip'] / 2**20:.2f} vs {f32['output_bytes_per_clip'] / 2**20:.2f} MB "
+        f"per clip to the device")
+  if u8 and dev:
+    add(f"  finishing the views on the device instead of the host (frames, uint8, warm, {cores} "
+        f"cores): {dev['clips_per_s']:.1f} vs {u8['clips_per_s']:.1f} clips/s "
+        f"({dev['clips_per_s'] / u8['clips_per_s']:.2f}x), {dev['cpu_ms_per_clip']:.1f} vs "
+        f"{u8['cpu_ms_per_clip']:.1f} host CPU ms per clip, {dev['output_bytes_per_clip'] / 2**20:.2f}"
+        f" vs {u8['output_bytes_per_clip'] / 2**20:.2f} MB per clip to the device")
+
+  if "stages" in results:
+    add("\n   Where one clip's time goes, on one core (each stage timed alone, warm page cache; "
+        "'other' = the recipe's whole one-core pipeline minus its host stages: guarding, padding, "
+        "batching, numpy)")
+    rows = []
+    for layout, st in results["stages"].items():
+      total = st["pipeline_ms"]
+      on_device = st.get("augment") == "device"
+      for name, key in (("read (+ parse)", "read_ms"), ("decode crop windows", "decode_ms"),
+                        ("augment + uint8" + (" (on the device: not in the total)" if on_device
+                                              else ""), "augment_ms"), ("other", "other_ms")):
+        rows.append([layout, name, f"{st[key]:.2f}", f"{100 * st[key] / total:.0f}%"])
+      rows.append([layout, "whole pipeline (the recipe's, one core)", f"{total:.2f}", "100%"])
+    add(_table(["layout", "stage", "ms / clip", "share"], rows, "llrr"))
+
+  add(f"\n5. Host cores to feed one accelerator (computed: its clips/s x the measured host CPU "
+      f"seconds per clip of the recipe's pipeline on {cores} cores, views on the "
+      f"{results['augment_on']}; on an idle machine the same as its clips/s / clips/s per core)")
+  keys = sorted({k for row in results["feeding"] for k in row["cores"]},
+                key=lambda k: (k.split("_")[0] != "frames", k))
+  layouts = [l for l in results["layouts"] if l in results["feeding"][0]["read_mb_per_s"]]
+  rows = [[row["accelerator"], f"{row['clips_per_s']:.0f}"]
+          + [f"{row['cores'][k]:.1f}" if k in row["cores"] else "-" for k in keys]
+          + [f"{row['read_mb_per_s'][l]:,.0f}" for l in layouts]
+          for row in results["feeding"]]
+  add(_table(["accelerator", "clips/s"] + [f"cores: {k.replace('_', ', ')}" for k in keys]
+             + [f"MB/s read: {l}" for l in layouts], rows))
+  add("  the accelerator rates are README 'What to expect''s (50 % MFU, computed, not measured); "
+      "MB/s read = clips/s x the measured MB read per clip (what the storage must deliver)")
+  add(f"\nruntime {results['runtime_s']:.0f} s; load average (1 min) {results['load_average_start']:.2f} "
+      f"at the start, {results['load_average_end']:.2f} at the end (other processes on the "
+      f"{cores} cores would show here and slow the figures)")
+  return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+def define_flags() -> None:
+  from absl import flags  # noqa: PLC0415
+
+  flags.DEFINE_float("seconds", 12.0, "seconds per clips/s measurement (stages: a quarter)")
+  flags.DEFINE_integer("videos", 24, "stand-in videos written (each 250 frames, 340x256)")
+  flags.DEFINE_list("layouts", list(LAYOUTS), "layouts to measure: frames, dmvr")
+  flags.DEFINE_string("json", "", "write every number here (default: results.json in the data dir)")
+  flags.DEFINE_float("accelerator_clips_per_s", 0.0, "a train-step rate to feed (clips/s)")
+  flags.DEFINE_string("cache_dir", "", "where the stand-in data goes (default $MSCA_JAX_CACHE "
+                      "or ~/.cache/msca_jax)")
+  flags.DEFINE_integer("batch_size", 16, "clips per batch")
+  flags.DEFINE_integer("num_frames", 8, "frames per clip")
+  flags.DEFINE_integer("stride", 32, "frame stride")
+  flags.DEFINE_integer("image_size", 224, "crop size")
+  flags.DEFINE_integer("list_videos", 20_000, "videos an epoch shuffles over")
+  flags.DEFINE_list("rss_buffers", ["16", "64", "256"], "DMVR shuffle buffers for peak RSS")
+  flags.DEFINE_bool("cold", True, "also measure from a cold page cache")
+  flags.DEFINE_bool("stages", True, "also time the stages on one core")
+
+
+def main(argv: Sequence[str]) -> None:
+  print(host_memory.keep_freed_memory(), flush=True)  # before TensorFlow starts its threads
+  del argv
+  from absl import flags  # noqa: PLC0415
+
+  f = flags.FLAGS
+  for layout in f.layouts:
+    if layout not in LAYOUTS:
+      raise SystemExit(f"--layouts: {layout!r} is not one of {LAYOUTS}")
+  settings = Settings(
+      layouts=tuple(f.layouts), videos=f.videos, seconds=f.seconds,
+      clip=Clip(f.num_frames, f.stride, f.image_size, f.batch_size),
+      list_videos=f.list_videos, rss_list_videos=tuple(sorted({f.list_videos, 240_000})),
+      rss_buffers=tuple(int(b) for b in f.rss_buffers), cold=f.cold,
+      stage_seconds=None if f.stages else 0.0,
+      accelerator_clips_per_s=f.accelerator_clips_per_s, cache_dir=f.cache_dir or None)
+  results = run_benchmark(settings)
+  print(format_report(results), flush=True)
+  path = f.json or os.path.join(results["stand_in"]["root"], "results.json")
+  with open(path, "w") as out:
+    json.dump(results, out, indent=1)
+  print(f"all numbers: {path}")
 
 
 if __name__ == "__main__":
+  from absl import app  # noqa: PLC0415
+
   define_flags()
   app.run(main)
