@@ -1,4 +1,4 @@
-"""The paper's Kinetics-400 setting (SPEC.md section 5), shared by every variant.
+"""The paper's Kinetics-400 setting (docs/recipe.md), shared by every variant.
 
 Each variant file calls `get_config(...)` with its model fields; everything
 else (data, optimiser, evaluation) is defined once, here. Fields that the
@@ -59,7 +59,7 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.model = model_config(model_name, **model_overrides)
   m = config.model
 
-  # Input (SPEC 5): 8 frames at stride 32 of 25 fps video; evaluation 10 clips x 3 crops.
+  # Input (docs/recipe.md): 8 frames at stride 32 of 25 fps video; evaluation 10 clips x 3 crops.
   config.data = d = ml_collections.ConfigDict()
   d.source = "frames"                # 'frames' folders (random access) | 'dmvr' shards | 'tfds' | 'synthetic'
   d.path = ""                        # frame-folder root, DMVR shard directory, or the TFDS data_dir

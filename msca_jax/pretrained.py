@@ -284,7 +284,7 @@ def _convert_torch(key: str, value: np.ndarray, kind: str, num_heads: int) -> np
 def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], *,
                           load_head: bool = True, grid: tuple[int, int] | None = None,
                           source: str = "PyTorch state dict", with_report: bool = False):
-  """Loads a TokShift / MSCA PyTorch state dict (SPEC.md section 4 layout) into `params`.
+  """Loads a TokShift / MSCA PyTorch state dict (docs/weights.md) into `params`.
 
   Takes torch tensors or numpy arrays, with or without the 'state_dict'
   wrapper and the 'module.' / 'base_model.' prefixes. With load_head=False the
@@ -305,7 +305,7 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
       name = f"Transformer/encoderblock_{match.group(1)}/{name}"
     else:
       raise WeightsError(f"{source}: unexpected state dict entry {key!r}: not part of the "
-                         "reference ViT/TokenShift/MSCA layout (SPEC.md section 4)")
+                         "reference ViT/TokenShift/MSCA layout (docs/weights.md)")
     if name.startswith(HEAD + "/") and not load_head:
       report.dropped.append(key)
       continue

@@ -1,6 +1,6 @@
 """Independent NumPy reference for the msca_jax parity tests.
 
-This module is a deliberately plain re-statement of ../shared/SPEC.md sections 1-4
+This module is a deliberately plain re-statement of docs/model.md and docs/weights.md
 (frame-wise ViT, TokenShift, MSCA, pretrained-weight layouts). It is used as GROUND TRUTH
 by the parity tests of the JAX/Flax package, so it:
 
@@ -11,7 +11,7 @@ by the parity tests of the JAX/Flax package, so it:
   into a zeros array (``out[:, :-1] = x[:, 1:]`` ...) for the zero boundary, ``np.roll``
   only for the circular boundary, with a separate, spelled-out function for every kind of
   shift (TokenShift CLS shift, MSCA head-axis shift, MSCA patch-axis shift);
-* uses the reference PyTorch state-dict layout of SPEC section 4 (``transformer.embeddings...``,
+* uses the reference PyTorch state-dict layout of docs/weights.md (``transformer.embeddings...``,
   ``transformer.encoder.layer.{i}...``, ``head.*``; Linear weights are (out, in), the patch
   conv weight is OIHW).
 
@@ -64,7 +64,7 @@ def _block_keys(i):
 
 def random_state_dict(seed, *, width, depth, num_heads, mlp_dim, patch_size, grid,
                       num_classes, scale=1.0):
-    """A random float32 state dict in the reference PyTorch layout (SPEC section 4).
+    """A random float32 state dict in the reference PyTorch layout (docs/weights.md).
 
     Every tensor is random (LayerNorm scales and all biases included) so that no bug can
     hide behind zeros or ones. Magnitudes keep activations and logits O(1):
@@ -170,7 +170,7 @@ def _patch_embed(frames, weight, bias):
 
 
 # --------------------------------------------------------------------------------------
-# TokenShift (SPEC section 2): CLS-only shift of the residual stream
+# TokenShift (docs/model.md): CLS-only shift of the residual stream
 # --------------------------------------------------------------------------------------
 
 def _token_shift(x, t, shift_div, boundary):
@@ -196,7 +196,7 @@ def _token_shift(x, t, shift_div, boundary):
 
 
 # --------------------------------------------------------------------------------------
-# MSCA shifts (SPEC section 3) on projected tensors of shape (B*T, heads, N, dh)
+# MSCA shifts (docs/model.md) on projected tensors of shape (B*T, heads, N, dh)
 # --------------------------------------------------------------------------------------
 
 def _msca_shift_heads(z, t, shift_div, boundary):
@@ -305,7 +305,7 @@ def _validate(model, msca_targets, msca_axis, boundary, shift_div):
 
 def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv",
             msca_axis="head", boundary="zero", return_frame_logits=False, capture=None):
-    """Reference forward pass (SPEC sections 1-3), float64.
+    """Reference forward pass (docs/model.md), float64.
 
     sd: reference-layout state dict (see ``random_state_dict``).
     video: (B, T, H, W, 3), RGB, values in [-1, 1].
@@ -393,7 +393,7 @@ def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv"
 
 
 # --------------------------------------------------------------------------------------
-# Google checkpoint layouts (SPEC section 4)
+# Google checkpoint layouts (docs/weights.md)
 # --------------------------------------------------------------------------------------
 
 def _infer_dims(sd):

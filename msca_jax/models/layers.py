@@ -1,6 +1,6 @@
 """GELU, LayerNorm and softmax attention, written for XLA:CPU's speed, the reference's numbers.
 
-The math is the reference's (SPEC.md section 1: exact-erf GELU, LayerNorm eps 1e-6, softmax
+The math is the reference's (docs/model.md: exact-erf GELU, LayerNorm eps 1e-6, softmax
 attention scaled by head_dim ** -0.5); only the formulation differs from flax's and jax's, for
 reasons measured on the ViT-B/16 8x224 train step on CPU (README, Measured):
 

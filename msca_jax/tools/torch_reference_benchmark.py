@@ -3,7 +3,7 @@ r"""The PyTorch reference of our models, and the time of its train step on this 
     python -m msca_jax.tools.torch_reference_benchmark                      # ViT-B/16 8x224, batch 1
     python -m msca_jax.tools.torch_reference_benchmark --variant=msca_kv --threads=2 --json=out.json
 
-The reference is the same semantics written the usual PyTorch way (SPEC.md sections 1 and 3):
+The reference is the same semantics written the usual PyTorch way (docs/model.md):
 the frames of a (B, T, H, W, 3) clip are folded into the batch and go through transformers'
 `ViTModel` (pre-LN, exact GELU, LayerNorm eps 1e-6, the config of `--model_variant`); each frame's
 CLS token goes through one linear head and the LOGITS are averaged over the T frames. For
@@ -11,12 +11,12 @@ CLS token goes through one linear head and the LOGITS are averaged over the T fr
 MSCA-KV rule: heads [0, fold) take K and V from frame t+1, the last fold heads from frame t-1,
 fold = num_heads // shift_div, zeros outside the clip, Q never shifted.
 
-The timed train step is the recipe's (SPEC.md section 5), as msca_jax.train does it: float32,
+The timed train step is the recipe's (docs/recipe.md), as msca_jax.train does it: float32,
 `model.train()`, label-smoothed (0.1) cross-entropy, backward, `clip_grad_norm_(1.0)`, SGD with
 momentum 0.9, `zero_grad`. It prints the median and minimum step time after warm-up, the
 forward-only (`no_grad`) time and clips/s, and writes them as JSON with --json.
 
-Weights in the reference PyTorch state-dict layout (SPEC.md section 4, what
+Weights in the reference PyTorch state-dict layout (docs/weights.md, what
 `msca_jax.pretrained.load_torch_state_dict` reads) go in with `load_reference_state_dict`, so one
 state dict drives both implementations (tests/tools/test_torch_reference_benchmark.py).
 
@@ -48,7 +48,7 @@ from msca_jax import host_memory, models
 
 VARIANTS = ("vit", "msca_kv")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-LN_EPSILON = 1e-6  # msca_jax.models.vit.LN_EPSILON, SPEC.md section 1
+LN_EPSILON = 1e-6  # msca_jax.models.vit.LN_EPSILON, docs/model.md
 ARCH_FIELDS = ("width", "depth", "num_heads", "mlp_dim")
 
 
@@ -179,7 +179,7 @@ def _mlp_linears(layer: nn.Module) -> dict[str, nn.Linear]:
 
 
 def reference_parameters(model: VideoClassifier) -> dict[str, torch.Tensor]:
-  """The model's parameters under their names in the reference layout (SPEC.md section 4)."""
+  """The model's parameters under their names in the reference layout (docs/weights.md)."""
   vit, e = model.vit, "transformer.embeddings."
   out = {e + "cls_token": vit.embeddings.cls_token,
          e + "position_embeddings": vit.embeddings.position_embeddings,

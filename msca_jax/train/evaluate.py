@@ -1,4 +1,4 @@
-"""Evaluation metrics and reports (SPEC section 5): every video counted exactly once.
+"""Evaluation metrics and reports (docs/recipe.md): every video counted exactly once.
 
 The trainer runs the model on each evaluation batch (views folded into the batch; the model
 averages its logits over frames), averages over views with `average_views`, and hands numpy arrays

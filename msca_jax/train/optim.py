@@ -1,4 +1,4 @@
-"""Optimiser, learning-rate schedule and loss of the training recipe (SPEC.md section 5).
+"""Optimiser, learning-rate schedule and loss of the training recipe (docs/recipe.md).
 
 The recipe: SGD momentum 0.9, no weight decay, lr 0.1 per 420 clips (42 clips x 10 accumulated
 micro-batches), x0.1 at epochs 10 and 15 of 18, gradient clipping at global norm 1.0, label

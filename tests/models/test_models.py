@@ -1,4 +1,4 @@
-"""Properties every variant must have (SPEC.md sections 1-3), with and without jit."""
+"""Properties every variant must have (docs/model.md), with and without jit."""
 
 import chex
 import flax.linen as nn

@@ -2,7 +2,7 @@
 
 (a) the ViT backbone against transformers' ViTModel (PyTorch, CPU) holding the same weights;
 (b) TokenShift and every MSCA variant against tests/reference.py, an independent NumPy
-    statement of SPEC.md sections 1-3 that reads the reference PyTorch state-dict layout.
+    statement of docs/model.md that reads the reference PyTorch state-dict layout.
 The weights reach our model through pretrained.load_torch_state_dict, so (b) also proves
 the PyTorch converter for every variant.
 """

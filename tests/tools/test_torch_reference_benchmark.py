@@ -1,6 +1,6 @@
 """The PyTorch reference of msca_jax.tools.torch_reference_benchmark computes what our models do.
 
-One random state dict in the reference PyTorch layout (SPEC.md section 4, every tensor random)
+One random state dict in the reference PyTorch layout (docs/weights.md, every tensor random)
 goes into our Flax model through pretrained.load_torch_state_dict and into the PyTorch reference
 (transformers' ViTModel, plus the MSCA-KV attention) through load_reference_state_dict; logits
 and the recipe's train step must agree.
