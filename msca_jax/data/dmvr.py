@@ -88,6 +88,9 @@ def read_labels(directory: str) -> list[str]:
   return [name for _, name in lines]
 
 
+_HEADER_FIELDS = {"index", "id", "name", "label", "class", "class_name"}
+
+
 def read_class_list(path: str) -> list[str]:
   """A user's class file: one name per line, or 'index,name' / 'name,index' CSV rows (read as
   `textlist.read_lines` does; a repeated name is an error naming its line)."""
@@ -96,13 +99,13 @@ def read_class_list(path: str) -> list[str]:
   rows = []
   for line_no, row in textlist.read_lines(path):
     parts = [p.strip().strip('"') for p in row.split(",")]
+    if not rows and {p.lower() for p in parts} <= _HEADER_FIELDS:
+      continue  # a header such as 'name' or 'index,name'
     if len(parts) == 2 and parts[0].isdigit():
       parts = [parts[1]]
     elif len(parts) == 2 and parts[1].isdigit():
       parts = [parts[0]]
     rows.append((line_no, ",".join(parts)))
-  if rows and rows[0][1] in ("name", "label", "class"):
-    rows = rows[1:]
   if not rows:
     raise DataError(f"--classes file {path} holds no class names")
   textlist.check_unique(path, rows)
