@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 import tensorflow as tf
 
+from msca_jax.data import textlist
 from msca_jax.data.errors import DataError  # re-exported: callers name it dmvr.DataError
 
 FRAMES_KEY = "image/encoded"
@@ -77,38 +78,38 @@ def write_labels(directory: str, class_names: Sequence[str]) -> None:
 
 
 def read_labels(directory: str) -> list[str]:
+  """labels.txt: one class name per line (a BOM, CRLF, surrounding blanks and blank lines are
+  tolerated; a repeated name is an error naming its line)."""
   path = os.path.join(directory, LABELS_FILE)
   if not tf.io.gfile.exists(path):
     raise DataError(f"no label map: {path} is missing (it is written by msca_jax.tools.prepare_videos)")
-  with tf.io.gfile.GFile(path) as f:
-    names = [line.rstrip("\n") for line in f if line.strip()]
-  if len(set(names)) != len(names):
-    raise DataError(f"{path}: class names must be unique")
-  return names
+  lines = textlist.read_lines(path)
+  textlist.check_unique(path, lines)
+  return [name for _, name in lines]
+
+
+_HEADER_FIELDS = {"index", "id", "name", "label", "class", "class_name"}
 
 
 def read_class_list(path: str) -> list[str]:
-  """A user's class file: one name per line, or 'index,name' / 'name,index' CSV rows."""
+  """A user's class file: one name per line, or 'index,name' / 'name,index' CSV rows (read as
+  `textlist.read_lines` does; a repeated name is an error naming its line)."""
   if not tf.io.gfile.exists(path):
     raise DataError(f"--classes file {path} does not exist")
-  with tf.io.gfile.GFile(path) as f:
-    rows = [line.strip() for line in f if line.strip()]
-  names = []
-  for row in rows:
+  rows = []
+  for line_no, row in textlist.read_lines(path):
     parts = [p.strip().strip('"') for p in row.split(",")]
+    if not rows and {p.lower() for p in parts} <= _HEADER_FIELDS:
+      continue  # a header such as 'name' or 'index,name'
     if len(parts) == 2 and parts[0].isdigit():
       parts = [parts[1]]
     elif len(parts) == 2 and parts[1].isdigit():
       parts = [parts[0]]
-    names.append(",".join(parts))
-  if names and names[0] in ("name", "label", "class"):
-    names = names[1:]
-  if not names:
+    rows.append((line_no, ",".join(parts)))
+  if not rows:
     raise DataError(f"--classes file {path} holds no class names")
-  if len(set(names)) != len(names):
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    raise DataError(f"--classes file {path} repeats class names: {dupes[:5]}")
-  return names
+  textlist.check_unique(path, rows)
+  return [name for _, name in rows]
 
 
 def list_shards(directory: str, split: str) -> list[str]:

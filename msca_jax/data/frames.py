@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import errors
+from msca_jax.data import errors, textlist
 from msca_jax.data.errors import DataError
 
 DEFAULT_PATTERN = "img_{:05d}.jpg"   # the reference's FRAME_FORMAT
@@ -120,19 +120,19 @@ def read_list(path: str) -> VideoList:
 
   The folder may contain spaces (the last two fields are the numbers). Folders are relative to
   the dataset root and must stay inside it: an absolute path or one that climbs out with '..' is
-  a bad line. A list with no usable line is an error.
+  a bad line, whatever directory the list file itself is in. The check is on the text ('a/../b'
+  is read as 'b'), so it needs no file system access; a symlink the dataset itself holds is
+  followed like any folder. A BOM, CRLF line ends and blank lines are tolerated (a line that is
+  not UTF-8 is a bad line). A list with no usable line is an error.
   """
   if not tf.io.gfile.exists(path):
     raise DataError(f"video list {path} does not exist (expected 'folder num_frames label' lines)")
   folders, counts, labels, problems = [], [], [], []
-  with tf.io.gfile.GFile(path, "rb") as f:
-    text = f.read().decode("utf-8-sig", errors="replace")  # tolerate a byte-order mark
-  for line_no, line in enumerate(text.splitlines(), start=1):
+  lines = textlist.read_lines(path, on_bad=lambda _, message: problems.append(message))
+  for line_no, line in lines:
     parts = line.split()
-    if not parts:
-      continue
     if len(parts) < 3 or not parts[-2].isdigit() or not parts[-1].lstrip("-").isdigit():
-      problems.append(f"{path} line {line_no}: expected 'folder num_frames label', got {line.strip()!r}")
+      problems.append(f"{path} line {line_no}: expected 'folder num_frames label', got {line!r}")
       continue
     folder = _contained(" ".join(parts[:-2]))
     if folder is None:

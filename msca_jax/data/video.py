@@ -19,6 +19,20 @@ class VideoError(RuntimeError):
   """A video that cannot be read; the message names the file."""
 
 
+# The widest shape preparation accepts, long side : short side. Resizing the short side to 256
+# turns a 4000x16 video into 64000-pixel-wide frames that dominate every later read, while real
+# footage (portrait phones 9:16, cinema 2.39:1) stays far below this.
+MAX_ASPECT_RATIO = 8.0
+
+
+def check_aspect(height: int, width: int, limit: float = MAX_ASPECT_RATIO) -> None:
+  """Raises VideoError (no file name) when the frame is more than `limit` times as long as wide."""
+  ratio = max(height, width) / max(1, min(height, width))
+  if limit and ratio > limit:
+    raise VideoError(f"frames of {width}x{height} pixels ({ratio:.1f}:1) are beyond the aspect "
+                     f"ratio limit of {limit:g}:1 (video.MAX_ASPECT_RATIO)")
+
+
 def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
   """(height, width) with the shorter side equal to `short_side` (0 keeps the size)."""
   if not short_side or min(height, width) == short_side:
@@ -28,8 +42,13 @@ def scaled_size(height: int, width: int, short_side: int) -> tuple[int, int]:
   return max(1, round(height * short_side / width)), short_side
 
 
-def iter_frames(path: str, fps: float = 25.0, short_side: int = 0) -> Iterator[np.ndarray]:
-  """Yields uint8 (H, W, 3) frames of `path` resampled to `fps` (0 keeps every decoded frame)."""
+def iter_frames(path: str, fps: float = 25.0, short_side: int = 0,
+                max_aspect: float = 0.0) -> Iterator[np.ndarray]:
+  """Yields uint8 (H, W, 3) frames of `path` resampled to `fps` (0 keeps every decoded frame).
+
+  With `max_aspect`, a video whose frames are longer than that many times their width fails
+  (VideoError) at its first frame, before anything is resized.
+  """
   if not os.path.exists(path):
     raise VideoError(f"{path}: no such file")
   try:
@@ -50,6 +69,10 @@ def iter_frames(path: str, fps: float = 25.0, short_side: int = 0) -> Iterator[n
     try:
       for frame in container.decode(stream):
         if size is None:
+          try:
+            check_aspect(frame.height, frame.width, max_aspect)
+          except VideoError as e:
+            raise VideoError(f"{path}: {e}") from None
           size = scaled_size(frame.height, frame.width, short_side)
         time = frame.time
         if time is None or (held is not None and time <= held_time):
@@ -87,14 +110,14 @@ def read_video(path: str, fps: float = 25.0, short_side: int = 0) -> np.ndarray:
 
 
 def jpeg_frames(path: str, fps: float = 25.0, short_side: int = 0, quality: int = 90,
-                max_frames: int = 0) -> list[bytes]:
+                max_frames: int = 0, max_aspect: float = 0.0) -> list[bytes]:
   """The frames of `iter_frames` as JPEG bytes (the DMVR / TFDS storage), at most `max_frames`.
 
   Each frame is encoded as soon as it is decoded, so a long video never sits in memory as raw RGB.
   """
   import tensorflow as tf  # only the preparation tools need it
   frames = []
-  decoded = iter_frames(path, fps, short_side)
+  decoded = iter_frames(path, fps, short_side, max_aspect)
   try:
     for frame in decoded:
       frames.append(tf.io.encode_jpeg(frame, quality=quality).numpy())

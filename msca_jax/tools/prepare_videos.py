@@ -10,7 +10,15 @@ r"""Turns a video collection into frame folders (the default) or DMVR TFRecord s
     (default: the CSV's directory);
   * a TokShift frame-folder list (.txt lines 'frame_folder num_frames label'): the folders hold
     frames already extracted as images, taken in file-name order;
-  * a directory laid out ROOT/class_name/video.mp4.
+  * a directory laid out ROOT/class_name/video.mp4. Each video file is listed once, labelled by
+    the class folder it really lies in: a symlink into the tree (such as a loop 'walk/loop -> ..')
+    is not followed, a link to a folder or file outside the tree is (labelled by the class folder
+    holding the link), and a folder or file reached twice is taken once. Each path not taken is a
+    line of the log and of the summary (annotations.walk_videos).
+
+Text lists (--classes, frame-folder lists) may have a byte-order mark, CRLF line ends, blank lines
+and trailing blanks; a class named twice is an error naming the line. A video whose frames are
+more than 8 times as long as wide (video.MAX_ASPECT_RATIO) is skipped and listed with its reason.
 
 Videos are resampled to --fps and resized to --short_side, so that the recipe's stride (32 frames
 at 25 fps) means the same time span for every video. With --format=frames (docs/data.md) the
@@ -129,6 +137,9 @@ class Summary:
   seconds: float = 0.0
   failures: list[Failure] = dataclasses.field(default_factory=list)
   failures_path: str = ""
+  # Paths the walk of the video tree did not take: link loops, links into the tree, files
+  # reached twice (each is also a line of the log).
+  walk_notes: list[str] = dataclasses.field(default_factory=list)
 
   @property
   def videos_failed(self) -> int:
@@ -151,6 +162,12 @@ class Summary:
     if self.shards_failed:
       lines.append(f"  shard errors  {self.shards_failed} shards could not be written; rerun the "
                    "same command to retry them")
+    if self.walk_notes:
+      lines.append(f"  not walked    {len(self.walk_notes)} paths of the video tree (link loops, "
+                   "links into the tree, files reached twice): each video is listed once")
+      lines += [f"    {note}" for note in self.walk_notes[:max_failures]]
+      if len(self.walk_notes) > max_failures:
+        lines.append(f"    ... and {len(self.walk_notes) - max_failures} more (in the log)")
     lines.append(f"  failed        {self.videos_failed} of {self.videos_total} videos"
                  + (f", listed in {self.failures_path}" if self.failures else ""))
     for failure in self.failures[:max_failures]:
@@ -180,17 +197,19 @@ def _is_kinetics_csv(path: str) -> bool:
   return "youtube_id" in first
 
 
-def read_entries(videos: str, video_root: str | None = None) -> tuple[str, list[annotations.Entry]]:
-  """('csv' | 'frame_list' | 'class_folders', entries) for the --videos argument."""
+def read_entries(videos: str, video_root: str | None = None,
+                 notes: list[str] | None = None) -> tuple[str, list[annotations.Entry]]:
+  """('csv' | 'frame_list' | 'class_folders', entries) for the --videos argument; the paths a
+  walk of a video tree did not take go to `notes` (`annotations.walk_videos`)."""
   if not os.path.exists(videos):
     raise DataError(f"--videos {videos} does not exist (expected a Kinetics CSV, a frame-folder "
                     "list or a directory of class folders)")
   if os.path.isdir(videos):
-    return "class_folders", annotations.read_class_folders(videos)
+    return "class_folders", annotations.read_class_folders(videos, notes)
   if video_root is not None and not os.path.isdir(video_root):
     raise DataError(f"--video_root {video_root} is not a directory")
   if _is_kinetics_csv(videos):
-    entries = annotations.read_kinetics_csv(videos, video_root)
+    entries = annotations.read_kinetics_csv(videos, video_root, notes=notes)
     # An unlabelled CSV (or one whose header starts with a byte-order mark) would otherwise turn
     # into one "label -1" failure per row.
     if entries and all(e.label_name is None for e in entries):
@@ -261,7 +280,7 @@ def _resize(image: np.ndarray, short_side: int) -> np.ndarray:
 
 def _video_frames(path: str, settings: Settings) -> list[bytes]:
   return video.jpeg_frames(path, settings.fps, settings.short_side, settings.jpeg_quality,
-                           settings.max_frames)
+                           settings.max_frames, max_aspect=video.MAX_ASPECT_RATIO)
 
 
 def _folder_frames(path: str, settings: Settings) -> list[bytes]:
@@ -272,23 +291,35 @@ def _folder_frames(path: str, settings: Settings) -> list[bytes]:
   if settings.max_frames:
     names = names[:settings.max_frames]
   frames = []
-  for name in names:
+  for i, name in enumerate(names):
     with open(os.path.join(path, name), "rb") as f:
       data = f.read()
     try:
       if data.startswith(_JPEG_MAGIC):
         height, width = tf.image.extract_jpeg_shape(data).numpy()[:2]
+        if i == 0:
+          _check_folder_aspect(path, height, width)
         if not settings.short_side or min(height, width) == settings.short_side:
           frames.append(data)
           continue
         image = tf.io.decode_jpeg(data, channels=3)
       else:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        if i == 0:
+          _check_folder_aspect(path, *image.shape[:2])
     except tf.errors.OpError as e:
       raise video.VideoError(f"{os.path.join(path, name)}: not a readable image "
                              f"({e.message.splitlines()[0]})") from e
     frames.append(_encode_jpeg(_resize(image.numpy(), settings.short_side), settings.jpeg_quality))
   return frames
+
+
+def _check_folder_aspect(path: str, height: int, width: int) -> None:
+  """A frame folder's first image bounds its shape as a video's first frame does."""
+  try:
+    video.check_aspect(int(height), int(width))
+  except video.VideoError as e:
+    raise video.VideoError(f"{path}: {e}") from None
 
 
 def _reason(error: Exception, path: str = "") -> str:
@@ -599,7 +630,10 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
   settings = Settings(fps=float(fps), short_side=int(short_side), jpeg_quality=int(jpeg_quality),
                       max_frames=int(max_frames))
 
-  kind, entries = read_entries(videos, video_root)
+  walk_notes: list[str] = []
+  kind, entries = read_entries(videos, video_root, walk_notes)
+  for note in walk_notes:
+    logging.warning("video tree: %s", note)
   names = class_names_for(kind, entries, classes)
   entries = _drop_duplicates(annotations.assign_labels(entries, names))
   if kind == "frame_list":
@@ -608,7 +642,7 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
   usable = {e.key: e for e in entries if not e.error}
   early_failures = [Failure(e.key, e.path or "", e.error) for e in entries if e.error]
 
-  summary = Summary(split=split, output=output, videos_total=len(entries))
+  summary = Summary(split=split, output=output, videos_total=len(entries), walk_notes=walk_notes)
   failures_tsv = os.path.join(output, f"{split}.failures.tsv")
   if not usable:
     os.makedirs(output, exist_ok=True)
@@ -765,7 +799,7 @@ def main(argv: Sequence[str]) -> int:
   except DataError as e:
     # Configuration errors name the file or flag; a traceback would only bury the message.
     print(f"prepare_videos: error: {e}", file=sys.stderr)
-    return 1
+    return 2
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
     print("prepare_videos: error: no video could be written", file=sys.stderr)

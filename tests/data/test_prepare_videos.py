@@ -642,6 +642,6 @@ def test_two_workers_match_an_inline_run(tmp_path, fmt):
 def test_cli_errors_are_one_clear_line(tmp_path):
   result = _cli("--videos", str(tmp_path / "nowhere.csv"), "--output", str(tmp_path / "out"),
                 "--split=train")
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert "prepare_videos: error: --videos" in result.stderr and "nowhere.csv does not exist" in result.stderr
   assert "Traceback" not in result.stderr
