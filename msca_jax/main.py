@@ -7,7 +7,8 @@ r"""Trains and evaluates a model: the entry point for every variant, device and 
 
 Any config field can be overridden with --config.FIELD=VALUE. Rerunning a command resumes from the
 workdir's latest checkpoint. Exit status: 0 done, 143 stopped by SIGTERM after saving a
-checkpoint (rerun to resume), 3 the loss became NaN or Inf (the last good checkpoint is kept).
+checkpoint (rerun to resume), 2 a mistake in the flags, the config or the files they name (one
+line on stderr: `error: ...`), 3 the loss became NaN or Inf (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msca_jax import host_memory
+from msca_jax import cli, host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
@@ -83,6 +84,9 @@ def main(argv):
 
   progress.quiet_library_logs()
   initialise_distributed()
+  from configs import common
+  # Before anything is built: a mistake in the config is one line, not a traceback after the dump.
+  common.validate(_CONFIG.value, _MODE.value)
   logging.info("config:\n%s", _CONFIG.value)
   try:
     result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
@@ -94,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
