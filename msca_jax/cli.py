@@ -127,18 +127,18 @@ def _flag_error_message(error: flags.Error) -> str:
   return text
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
   """absl's flag parsing for app.run; a mistake in the flags is a user error."""
   try:
-    remaining = flags.FLAGS(argv)
+    remaining = flag_values(argv)
   except flags.Error as e:
     exit_user_error(_flag_error_message(e))
   except (AttributeError, KeyError, OSError):
-    message = diagnose_config_flags(flags.FLAGS, argv)
+    message = diagnose_config_flags(flag_values, argv)
     if message is None:
       raise
     exit_user_error(message)
-  for flag in _config_flags(flags.FLAGS):  # a missing file only fails when the config is read
+  for flag in _config_flags(flag_values):  # a missing file only fails when the config is read
     message = missing_config_file(flag.name, argv)
     if message:
       exit_user_error(message)
