@@ -198,13 +198,15 @@ def _demo(config: ml_collections.ConfigDict) -> None:
 _SPLIT_FIELDS = {"train": ("train_split", "train_list"), "eval": ("eval_split", "eval_list")}
 
 
-def validate(config: ml_collections.ConfigDict, mode: str = "train_and_evaluate") -> None:
+def validate(config: ml_collections.ConfigDict, mode: str = "train_and_evaluate",
+             workdir: str | None = None) -> None:
   """Checks a whole config before anything is built; raises errors.UserError naming the field.
 
   Runs each part's own checks (model, data pipeline, optimiser, mesh) and adds what would
   otherwise fail only later: the patch size against the frame size, the batch sizes against the
   devices and processes, data paths and split files, a writable synthetic-dataset cache, the
-  initial weights. `mode` is main's --mode: 'evaluate' needs no training split.
+  initial weights. `mode` is main's --mode: 'evaluate' needs no training split, but weights: a
+  finished checkpoint in `workdir` or config.init's.
   """
   from msca_jax import models
   from msca_jax.data import pipeline
@@ -218,6 +220,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train_and_evaluate"
   _check_batch_sizes(config, train)
   _check_data(config.data, ("train", "eval") if train else ("eval",))
   _check_init(config.init)
+  if mode == "evaluate" and workdir is not None:
+    _check_something_to_evaluate(config.init, workdir)
 
 
 def _checked(check, *args):
@@ -305,6 +309,18 @@ def _check_synthetic_cache(s: ml_collections.ConfigDict) -> None:
                "MSCA_JAX_CACHE (or config.data.synthetic.dir)")
     raise UserError(f"cannot write the synthetic dataset to {root} ({e.strerror or e}): set "
                     f"{setting} to a writable directory") from e
+
+
+def _check_something_to_evaluate(init: ml_collections.ConfigDict, workdir: str) -> None:
+  from msca_jax import pretrained
+  from msca_jax.train import initialise
+  if init.vit_npz or init.checkpoint or "://" in workdir:  # remote workdirs: the trainer reads them
+    return
+  try:
+    initialise.step_dir(workdir)
+  except pretrained.WeightsError as e:
+    raise UserError(f"--mode=evaluate: {workdir} has no finished checkpoint, and config.init names "
+                    "no weights (set config.init.checkpoint or config.init.vit_npz)") from e
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:

@@ -16,12 +16,13 @@ import sys
 import types
 
 import jax
+import numpy as np
 import pytest
 from absl import app, flags
 from ml_collections import config_flags
 
 from configs import common, msca_kv, vit
-from msca_jax import cli
+from msca_jax import cli, pretrained
 from msca_jax.data import dmvr, frames, synthetic
 from msca_jax.errors import UserError
 from msca_jax.tools import convert_torch
@@ -200,6 +201,25 @@ def test_missing_splits_are_named(tmp_path, cache):
   with pytest.raises(UserError, match="config.data.eval_split = 'validation': no shards for split "
                                       "'validation' in"):
     common.validate(_demo(**{"data.source": "dmvr", "data.path": str(shards_dir)}), "evaluate")
+
+
+def test_evaluate_needs_weights(tmp_path, cache):
+  with pytest.raises(UserError, match=re.escape(
+      f"--mode=evaluate: {tmp_path} has no finished checkpoint, and config.init names no weights")):
+    common.validate(_demo(), "evaluate", str(tmp_path))
+  common.validate(_demo(), "train_and_evaluate", str(tmp_path))  # training writes them
+  (tmp_path / "weights.npz").write_bytes(b"")
+  common.validate(_demo(**{"init.vit_npz": str(tmp_path / "weights.npz")}), "evaluate", str(tmp_path))
+
+
+def test_npz_with_objects_is_refused_without_numpys_advice(tmp_path):
+  path = tmp_path / "objects.npz"
+  np.savez(path, a=np.array([{"x": 1}], dtype=object))
+  with pytest.raises(pretrained.WeightsError) as error:
+    pretrained.read_npz(path)
+  assert str(error.value) == (f"{path}: refused: it contains pickled Python objects (object arrays), "
+                              "which can run code when loaded; only .npz files of numeric arrays are read")
+  assert error.value.__cause__ is None and error.value.__suppress_context__
 
 
 def _blocked_directory(tmp_path) -> str:
