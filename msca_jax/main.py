@@ -7,7 +7,8 @@ r"""Trains and evaluates a model: the entry point for every variant, device and 
 
 Any config field can be overridden with --config.FIELD=VALUE. Rerunning a command resumes from the
 workdir's latest checkpoint. Exit status: 0 done, 143 stopped by SIGTERM after saving a
-checkpoint (rerun to resume), 3 the loss became NaN or Inf (the last good checkpoint is kept).
+checkpoint (rerun to resume), 2 a mistake in the flags, the config or the files they name (one
+line on stderr: `error: ...`), 3 the loss became NaN or Inf (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from msca_jax import host_memory
+from msca_jax import cli, host_memory
+from msca_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
@@ -78,20 +80,25 @@ def main(argv):
   # Imported here so that --help answers without loading JAX and TensorFlow.
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
-  from msca_jax import progress
+  from msca_jax import pretrained, progress
   from msca_jax.train import trainer
 
   progress.quiet_library_logs()
   initialise_distributed()
+  from configs import common
+  # Before anything is built: a mistake in the config is one line, not a traceback after the dump.
+  common.validate(_CONFIG.value, _MODE.value, _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
   try:
     result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except trainer.NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(EXIT_NONFINITE)
+  except pretrained.WeightsError as e:  # config.init names weights that do not fit the model
+    raise UserError(str(e)) from e
   if result.get("interrupted"):
     sys.exit(trainer.EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -41,6 +41,8 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from msca_jax import cli
+
 VIEWS = ("test", "val")
 
 
@@ -382,6 +384,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+  """The program: 0 with a prediction; 2 (one line on stderr) for a mistake in the inputs."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _check_required(flags.FLAGS)
@@ -392,9 +395,10 @@ def main(argv: Sequence[str]) -> int:
   # Reading a checkpoint makes orbax warn about read-only managers and missing metadata files.
   logging.get_absl_logger().addFilter(
       lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
-  return run(flags.FLAGS)
+  # run's failures are all about the inputs: the exit status every program gives a user error.
+  return cli.EXIT_USER_ERROR if run(flags.FLAGS) else 0
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, user_errors=(PredictError,))

@@ -181,6 +181,10 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as data:
       return {k: data[k] for k in data.files}
   except (ValueError, OSError, EOFError) as e:
+    if "allow_pickle" in str(e):  # numpy's text names the unsafe setting: not repeated to the user
+      raise WeightsError(f"{path}: refused: it contains pickled Python objects (object arrays), "
+                         "which can run code when loaded; only .npz files of numeric arrays are "
+                         "read") from None
     raise WeightsError(f"{path}: not a readable .npz of arrays ({e})") from e
 
 
