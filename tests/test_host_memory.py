@@ -34,8 +34,8 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(setting):
-  env = dict(os.environ, **{host_memory.ENV_VAR: setting})
+def _probe(setting, **environ):
+  env = dict(os.environ, **{host_memory.ENV_VAR: setting}, **environ)
   result = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
                           check=True)
   state, faults = result.stdout.strip().splitlines()
@@ -53,6 +53,26 @@ class KeepFreedMemoryTest(absltest.TestCase):
   def test_default_leaves_malloc_alone(self):
     state, _ = _probe("default")
     self.assertIn("defaults", state)
+
+  def test_left_alone_when_jax_runs_on_an_accelerator(self):
+    state, faults = _probe("keep", JAX_PLATFORMS="cuda,cpu")
+    self.assertIn("defaults", state)
+    self.assertIn("JAX_PLATFORMS=cuda,cpu", state)
+    self.assertGreater(faults, 1000)   # the freed block went back to the OS
+
+  def test_an_installed_accelerator_plugin_means_an_accelerator(self):
+    env = dict(os.environ, JAX_PLATFORMS="")
+    env.pop("JAX_PLATFORMS")
+    probe = ("import importlib.util, sys; from msca_jax import host_memory; "
+             "real = importlib.util.find_spec; "
+             "importlib.util.find_spec = lambda name, *a: object() if name == 'libtpu' else real(name, *a); "
+             "print(host_memory.accelerator_backend())")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                            check=True)
+    self.assertEqual(result.stdout.strip(), "libtpu")
+    cpu = subprocess.run([sys.executable, "-c", probe.replace("libtpu'", "nothing'")], env=env,
+                         capture_output=True, text=True, check=True)
+    self.assertEqual(cpu.stdout.strip(), "")   # this machine: no plugin, the CPU
 
   def test_bad_setting_names_the_variable(self):
     env = dict(os.environ, **{host_memory.ENV_VAR: "yes"})

@@ -26,7 +26,7 @@ VARIANTS = {
     "B": (768, 12, 12, 3072),
     "L": (1024, 24, 16, 4096),
 }
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "heads_major")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 # The logical axis names carried by params and activations; a mesh maps them.

@@ -16,14 +16,13 @@ dense layers only see the trailing axes. TokenShift and MSCA are selected by
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msca_jax.models import layers, msca, tokenshift
+from msca_jax.models import msca, tokenshift
 
 Dtype = Any
 LN_EPSILON = 1e-6
@@ -44,8 +43,11 @@ def _init(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(initializer, names)
 
 
-def _layer_norm(name: str, dtype: Dtype) -> layers.LayerNorm:
-  return layers.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name)
+def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+  # Two-pass variance, as the reference computes it (flax's default is E[x^2] - E[x]^2).
+  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, use_fast_variance=False, name=name,
+                      scale_init=_init(nn.initializers.ones, ("embed",)),
+                      bias_init=_init(nn.initializers.zeros, ("embed",)))
 
 
 def _drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> jnp.ndarray:
@@ -65,66 +67,30 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     width = x.shape[-1]
-    dense = lambda features, axes, name: FlatDense(
-        features=(features,), contract_ndim=1, kernel_axes=axes, dtype=self.dtype, name=name,
-        bias_init=nn.initializers.normal(stddev=1e-6))
+    dense = lambda features, axes, name: nn.Dense(
+        features, dtype=self.dtype, name=name,
+        kernel_init=_init(nn.initializers.xavier_uniform(), axes),
+        bias_init=_init(nn.initializers.normal(stddev=1e-6), axes[1:]))
     x = dense(self.mlp_dim, ("embed", "mlp"), "Dense_0")(x)
     x = nn.with_logical_constraint(x, ("batch", None, None, "mlp"))
-    x = layers.gelu(x)  # the reference uses exact (erf) GELU
+    x = jax.nn.gelu(x, approximate=False)  # the reference's exact (erf) GELU
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = dense(width, ("mlp", "embed"), "Dense_1")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
 
 
-def attention_implementation(requested: str, platform: str, dtype, head_dim: int) -> str:
-  """Resolves 'auto': cuDNN's fused kernel where it applies, heads-major einsums on CPU, else XLA.
+def attention_implementation(requested: str, platform: str, dtype, head_dim: int) -> str | None:
+  """The `implementation` argument of jax.nn.dot_product_attention for config.model.attention_impl.
 
-  jax.nn.dot_product_attention(implementation=None) always means XLA today, so the choice is
-  made here: cuDNN's flash attention needs a GPU, fp16/bf16 inputs and a head dimension that is
-  a multiple of 8, at most 128. On CPU, where no fused kernel exists, `layers.softmax_attention`
-  is faster than jax's XLA formulation (README, Measured); 'xla' elsewhere (TPU, GPU fp32).
+  'auto' picks cuDNN's fused kernel where it applies (a GPU, fp16/bf16 inputs, a head dimension
+  that is a multiple of 8 and at most 128) and XLA's formulation everywhere else; jax's own None
+  means XLA today, so the choice is made here.
   """
-  if requested != "auto":
-    return requested
-  half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-  if platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
-    return "cudnn"
-  if platform == "cpu":
-    return "heads_major"
-  return "xla"
-
-
-class FlatDense(nn.Module):
-  """Dense layer over x's last `contract_ndim` axes, run as one (rows, fan_in) x (fan_in, fan_out)
-  matmul.
-
-  Same parameters as flax's Dense / DenseGeneral (`kernel`, `bias`); the kernel keeps its
-  checkpoint shape, e.g. (width, heads, head_dim), and is created in it, so its logical axis
-  names hold at init too. Rows spread over (batch, frames, tokens), or heads axes left split,
-  make XLA:CPU copy activations and kernels into transposed layouts around the backward dots
-  (160 copies and 2.6 % of the ViT-B train step); the reshapes to 2-D are bitcasts, and a sharded
-  batch axis stays the major part of the rows.
-  """
-  features: tuple[int, ...]
-  contract_ndim: int
-  kernel_axes: tuple[str | None, ...]
-  dtype: Dtype = jnp.float32
-  bias_init: Callable = nn.initializers.zeros
-
-  @nn.compact
-  def __call__(self, x):
-    shape = x.shape[-self.contract_ndim:] + tuple(self.features)
-    fan_in = tuple(range(self.contract_ndim))
-    fan_out = tuple(range(self.contract_ndim, len(shape)))
-    init = nn.initializers.xavier_uniform(in_axis=fan_in, out_axis=fan_out)
-    kernel = self.param("kernel", _init(init, self.kernel_axes), shape)
-    bias = self.param("bias", _init(self.bias_init, self.kernel_axes[self.contract_ndim:]),
-                      tuple(self.features))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    lead = x.shape[:-self.contract_ndim]
-    fan_in_size = math.prod(shape[:self.contract_ndim])
-    y = x.reshape(-1, fan_in_size) @ kernel.reshape(fan_in_size, -1) + bias.reshape(-1)
-    return y.reshape(lead + tuple(self.features))
+  if requested == "auto":
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fused = platform == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if fused else "xla"
+  return requested
 
 
 class Attention(nn.Module):
@@ -132,7 +98,7 @@ class Attention(nn.Module):
   num_heads: int
   temporal: TemporalMixing = TemporalMixing()
   attention_dropout_rate: float = 0.0
-  attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn' | 'heads_major'
+  attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -141,9 +107,13 @@ class Attention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    project = lambda name: FlatDense(features=(self.num_heads, head_dim), contract_ndim=1,
-                                      kernel_axes=("embed", "heads", "kv"), dtype=self.dtype,
-                                      name=name)
+    # nn.Einsum creates each kernel in its checkpoint shape, so its logical axis names hold at
+    # init (DenseGeneral initialises a flattened kernel, which sharding constraints reject).
+    xavier = lambda fan_in, fan_out: nn.initializers.xavier_uniform(in_axis=fan_in, out_axis=fan_out)
+    project = lambda name: nn.Einsum(
+        (width, self.num_heads, head_dim), "...d,dhk->...hk", dtype=self.dtype, name=name,
+        kernel_init=_init(xavier((0,), (1, 2)), ("embed", "heads", "kv")),
+        bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = (project(name)(x) for name in ("query", "key", "value"))
     if self.temporal.kind == "msca":
       q, k, v = msca.cross_frame_qkv(
@@ -157,14 +127,13 @@ class Attention(nn.Module):
     else:
       implementation = attention_implementation(self.attention_impl, jax.default_backend(),
                                                 q.dtype, head_dim)
-      if implementation == "heads_major":
-        out = layers.softmax_attention(q, k, v)
-      else:
-        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+      out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
-    return FlatDense(features=(width,), contract_ndim=2, kernel_axes=("heads", "kv", "embed"),
-                      dtype=self.dtype, name="out")(out)
+    return nn.Einsum(
+        (self.num_heads, head_dim, width), "...hk,hkd->...d", dtype=self.dtype, name="out",
+        kernel_init=_init(xavier((0, 1), (2,)), ("heads", "kv", "embed")),
+        bias_init=_init(nn.initializers.zeros, ("embed",)))(out)
 
   def _attention_with_dropout(self, q, k, v):
     # jax.nn.dot_product_attention has no dropout, so this path is unfused.

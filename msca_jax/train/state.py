@@ -99,6 +99,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
       return jitted(state, batch, rng)
   run.lower = _lowering(jitted, mesh, logical_rules)
+  run.jitted = jitted   # for jax.export (tests/test_lowering.py): the same function, unwrapped
   return run
 
 
@@ -124,6 +125,7 @@ def make_eval_step(model: nn.Module, shardings: TrainState, mesh: Mesh, logical_
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):
       return jitted(params, batch)
   run.lower = _lowering(jitted, mesh, logical_rules)
+  run.jitted = jitted
   return run
 
 

@@ -123,8 +123,8 @@ class AttentionImplementationTest(parameterized.TestCase):
       ("auto", "gpu", jnp.float32, 64, "xla"),     # cuDNN's fused kernel is half precision only
       ("auto", "gpu", jnp.bfloat16, 12, "xla"),    # head dim not a multiple of 8
       ("auto", "gpu", jnp.bfloat16, 256, "xla"),
-      ("auto", "cpu", jnp.bfloat16, 64, "heads_major"),
-      ("auto", "cpu", jnp.float32, 64, "heads_major"),
+      ("auto", "cpu", jnp.bfloat16, 64, "xla"),
+      ("auto", "cpu", jnp.float32, 64, "xla"),
       ("auto", "tpu", jnp.bfloat16, 64, "xla"),
       ("cudnn", "cpu", jnp.float32, 64, "cudnn"),  # an explicit choice is passed through
   )
