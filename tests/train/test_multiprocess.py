@@ -103,10 +103,8 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
   exp = trainer.build(config, str(tmp_path / "one"), train=True)
   _, shardings = state_lib.abstract_state(exp.model, exp.tx, exp.clip, exp.mesh, exp.rules)
   state = trainer._initial_state(exp, shardings)
-  step_fn = state_lib.make_train_step(exp.model, exp.tx, trainer._loss_fn(config.train), shardings,
-                                      exp.mesh, exp.rules,
-                                      inputs=stream_lib.model_inputs(
-                                          config.data, stream_lib.training_window(config.data, exp.train_source)))
+  step_fn = trainer.make_train_step(config, exp.model, exp.tx, shardings, exp.mesh, exp.rules,
+                                    stream_lib.training_window(config.data, exp.train_source))
   streams = [stream_lib.TrainStream(exp.train_source, config.data, batch_size=8,
                                     seed=config.train.seed, process_index=i, process_count=2)
              for i in range(2)]
