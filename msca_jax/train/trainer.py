@@ -175,21 +175,6 @@ class MetricsWriter:
       self._jsonl.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl as one dict per step, in step order.
-
-  A resumed run logs again the steps between its last checkpoint and the interruption; the
-  later line of a step wins, so the rows are those of the run that continued.
-  """
-  rows: dict[int, dict] = {}
-  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-  return [rows[step] for step in sorted(rows)]
-
-
 # ------------------------------------------------------------------------------------ evaluation
 
 def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_crops: int,
