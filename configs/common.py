@@ -20,14 +20,10 @@ import tempfile
 import ml_collections
 from ml_collections import config_dict
 
+# Neither imports JAX or TensorFlow: loading a config stays cheap (tests/test_configs.py).
+from msca_jax import defaults
 from msca_jax.data import synthetic
 from msca_jax.errors import UserError
-from msca_jax.train import mesh as mesh_lib
-
-# Shift folds used by the reference code: TokenShift moves C/4 of the CLS
-# channels each way; the released MSCA config moves 12 // 12 = 1 head each way.
-TOKENSHIFT_SHIFT_DIV = 4
-MSCA_SHIFT_DIV = 12
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -43,14 +39,14 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   m.num_classes = 400
   m.num_frames = 8
   m.image_size = 224
-  m.shift_div = MSCA_SHIFT_DIV if name == "msca" else TOKENSHIFT_SHIFT_DIV
+  m.shift_div = defaults.SHIFT_DIV.get(name)  # TokenShift 4, MSCA 12 (msca_jax/defaults.py)
   m.msca_targets = "kv"              # any of q, k, v, qk, qv, kv, qkv
   m.msca_axis = "head"               # 'head' (the paper) | 'patch' (our interpretation)
   m.boundary = "zero"                # 'zero' (reference) | 'circular'
   m.dtype = "float32"                # compute dtype: 'float32' | 'bfloat16'; params stay fp32
   m.remat = False
   m.remat_policy = "nothing_saveable"  # a jax.checkpoint_policies name
-  m.attention_impl = "auto"          # 'auto' (cuDNN on GPU in bf16/fp16, heads_major on CPU, else XLA) | 'xla' | 'cudnn' | 'heads_major'
+  m.attention_impl = "auto"          # 'auto' (cuDNN's fused kernel on GPU in bf16/fp16, else XLA) | 'xla' | 'cudnn'
   m.dropout_rate = 0.0
   m.attention_dropout_rate = 0.0
   m.drop_path_rate = 0.0
@@ -143,7 +139,7 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.eval.every_epochs = 1       # validation during training; 0 turns it off
 
   # Devices: data parallel over everything by default; see msca_jax/train/mesh.py.
-  config.mesh = mesh_lib.mesh_config()
+  config.mesh = defaults.mesh_config()
 
   config.init = ml_collections.ConfigDict()
   config.init.vit_npz = ""          # Google ViT .npz (i21k / AugReg / big_vision)
@@ -165,7 +161,8 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   m.num_frames, m.image_size = 8, 32
   m.head_zeroinit = False
   if m.name == "msca":
-    m.shift_div = 4  # 4 heads: one each way, as the B/16 default shifts 1 of 12
+    # With 4 heads the default 12 would move none: keep the released code's one head each way.
+    m.shift_div = defaults.msca_shift_div(m.num_heads)
   m.num_classes = len(synthetic.CLASSES)
   d = config.data
   d.source = "synthetic"
@@ -247,6 +244,7 @@ def _check_batch_sizes(config: ml_collections.ConfigDict, train: bool) -> None:
   for group, size in fields:
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
       raise UserError(f"config.{group}.batch_size = {size!r}: expected a positive integer")
+  from msca_jax.train import mesh as mesh_lib   # here: loading a config must not import JAX
   _checked(mesh_lib.rules, config.mesh)
   mesh = _checked(mesh_lib.make_mesh, config.mesh)
   for group, size in fields:

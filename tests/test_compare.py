@@ -4,8 +4,9 @@ import json
 import os
 
 import pytest
+from absl import app, flags
 
-from msca_jax.tools import compare
+from msca_jax.tools import benchmark, compare
 
 _demo_config = compare.demo_config
 
@@ -59,8 +60,39 @@ def test_compare_trains_tabulates_and_plots(tiny_runs):
 
 
 def test_labels_and_unknown_variant():
-  assert compare.label("vit") == "ViT"
+  assert compare.label("vit") == "ViT" and compare.label("tokenshift") == "TokenShift"
   assert compare.label("msca_kv") == "MSCA-KV"
   assert compare.label("msca_q_patch") == "MSCA-Q (patch)"
-  with pytest.raises(Exception, match="configs/nope.py"):
+  assert compare.label is benchmark.label   # one table, in configs/
+  with pytest.raises(app.UsageError, match="--variants: no config file configs/nope.py"):
     compare.demo_config("nope", None, 0)
+
+
+def test_read_metrics_keeps_the_last_line_of_a_step(tmp_path):
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    for row in ({"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9},
+                {"step": 2, "train/loss": 1.5}, {"step": 4, "val/top1": 0.5}):
+      f.write(json.dumps(row) + "\n")
+  assert compare.read_metrics(str(tmp_path)) == [
+      {"step": 2, "train/loss": 1.5}, {"step": 4, "train/loss": 0.9, "val/top1": 0.5}]
+
+
+def test_comparison_plots(tmp_path):
+  bars = str(tmp_path / "bars.png")
+  compare.plot_accuracy_bars(
+      bars, {"ViT": {"top1": 0.45, "within_pair_accuracy": 0.51},
+             "MSCA": {"top1": 0.93, "within_pair_accuracy": 0.95}},
+      title="synthetic", chance={"within_pair_accuracy": 0.5})
+  curves = str(tmp_path / "curves.png")
+  compare.plot_accuracy_curves(curves, {"ViT": [(100, 0.3), (0, 0.1)], "MSCA": [(0, 0.1)]})
+  for path in (bars, curves):
+    with open(path, "rb") as f:
+      assert f.read(4) == b"\x89PNG"
+
+
+def test_flags_are_defined_only_when_asked():
+  fv = flags.FlagValues()
+  compare.define_flags(fv)
+  fv(["compare", "--workdir=/tmp/w", "--variants=vit,msca_q"])
+  assert (fv.workdir, fv.variants, fv.num_epochs, fv.seed) == ("/tmp/w", ["vit", "msca_q"], None, 0)
+  assert compare.__name__ not in flags.FLAGS.flags_by_module_dict()   # importing it defined none

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
+from msca_jax import defaults
 from msca_jax.models import msca, shift
 from msca_jax.models.vit import TemporalMixing, VideoClassifier
 
@@ -67,7 +68,7 @@ def temporal_mixing(config: Mapping[str, Any]) -> TemporalMixing:
   name = _get(config, "name", "vit")
   if name not in MODEL_NAMES:
     raise ValueError(f"config.model.name: expected one of {MODEL_NAMES}, got {name!r}")
-  shift_div = _get(config, "shift_div", 4)
+  shift_div = _get(config, "shift_div", defaults.SHIFT_DIV[name])  # the configs' own default
   if not isinstance(shift_div, int) or shift_div < 1:
     raise ValueError(f"config.model.shift_div: expected a positive integer, got {shift_div!r}")
   boundary = _get(config, "boundary", "zero")

@@ -11,12 +11,14 @@ with the argument of --config (`:demo`), the --config.FIELD=VALUE overrides of t
 then --batch, --dtype, --remat, --frames, --image_size and --model_variant. The default variants
 are vit, tokenshift and the --config file's own.
 
-What is timed is the trainer's own train step (`train.state.make_train_step`: the recipe's
+What is timed is the trainer's own train step (`train.trainer.make_train_step`: the recipe's
 optimiser from `config.train`, e.g. clipping + SGD momentum under gradient accumulation, the
-label-smoothed loss, the state donated, sharded over `config.mesh`) on a random batch in the
-layout the input stream sends (with `config.data.augment_on`'s device path, the decoded crop
-windows that the step resizes, flips and colours), and with --eval the evaluation step (forward
-only, one view). Per variant:
+trainer's loss `optim.training_loss`, the state donated, sharded over `config.mesh`) on a random
+batch in the layout the input stream sends (with `config.data.augment_on`'s device path, the
+decoded crop windows that the step resizes, flips and colours; with mixup or CutMix on, the
+second label and its weight), and with --eval the evaluation step (forward only, one view).
+The analysis of each compiled step (FLOPs, peaks and MFU, memory, HLO) is
+msca_jax/tools/step_analysis.py. Per variant:
 
   compile     lower + compile of the train step, seconds
   step        train-step seconds: median and minimum over --steps after --warmup steps
@@ -30,8 +32,8 @@ only, one view). Per variant:
   memory      the device's peak_bytes_in_use when it reports one (GPU/TPU; process-wide, so it
               never goes down from one variant to the next), else the compiled step's
               memory_analysis (arguments + outputs + temporaries - aliased)
-  attention   config.model.attention_impl, what it resolves to, and the cuDNN fused-attention
-              custom calls found in the compiled HLO (GPU)
+  attention   config.model.attention_impl, what it resolves to, and what runs: cuDNN's fused
+              kernel when the compiled HLO calls it (GPU), else XLA ops
 
 --batch_sweep=1,2,4,8 runs each variant at each batch instead (with and without remat with
 --remat_sweep): throughput per batch, the best batch and the largest that compiles and runs; an
@@ -41,14 +43,11 @@ Output: a fixed-width table, and JSON with --json.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import gc
-import importlib
 import json
 import math
 import os
-import re
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -59,49 +58,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from configs import label, load as load_variant
 from msca_jax import host_memory, models, progress
-from msca_jax.data import pipeline, sources, stream
-from msca_jax.models import vit as vit_lib
+from msca_jax.data import pipeline, sources
+from msca_jax.tools import step_analysis
 from msca_jax.train import mesh as mesh_lib
-from msca_jax.train import optim
+from msca_jax.train import optim, trainer
 from msca_jax.train import state as state_lib
 
 # The learning-rate schedule needs an epoch length; it changes no cost of the step.
 STEPS_PER_EPOCH = 1000
-LABELS = {"vit": "ViT", "tokenshift": "TokenShift"}
-
-# Dense peak TFLOP/s by device_kind substring; the first match wins, so specific names come
-# first. 'float32' is what JAX's DEFAULT precision runs float32 matmuls at: TF32 tensor cores on
-# NVIDIA (Ampere and later), one bfloat16 pass on TPU. 'float32_highest' applies when
-# jax_default_matmul_precision asks for true float32.
-KNOWN_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0, "float32_highest": 51.0}),
-    ("H100 NVL", {"bfloat16": 835.0, "float32": 418.0, "float32_highest": 60.0}),
-    ("H100", {"bfloat16": 989.0, "float32": 494.0, "float32_highest": 67.0}),
-    ("H200", {"bfloat16": 989.0, "float32": 494.0, "float32_highest": 67.0}),
-    ("A100", {"bfloat16": 312.0, "float32": 156.0, "float32_highest": 19.5}),
-    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
-    ("TPU v5e", {"bfloat16": 197.0, "float32": 197.0}),
-    ("TPU v5p", {"bfloat16": 459.0, "float32": 459.0}),
-    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
-    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
-    ("TPU v6e", {"bfloat16": 918.0, "float32": 918.0}),
-)
-_HIGHEST = ("highest", "float32", "F32_F32_F32")
-
-# Opcodes reported from the compiled HLO, outside fusions: what a layout change or an unfused
-# op costs shows up as extra copies, transposes or kernels.
-HLO_OPS = ("fusion", "copy", "transpose", "dot", "convolution", "custom-call", "reduce",
-           "all-reduce", "while", "conditional")
-CUDNN_FMHA = "__cudnn$fmha"
-
-
-def label(variant: str) -> str:
-  """'msca_kv' -> 'MSCA-KV', 'msca_q_patch' -> 'MSCA-Q (patch)'."""
-  if variant in LABELS:
-    return LABELS[variant]
-  return variant.replace("msca_", "MSCA-").upper().replace("_PATCH", " (patch)")
 
 
 # ------------------------------------------------------------------------------------ configs
@@ -112,10 +78,9 @@ def variant_config(variant: str, arg: str | None = None, overrides: dict[str, An
                    model_variant: str | None = None) -> ml_collections.ConfigDict:
   """configs/<variant>.py's config with `arg`, then the flat `overrides`, then the settings."""
   try:
-    module = importlib.import_module(f"configs.{variant}")
-  except ModuleNotFoundError as e:
-    raise ValueError(f"--variants: no config file configs/{variant}.py") from e
-  config = module.get_config(arg) if arg else module.get_config()
+    config = load_variant(variant, arg)
+  except ValueError as e:
+    raise ValueError(f"--variants: {e}") from e
   return apply_settings(config, overrides, batch=batch, dtype=dtype, remat=remat, frames=frames,
                         image_size=image_size, model_variant=model_variant)
 
@@ -142,31 +107,6 @@ def apply_settings(config, overrides=None, *, batch=None, dtype=None, remat=None
 
 # ------------------------------------------------------------------------------------ devices
 
-def known_peak(device_kind: str, dtype: str, matmul_precision: str | None = None
-               ) -> tuple[float | None, str]:
-  """(dense peak TFLOP/s or None, what it is) for a jax device_kind and compute dtype."""
-  for key, peaks in KNOWN_PEAKS:
-    if key.lower() in device_kind.lower():
-      name = dtype
-      if dtype == "float32" and matmul_precision in _HIGHEST and "float32_highest" in peaks:
-        name = "float32_highest"
-      if name not in peaks:
-        return None, f"no known {dtype} peak for {device_kind}"
-      kind = {"float32": "float32 matmuls at DEFAULT precision ("
-                         + ("bf16 pass" if "TPU" in key else "TF32") + ")",
-              "float32_highest": "true float32 (no tensor cores)"}.get(name, f"{name} dense")
-      return peaks[name], f"{device_kind}, {kind}"
-  return None, f"unknown peak for device {device_kind!r}"
-
-
-def peak_for(dtype: str, peak_tflops: float | None = None,
-             device: jax.Device | None = None) -> tuple[float | None, str]:
-  if peak_tflops:
-    return float(peak_tflops), "--peak_tflops"
-  device = device or jax.devices()[0]
-  return known_peak(device.device_kind, dtype, jax.config.jax_default_matmul_precision)
-
-
 def is_oom(error: BaseException) -> bool:
   """True for XLA's out-of-memory errors (RESOURCE_EXHAUSTED) and host MemoryError."""
   if isinstance(error, MemoryError):
@@ -175,89 +115,7 @@ def is_oom(error: BaseException) -> bool:
   return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
 
 
-def device_peak_bytes(device: jax.Device | None = None) -> int | None:
-  """The device's peak_bytes_in_use (process-wide), or None where it reports none (CPU)."""
-  device = device or jax.local_devices()[0]
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
-
-
-# ------------------------------------------------------------------------------------ XLA
-
-def _cost(stage) -> dict:
-  cost = stage.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per computation
-    cost = cost[0] if cost else {}
-  return dict(cost or {})
-
-
-def compiled_memory(compiled) -> dict[str, int] | None:
-  """Bytes from the compiled executable's memory_analysis, or None when unavailable."""
-  try:
-    ma = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if ma is None:
-    return None
-  out = {name: int(getattr(ma, f"{name}_size_in_bytes", 0) or 0)
-         for name in ("argument", "output", "temp", "alias", "generated_code")}
-  out["total"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
-  return out
-
-
-def hlo_op_counts(hlo_text: str) -> dict[str, int]:
-  """Opcode counts of an HLO module's instructions outside fused computations.
-
-  A fusion is one kernel: the ops inside it (found through the fusions' `calls=`) cost no extra
-  memory traffic, so only the instructions of the other computations are counted.
-  """
-  fused = set(re.findall(r"\sfusion\(.*?calls=%?([\w.\-]+)", hlo_text))
-  instruction = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.+?\s([a-z][a-z0-9\-]*)\(")
-  header = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)")
-  counts: collections.Counter = collections.Counter()
-  skip = False
-  for line in hlo_text.splitlines():
-    if line and not line[0].isspace():
-      m = header.match(line)
-      skip = bool(m) and m.group(1) in fused
-      continue
-    if not skip:
-      m = instruction.match(line)
-      if m:
-        counts[m.group(1)] += 1
-  return dict(counts)
-
-
-def attention_info(model_config, hlo_text: str | None) -> dict[str, Any]:
-  arch = models.architecture(model_config)
-  requested = model_config.get("attention_impl") or "auto"
-  dtype = models.DTYPES[model_config.get("dtype") or "float32"]
-  resolved = vit_lib.attention_implementation(requested, jax.default_backend(), dtype,
-                                              arch["width"] // arch["num_heads"])
-  fmha = hlo_text.count(CUDNN_FMHA) if hlo_text is not None else None
-  # Each fused-attention custom call appears once as an instruction and once in its target name.
-  cudnn_calls = len(re.findall(r"custom_call_target=\"__cudnn\$fmha", hlo_text or ""))
-  # What runs: cuDNN's fused kernel when the HLO calls it, else XLA ops in jax's formulation
-  # ("xla") or in ours ("heads_major", models/layers.py).
-  kernel = "cudnn fused" if cudnn_calls else ("xla" if resolved == "cudnn" else resolved)
-  return {"config": requested, "resolved": resolved, "kernel": kernel,
-          "cudnn_fmha_calls": cudnn_calls, "cudnn_mentions": fmha}
-
-
 # ------------------------------------------------------------------------------------ one variant
-
-def _loss_fn(train_cfg):
-  """The trainer's loss: label-smoothed cross-entropy, plus top-1 accuracy as a metric."""
-  def loss_fn(logits, batch):
-    loss, _ = optim.classification_loss(logits, batch["label"],
-                                        label_smoothing=train_cfg.label_smoothing)
-    top1, _ = optim.accuracy_counts(logits, batch["label"])
-    return loss, {"accuracy": top1 / logits.shape[0]}
-  return loss_fn
-
 
 def _compile(lowered):
   """Compiles a lowered step (a seam the tests replace to simulate running out of memory)."""
@@ -302,54 +160,48 @@ def _training_window(config) -> int | None:
   return pipeline.device_window(data, sources.DecodeSettings().short_side)
 
 
-def _random_train_batch(config, batch: int, mesh, seed: int) -> dict:
-  """A batch in the layout the trainer's input stream sends (pipeline.train_fields)."""
-  window = _training_window(config)
-  if window is None:
-    return _random_batch(config, batch, mesh, seed)
+def random_batch(config, fields: Sequence[pipeline.Field], batch: int, mesh, seed: int) -> dict:
+  """Random values for the device fields of a batch layout (pipeline.train_fields / eval_fields),
+  as the input stream would send them, placed on `mesh`."""
   local = batch // jax.process_count()
   rng = np.random.default_rng(seed)
-  lo = config.data.train_short_side_range[0]
-  out = {}
-  for field in pipeline.train_fields(config.data, window):
+  data = config.data
+  out: dict[str, np.ndarray] = {}
+  for field in fields:
     if not field.device:
       continue
     shape = (local,) + field.shape
-    if field.name == "video":
-      out[field.name] = rng.integers(0, 256, shape).astype(np.uint8)
-    elif field.name == "window":   # the recipe's range of windows
-      out[field.name] = rng.integers(max(1, window * lo // config.data.train_short_side_range[1]),
-                                     window + 1, shape).astype(np.int32)
+    dtype = np.dtype(jax.numpy.dtype(field.dtype))
+    if field.name == "video" and np.issubdtype(dtype, np.integer):
+      out[field.name] = rng.integers(0, 256, shape).astype(dtype)
+    elif field.name == "video":    # float clips arrive in [-1, 1]
+      out[field.name] = rng.uniform(-1, 1, shape).astype(dtype)
+    elif field.name == "window":   # the recipe's range of windows, up to the padded side
+      side = next(f for f in fields if f.name == "video").shape[1]
+      lo, hi = data.train_short_side_range
+      out[field.name] = rng.integers(max(1, side * lo // hi), side + 1, shape).astype(dtype)
     elif field.name == "flip":
-      out[field.name] = rng.integers(0, 2, shape).astype(np.int32)
+      out[field.name] = rng.integers(0, 2, shape).astype(dtype)
     elif field.name == "color":    # every change applied: the most work the step can do
-      out[field.name] = np.tile(np.array([1.2, 1.5, 0.9, 0.1], np.float32), (local, 1))
-    elif field.name == "label":
-      out[field.name] = rng.integers(0, config.model.num_classes, shape).astype(np.int32)
+      out[field.name] = np.tile(np.array([1.2, 1.5, 0.9, 0.1], dtype), (local, 1))
+    elif field.name in ("label", "label_mix"):
+      out[field.name] = rng.integers(0, config.model.num_classes, shape).astype(dtype)
+    elif field.name == "mix_weight":
+      out[field.name] = rng.uniform(0, 1, shape).astype(dtype)
+    elif field.name == "mask":
+      out[field.name] = np.ones(shape, dtype)
     else:
       raise AssertionError(f"no random values for batch field {field.name!r}")
   return mesh_lib.global_batch(out, mesh)
 
 
-def _random_batch(config, batch: int, mesh, seed: int, views: int | None = None) -> dict:
-  local = batch // jax.process_count()
-  shape = models.clip_spec(config.model, local).shape
-  if views is not None:
-    shape = shape[:1] + (views,) + shape[1:]
-  rng = np.random.default_rng(seed)
-  # What the input pipeline sends (config.data.dtype): uint8 pixels by default, else [-1, 1].
-  dtype = np.dtype(jax.numpy.dtype(config.data.get("dtype", "uint8") or "uint8"))
-  if np.issubdtype(dtype, np.integer):
-    video = rng.integers(0, 256, shape).astype(dtype)
-  else:
-    video = rng.uniform(-1, 1, shape).astype(dtype)
-  labels = rng.integers(0, config.model.num_classes, (local,)).astype(np.int32)
-  return mesh_lib.global_batch({"video": video, "label": labels}, mesh)
-
-
 def prepare(name: str, config, *, with_eval: bool = False, devices: Sequence[jax.Device] | None = None,
             seed: int = 0) -> Bench:
-  """Builds, lowers and compiles a variant's train (and eval) step; analyses cost and memory."""
+  """Builds, lowers and compiles a variant's train (and eval) step; analyses cost and memory.
+
+  The train step is the trainer's own (trainer.make_train_step), on a random batch in the
+  layout the trainer's input stream sends for this config (mixup's label fields included).
+  """
   batch = int(config.train.batch_size)
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   rules = mesh_lib.rules(config.mesh)
@@ -358,10 +210,9 @@ def prepare(name: str, config, *, with_eval: bool = False, devices: Sequence[jax
   tx = optim.make_optimizer(config.train, STEPS_PER_EPOCH)
   state, shardings = state_lib.create(model, tx, models.clip_spec(config.model), mesh, rules,
                                       jax.random.key(seed))
-  loss_fn = _loss_fn(config.train)
-  inputs = stream.model_inputs(config.data, _training_window(config))
-  step = state_lib.make_train_step(model, tx, loss_fn, shardings, mesh, rules, inputs=inputs)
-  data = _random_train_batch(config, batch, mesh, seed)
+  window = _training_window(config)
+  step = trainer.make_train_step(config, model, tx, shardings, mesh, rules, window)
+  data = random_batch(config, pipeline.train_fields(config.data, window), batch, mesh, seed)
   rng = jax.random.key(seed + 1)
 
   start = time.perf_counter()
@@ -369,48 +220,42 @@ def prepare(name: str, config, *, with_eval: bool = False, devices: Sequence[jax
   compiled = _compile(lowered)
   compile_s = time.perf_counter() - start
   hlo = compiled.as_text()
-  attention = attention_info(config.model, hlo)
+  attention = step_analysis.attention_info(config.model, hlo)
 
-  # FLOPs of the model, whatever runs them: a cuDNN custom call counts 0 FLOPs, and remat adds
-  # recomputation. So they are counted on the same step with XLA attention and no remat.
+  # The model's FLOPs, whatever runs them (step_analysis.flops_model_config).
   m = config.model
-  twin_needed = bool(m.get("remat")) or attention["resolved"] == "cudnn" or attention["cudnn_fmha_calls"]
-  twin = model
-  if twin_needed:
-    twin_config = m.copy_and_resolve_references()
-    twin_config.remat, twin_config.attention_impl = False, "xla"
-    twin = models.build(twin_config)
-    lowered_twin = state_lib.make_train_step(twin, tx, loss_fn, shardings, mesh, rules,
-                                             inputs=inputs).lower(state, data, rng)
-  else:
-    lowered_twin = lowered
-  train_flops = _cost(lowered_twin).get("flops", 0.0)
+  twin_config = step_analysis.flops_model_config(m, attention)
+  twin = model if twin_config is None else models.build(twin_config)
+  lowered_twin = lowered if twin is model else trainer.make_train_step(
+      config, twin, tx, shardings, mesh, rules, window).lower(state, data, rng)
   info = {
       "variant": name, "label": label(name), "model": m.name, "arch": models.architecture(m),
       "temporal": dataclasses.asdict(model.temporal), "batch": batch, "dtype": m.dtype,
       "remat": bool(m.remat), "frames": m.num_frames, "image_size": m.image_size,
       "model_variant": m.variant, "optimizer": config.train.optimizer,
       "grad_accum_steps": int(config.train.grad_accum_steps),
+      "batch_fields": sorted(data),
       "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
       "attention": attention, "compile_s": compile_s,
-      "flops_per_clip": train_flops / batch,
+      "flops_per_clip": step_analysis.flops(lowered_twin) / batch,
       "flops_source": "XLA cost analysis of the train step" + (
-          " (counted with remat off and XLA attention)" if twin_needed else ""),
-      "compiled_flops_per_device": _cost(compiled).get("flops"),
-      "compiled_memory": compiled_memory(compiled),
-      "hlo_ops": {op: n for op, n in hlo_op_counts(hlo).items() if op in HLO_OPS},
+          " (counted with remat off and XLA attention)" if twin is not model else ""),
+      "compiled_flops_per_device": step_analysis.flops(compiled),
+      "compiled_memory": step_analysis.compiled_memory(compiled),
+      "hlo_ops": {op: n for op, n in step_analysis.hlo_op_counts(hlo).items()
+                  if op in step_analysis.HLO_OPS},
   }
   bench = Bench(name=name, config=config, batch_size=batch, train=compiled, state=state,
                 batch=data, rng=rng, info=info)
   if with_eval:
     eval_step = state_lib.make_eval_step(model, shardings, mesh, rules)
-    eval_batch = _random_batch(config, batch, mesh, seed + 2, views=1)
+    eval_batch = random_batch(config, pipeline.eval_fields(config.data, 1), batch, mesh, seed + 2)
     start = time.perf_counter()
     bench.evaluate = _compile(eval_step.lower(state.params, eval_batch))
     info["eval_compile_s"] = time.perf_counter() - start
     eval_lowered = (state_lib.make_eval_step(twin, shardings, mesh, rules).lower(state.params, eval_batch)
                     if twin is not model else eval_step.lower(state.params, eval_batch))
-    info["forward_flops_per_clip"] = _cost(eval_lowered).get("flops", 0.0) / batch
+    info["forward_flops_per_clip"] = step_analysis.flops(eval_lowered) / batch
     bench.eval_batch = eval_batch
   return bench
 
@@ -434,29 +279,6 @@ def _rounds(benches: list[Bench], repeats: int, run: Callable[[Bench], float]) -
   return times
 
 
-def _throughput(info: dict, stats: dict | None, flops_per_clip: float | None, peak: float | None,
-                prefix: str = "") -> dict:
-  out: dict[str, Any] = {f"{prefix}clips_per_s": None, f"{prefix}achieved_tflops": None,
-                         f"{prefix}mfu": None}
-  if not stats or stats["median"] <= 0:
-    return out
-  out[f"{prefix}clips_per_s"] = info["batch"] / stats["median"]
-  if flops_per_clip:
-    achieved = flops_per_clip * info["batch"] / stats["median"] / 1e12
-    out[f"{prefix}achieved_tflops"] = achieved
-    out[f"{prefix}mfu"] = achieved / peak if peak else None
-  return out
-
-
-def _memory(info: dict, device_peak: int | None) -> dict:
-  compiled = info.get("compiled_memory") or {}
-  if device_peak is not None:
-    return {"bytes": device_peak, "source": "device peak_bytes_in_use (process-wide)",
-            "compiled_total": compiled.get("total")}
-  return {"bytes": compiled.get("total"), "source": "compiled memory_analysis "
-          "(arguments + outputs + temporaries - aliased)", "compiled_total": compiled.get("total")}
-
-
 def run_benchmark(configs: dict[str, Any], *, steps: int = 10, warmup: int = 2, with_eval: bool = False,
                   peak_tflops: float | None = None, devices: Sequence[jax.Device] | None = None,
                   log: Callable[[str], None] = lambda s: None) -> dict:
@@ -477,21 +299,22 @@ def run_benchmark(configs: dict[str, Any], *, steps: int = 10, warmup: int = 2, 
   log(f"timing {steps} rounds of {len(benches)} variant(s) ...")
   train_times = _rounds(benches, steps, Bench.train_once)
   eval_times = _rounds(benches, steps, Bench.eval_once) if with_eval else {}
-  device_peak = device_peak_bytes()
+  device_peak = step_analysis.device_peak_bytes()
   baseline = benches[0].name
   results = []
   for b in benches:
     info = dict(b.info)
-    peak, peak_source = peak_for(info["dtype"], peak_tflops)
+    peak, peak_source = step_analysis.peak_for(info["dtype"], peak_tflops)
     info["peak_tflops"], info["peak_source"] = peak, peak_source
     info["step_s"] = _stats(train_times[b.name])
-    info.update(_throughput(info, info["step_s"], info["flops_per_clip"], peak))
+    info.update(step_analysis.throughput(b.batch_size, info["step_s"], info["flops_per_clip"], peak))
     info["eval_s"] = _stats(eval_times.get(b.name, []))
-    info.update(_throughput(info, info["eval_s"], info.get("forward_flops_per_clip"), peak, "eval_"))
+    info.update(step_analysis.throughput(b.batch_size, info["eval_s"], info.get("forward_flops_per_clip"),
+                                         peak, "eval_"))
     paired = [t / base for t, base in zip(train_times[b.name], train_times[baseline])]
     info["ratio_to_baseline"] = float(statistics.median(paired))
     info["ratio_of_medians"] = info["step_s"]["median"] / statistics.median(train_times[baseline])
-    info["memory"] = _memory(info, device_peak)
+    info["memory"] = step_analysis.memory_report(info["compiled_memory"], device_peak)
     metrics = jax.device_get(b.last_metrics) if b.last_metrics is not None else {}
     info["loss"] = float(metrics["loss"]) if "loss" in metrics else None
     results.append(info)
@@ -543,12 +366,13 @@ def batch_sweep(configs: dict[str, Any], batches: Sequence[int], *, remats: Sequ
             raise
         else:
           info = bench.info
-          peak, peak_source = peak_for(info["dtype"], peak_tflops)
+          peak, peak_source = step_analysis.peak_for(info["dtype"], peak_tflops)
           row.update(status="ok", compile_s=info["compile_s"], step_s=_stats(times),
                      flops_per_clip=info["flops_per_clip"], peak_tflops=peak, peak_source=peak_source,
                      dtype=info["dtype"], attention=info["attention"]["kernel"],
-                     memory=_memory(info, device_peak_bytes()))
-          row.update(_throughput(info, row["step_s"], info["flops_per_clip"], peak))
+                     memory=step_analysis.memory_report(info["compiled_memory"],
+                                                               step_analysis.device_peak_bytes()))
+          row.update(step_analysis.throughput(batch, row["step_s"], info["flops_per_clip"], peak))
           ok.append(row)
           log(f"{label(name)} remat={remat} batch {batch}: {row['step_s']['median'] * 1e3:.1f} ms, "
               f"{row['clips_per_s']:.2f} clips/s")

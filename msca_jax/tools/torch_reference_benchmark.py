@@ -44,7 +44,7 @@ except ImportError as e:  # pragma: no cover - the parity extra is missing
   raise ImportError(f"torch_reference_benchmark needs torch and transformers "
                     f"(pip install -e '.[parity]'): {e}") from e
 
-from msca_jax import host_memory, models
+from msca_jax import defaults, host_memory, models
 
 VARIANTS = ("vit", "msca_kv")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -132,7 +132,7 @@ class VideoClassifier(nn.Module):
   """(B, T, H, W, 3) clip in [-1, 1] -> (B, num_classes) logits, our VideoClassifier's semantics."""
 
   def __init__(self, config: "transformers.ViTConfig", *, num_frames: int, num_classes: int,
-               variant: str = "vit", shift_div: int = 12):
+               variant: str = "vit", shift_div: int = defaults.SHIFT_DIV["msca"]):
     super().__init__()
     if variant not in VARIANTS:
       raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
@@ -154,7 +154,8 @@ class VideoClassifier(nn.Module):
 
 def build_model(variant: str = "vit", *, width: int, depth: int, num_heads: int, mlp_dim: int,
                 patch_size: int, image_size: int, num_frames: int, num_classes: int,
-                shift_div: int = 12, attn_implementation: str = "sdpa") -> VideoClassifier:
+                shift_div: int = defaults.SHIFT_DIV["msca"],
+                attn_implementation: str = "sdpa") -> VideoClassifier:
   config = vit_config(width=width, depth=depth, num_heads=num_heads, mlp_dim=mlp_dim,
                       patch_size=patch_size, image_size=image_size,
                       attn_implementation=attn_implementation)
@@ -278,7 +279,8 @@ def _summary(times: list[float], batch: int) -> dict:
 
 
 def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int = 8,
-              image_size: int = 224, batch: int = 1, num_classes: int = 400, shift_div: int = 12,
+              image_size: int = 224, batch: int = 1, num_classes: int = 400,
+              shift_div: int = defaults.SHIFT_DIV["msca"],
               steps: int = 5, warmup: int = 1, threads: int | None = None,
               attn_implementation: str = "sdpa", lr: float | None = None,
               arch_overrides: Mapping[str, int] | None = None, seed: int = 0,
@@ -369,7 +371,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("image_size", 224, "Frame height and width.")
   flags.DEFINE_integer("batch", 1, "Clips per step.")
   flags.DEFINE_integer("num_classes", 400, "Classes of the head.")
-  flags.DEFINE_integer("shift_div", 12, "MSCA-KV: num_heads // shift_div heads move each way.")
+  flags.DEFINE_integer("shift_div", defaults.SHIFT_DIV["msca"],
+                       "MSCA-KV: num_heads // shift_div heads move each way.")
   flags.DEFINE_integer("steps", 5, "Timed steps (and timed forward passes).")
   flags.DEFINE_integer("warmup", 1, "Untimed steps (and forward passes) first.")
   flags.DEFINE_integer("threads", None, "torch.set_num_threads; default os.cpu_count().")

@@ -298,13 +298,15 @@ def _write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
-def _save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
+  """Writes a matplotlib figure as PNG (gfile: local or gs:// paths)."""
   buffer = io.BytesIO()
   fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
   _write_bytes(path, buffer.getvalue())
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+  """A matplotlib Figure of this size (inches), for save_figure."""
   # A bare Figure renders with Agg without pyplot: no global backend state, no display needed.
   from matplotlib.figure import Figure
   return Figure(figsize=(width, height))
@@ -371,7 +373,7 @@ def plot_confusion(path: str, result: EvalResult, title: str = "") -> None:
   rows = confusion.sum(axis=1, keepdims=True)
   rates = confusion / np.maximum(rows, 1)
   size = min(4 + 0.35 * c, 20)
-  fig = _figure(size + 1.5, size)
+  fig = new_figure(size + 1.5, size)
   ax = fig.add_subplot()
   image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
@@ -388,7 +390,7 @@ def plot_confusion(path: str, result: EvalResult, title: str = "") -> None:
                   color="white" if rates[i, j] > 0.5 else "black")
   heading = f"top-1 {100 * result.top1:.2f}%, {result.num_videos} videos"
   ax.set_title(f"{title}\n{heading}" if title else heading)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def write_reports(directory: str, split: str, result: EvalResult, accumulator: EvalAccumulator,
@@ -467,55 +469,3 @@ def format_summary_table(result: EvalResult, protocol: Mapping[str, Any] | None 
     lines += ["-" * width] + class_lines
   lines.append("=" * width)
   return "\n".join(lines)
-
-
-def plot_accuracy_bars(path: str, values: Mapping[str, Mapping[str, float]], title: str = "",
-                       chance: Mapping[str, float] | None = None) -> None:
-  """Grouped bars, one group per metric, one bar per run: e.g. {'ViT': {'top1': 0.6, ...}, ...}.
-
-  Values are fractions, drawn as percent. `chance` ({metric: value}) draws a dashed line over
-  that metric's group, e.g. {'within_pair_accuracy': 0.5} on the synthetic dataset.
-  """
-  names = list(values)
-  metrics = list(dict.fromkeys(m for run in values.values() for m in run))
-  width = 0.8 / max(len(names), 1)
-  fig = _figure(max(5.0, 1.2 + 0.9 * len(metrics) * max(len(names), 1) * 0.6), 4.0)
-  ax = fig.add_subplot()
-  x = np.arange(len(metrics))
-  for i, name in enumerate(names):
-    heights = [100 * values[name].get(m, math.nan) for m in metrics]
-    bars = ax.bar(x - 0.4 + width * (i + 0.5), heights, width * 0.95, label=name)
-    ax.bar_label(bars, labels=["" if math.isnan(h) else f"{h:.1f}" for h in heights],
-                 fontsize=8, padding=2)
-  for j, metric in enumerate(metrics):
-    if chance and metric in chance:
-      ax.hlines(100 * chance[metric], j - 0.45, j + 0.45, colors="grey", linestyles="dashed")
-      ax.text(j + 0.45, 100 * chance[metric], "chance", ha="right", va="bottom", fontsize=7,
-              color="grey")
-  ax.set_xticks(x, labels=[m.replace("_", " ") for m in metrics])
-  ax.set_ylabel("accuracy (%)")
-  ax.set_ylim(0, 105)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # never over a bar
-  ax.grid(axis="y", alpha=0.3)
-  if title:
-    ax.set_title(title)
-  _save_figure(fig, path)
-
-
-def plot_accuracy_curves(path: str, runs: Mapping[str, Sequence[tuple[int, float]]],
-                         title: str = "", metric: str = "top-1") -> None:
-  """Accuracy against training step, one line per run: {'MSCA': [(step, accuracy), ...], ...}."""
-  fig = _figure(6.0, 4.0)
-  ax = fig.add_subplot()
-  for name, points in runs.items():
-    points = sorted(points)
-    if points:
-      steps, accuracies = zip(*points)
-      ax.plot(steps, [100 * a for a in accuracies], marker="o", markersize=3, label=name)
-  ax.set_xlabel("step")
-  ax.set_ylabel(f"{metric} accuracy (%)")
-  ax.grid(alpha=0.3)
-  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-  if title:
-    ax.set_title(title)
-  _save_figure(fig, path)

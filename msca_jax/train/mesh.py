@@ -15,28 +15,14 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+# Defined without JAX so that configs load without it; part of this module's API too.
+from msca_jax.defaults import DEFAULT_RULES, mesh_config  # noqa: F401
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "model"),
-    ("heads", "model"),
-    ("kv", None),
-    ("classes", None),
-)
-
-
-def mesh_config() -> ml_collections.ConfigDict:
-  """config.mesh: data-parallel over every device unless told otherwise."""
-  cfg = ml_collections.ConfigDict()
-  cfg.shape = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-  cfg.rules = DEFAULT_RULES
-  return cfg
 
 
 def mesh_shape(shape_cfg, num_devices: int) -> tuple[int, ...]:

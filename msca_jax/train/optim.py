@@ -285,3 +285,20 @@ def accuracy_counts(logits: jax.Array, labels: jax.Array,
     return jnp.sum(top1), jnp.sum(top5)
   weights = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), top1.shape)
   return jnp.sum(top1 * weights), jnp.sum(top5 * weights)
+
+
+def training_loss(train_cfg):
+  """The train step's loss_fn(logits, batch) -> (loss, {'accuracy'}) for `config.train`.
+
+  Label-smoothed cross-entropy; a batch that carries 'label_mix' and 'mix_weight' (mixup /
+  CutMix, data/augment.py) mixes its two labels. The trainer and tools/benchmark.py both use it.
+  """
+  def loss_fn(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
+    mixed = "label_mix" in batch
+    loss, _ = classification_loss(
+        logits, batch["label"], label_smoothing=train_cfg.label_smoothing,
+        label_mix=batch["label_mix"] if mixed else None,
+        mix_weight=batch["mix_weight"] if mixed else None)
+    top1, _ = accuracy_counts(logits, batch["label"])
+    return loss, {"accuracy": top1 / logits.shape[0]}
+  return loss_fn

@@ -175,21 +175,6 @@ class MetricsWriter:
       self._jsonl.close()
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl as one dict per step, in step order.
-
-  A resumed run logs again the steps between its last checkpoint and the interruption; the
-  later line of a step wins, so the rows are those of the run that continued.
-  """
-  rows: dict[int, dict] = {}
-  with tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      if line.strip():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-  return [rows[step] for step in sorted(rows)]
-
-
 # ------------------------------------------------------------------------------------ evaluation
 
 def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_crops: int,
@@ -255,16 +240,15 @@ def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *,
 
 # ------------------------------------------------------------------------------------ training
 
-def _loss_fn(train_cfg):
-  def loss_fn(logits, batch):
-    mixed = "label_mix" in batch
-    loss, _ = optim.classification_loss(
-        logits, batch["label"], label_smoothing=train_cfg.label_smoothing,
-        label_mix=batch["label_mix"] if mixed else None,
-        mix_weight=batch["mix_weight"] if mixed else None)
-    top1, _ = optim.accuracy_counts(logits, batch["label"])
-    return loss, {"accuracy": top1 / logits.shape[0]}
-  return loss_fn
+def make_train_step(config, model: nn.Module, tx, shardings, mesh: jax.sharding.Mesh, rules,
+                    window: int | None):
+  """The trainer's jitted train step: config.train's loss (optim.training_loss) on the batches
+  of config.data, views finished on the device when `window` is set (stream.training_window).
+
+  tools/benchmark.py times this very step.
+  """
+  return state_lib.make_train_step(model, tx, optim.training_loss(config.train), shardings, mesh,
+                                   rules, inputs=stream_lib.model_inputs(config.data, window))
 
 
 def _initial_state(exp: Experiment, shardings) -> state_lib.TrainState:
@@ -341,9 +325,8 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
 
   metadata = {"config": config.to_json_best_effort(), "steps_per_epoch": exp.steps_per_epoch,
               "total_steps": exp.total_steps}
-  train_step = state_lib.make_train_step(exp.model, exp.tx, _loss_fn(t), shardings, mesh, exp.rules,
-                                         inputs=stream_lib.model_inputs(
-                                             config.data, stream_lib.training_window(config.data, exp.train_source)))
+  train_step = make_train_step(config, exp.model, exp.tx, shardings, mesh, exp.rules,
+                               stream_lib.training_window(config.data, exp.train_source))
   eval_step = state_lib.make_eval_step(exp.model, shardings, mesh, exp.rules)
   schedule = optim.learning_rate_schedule(t, exp.steps_per_epoch)
   eval_every = config.eval.every_epochs * exp.steps_per_epoch

@@ -271,16 +271,3 @@ def test_summary_table_shows_the_numbers():
   assert any(line.split() == ["label_out_of_range", "1"] for line in lines)
   assert any(line.split() == ["skipped", "records", "1"] for line in lines)
   assert any(line.split() == ["e", "1", "0.00", "%"] for line in lines)  # per-class rows
-
-
-def test_comparison_plots(tmp_path):
-  bars = str(tmp_path / "bars.png")
-  evaluate.plot_accuracy_bars(
-      bars, {"ViT": {"top1": 0.45, "within_pair_accuracy": 0.51},
-             "MSCA": {"top1": 0.93, "within_pair_accuracy": 0.95}},
-      title="synthetic", chance={"within_pair_accuracy": 0.5})
-  curves = str(tmp_path / "curves.png")
-  evaluate.plot_accuracy_curves(curves, {"ViT": [(100, 0.3), (0, 0.1)], "MSCA": [(0, 0.1)]})
-  for path in (bars, curves):
-    with open(path, "rb") as f:
-      assert f.read(4) == b"\x89PNG"

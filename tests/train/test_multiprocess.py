@@ -24,6 +24,7 @@ from flax import traverse_util
 from configs import msca_kv
 from launch import local
 from msca_jax.data import stream as stream_lib
+from msca_jax.tools.compare import read_metrics
 from msca_jax.train import initialise, trainer
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import state as state_lib
@@ -87,7 +88,7 @@ def _finished_steps(workdir) -> list[int]:
 
 
 def _losses(workdir) -> dict[int, float]:
-  return {row["step"]: row["train/loss"] for row in trainer.read_metrics(workdir)
+  return {row["step"]: row["train/loss"] for row in read_metrics(workdir)
           if "train/loss" in row}
 
 
@@ -103,10 +104,8 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
   exp = trainer.build(config, str(tmp_path / "one"), train=True)
   _, shardings = state_lib.abstract_state(exp.model, exp.tx, exp.clip, exp.mesh, exp.rules)
   state = trainer._initial_state(exp, shardings)
-  step_fn = state_lib.make_train_step(exp.model, exp.tx, trainer._loss_fn(config.train), shardings,
-                                      exp.mesh, exp.rules,
-                                      inputs=stream_lib.model_inputs(
-                                          config.data, stream_lib.training_window(config.data, exp.train_source)))
+  step_fn = trainer.make_train_step(config, exp.model, exp.tx, shardings, exp.mesh, exp.rules,
+                                    stream_lib.training_window(config.data, exp.train_source))
   streams = [stream_lib.TrainStream(exp.train_source, config.data, batch_size=8,
                                     seed=config.train.seed, process_index=i, process_count=2)
              for i in range(2)]
@@ -130,7 +129,7 @@ def test_two_process_evaluation_counts_every_video_once(two_process_run):
                                                "validation_predictions.csv"))))
   keys = [row[next(iter(row))] for row in rows]
   assert len(keys) == EVAL_SIZE and len(set(keys)) == EVAL_SIZE
-  test = [row for row in trainer.read_metrics(workdir) if "test/num_videos" in row]
+  test = [row for row in read_metrics(workdir) if "test/num_videos" in row]
   assert test[-1]["test/num_videos"] == EVAL_SIZE
   assert "videos evaluated" in logs[0] and "videos evaluated" not in logs[1]  # one table
 

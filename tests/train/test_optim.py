@@ -307,6 +307,21 @@ def test_loss_mixes_the_two_labels():
     optim.classification_loss(logits, labels, label_mix=label_mix)
 
 
+def test_training_loss_smooths_and_mixes_what_the_batch_carries():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(4, 5)).astype(np.float32)
+  labels, label_mix = np.array([0, 1, 2, 3]), np.array([3, 2, 1, 0])
+  mix_weight = np.array([0.7, 0.7, 0.2, 1.0], np.float32)
+  loss_fn = optim.training_loss(_paper())   # label smoothing 0.1
+  loss, metrics = loss_fn(logits, {"label": labels})
+  np.testing.assert_allclose(loss, _numpy_smoothed_ce(logits, labels, 0.1).mean(), rtol=1e-5)
+  assert metrics["accuracy"] == np.mean(logits.argmax(-1) == labels)
+  mixed, _ = loss_fn(logits, {"label": labels, "label_mix": label_mix, "mix_weight": mix_weight})
+  want = (mix_weight * _numpy_smoothed_ce(logits, labels, 0.1)
+          + (1 - mix_weight) * _numpy_smoothed_ce(logits, label_mix, 0.1)).mean()
+  np.testing.assert_allclose(mixed, want, rtol=1e-5)
+
+
 def test_loss_weights_mask_examples():
   rng = np.random.default_rng(2)
   logits = rng.normal(size=(5, 4)).astype(np.float32)

@@ -29,6 +29,7 @@ from msca_jax.train import checkpoint as ckpt_lib
 from msca_jax.train import initialise
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import state as state_lib
+from msca_jax.tools.compare import read_metrics
 from msca_jax.train import trainer
 from tests import helpers
 
@@ -175,7 +176,7 @@ def _wait_for_checkpoint(proc, workdir, log_path, min_step: int, timeout: float 
 def _test_lines(workdir) -> list[dict]:
   """The test metrics of each step that has them (read_metrics merges a step's lines)."""
   return [{"step": m["step"], **{k: v for k, v in m.items() if k.startswith("test/")}}
-          for m in trainer.read_metrics(workdir) if any(k.startswith("test/") for k in m)]
+          for m in read_metrics(workdir) if any(k.startswith("test/") for k in m)]
 
 
 def _raw_lines(workdir) -> list[dict]:
@@ -197,7 +198,7 @@ def test_train_and_evaluate_writes_a_complete_workdir(run_a):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "25", "30"]
 
   # metrics.jsonl: a train line every log_every_steps, validation at 16, the test at the end.
-  lines = trainer.read_metrics(workdir)
+  lines = read_metrics(workdir)
   train = {m["step"]: m for m in lines if "train/loss" in m}
   assert set(range(2, NUM_STEPS + 1, 2)) <= set(train)
   assert all(np.isfinite(m["train/loss"]) and m["train/lr"] >= 0 for m in train.values())
@@ -452,7 +453,7 @@ def test_accumulation_bf16_remat_and_mixup_resume_exactly(tmp_path):
   result = trainer.run(tiny_config(**overrides), whole, "train")
   assert result["step"] == 9 and np.isfinite(result["train"]["loss"])
   # The schedule saw 3 updates in 9 steps.
-  lr_rows = [row for row in trainer.read_metrics(whole) if "train/lr" in row]
+  lr_rows = [row for row in read_metrics(whole) if "train/lr" in row]
   assert lr_rows[-1]["step"] == 9
 
   # Interrupted at step 4 (one step into the second accumulation), then resumed.
@@ -465,15 +466,6 @@ def test_accumulation_bf16_remat_and_mixup_resume_exactly(tmp_path):
   assert _finished_steps(resumed)[-1] == 4
   assert trainer.run(tiny_config(**overrides), resumed, "train")["step"] == 9
   _assert_same_params(resumed, whole)
-
-
-def test_read_metrics_keeps_the_last_line_of_a_step(tmp_path):
-  with open(tmp_path / "metrics.jsonl", "w") as f:
-    for row in ({"step": 2, "train/loss": 1.0}, {"step": 4, "train/loss": 0.9},
-                {"step": 2, "train/loss": 1.5}, {"step": 4, "val/top1": 0.5}):
-      f.write(json.dumps(row) + "\n")
-  assert trainer.read_metrics(str(tmp_path)) == [
-      {"step": 2, "train/loss": 1.5}, {"step": 4, "train/loss": 0.9, "val/top1": 0.5}]
 
 
 def test_evaluate_mode_without_a_finished_checkpoint_uses_config_init(run_a, tmp_path):
