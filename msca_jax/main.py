@@ -8,7 +8,10 @@ r"""Trains and evaluates a model: the entry point for every variant, device and 
 Any config field can be overridden with --config.FIELD=VALUE. Rerunning a command resumes from the
 workdir's latest checkpoint. Exit status: 0 done, 143 stopped by SIGTERM after saving a
 checkpoint (rerun to resume), 2 a mistake in the flags, the config or the files they name (one
-line on stderr: `error: ...`), 3 the loss became NaN or Inf (the last good checkpoint is kept).
+line on stderr: `error: ...`; also every checkpoint in the workdir damaged), 3 the loss or the
+state to save became NaN or Inf (the last good checkpoint is kept), 4 a checkpoint could not be
+saved (read-only or full directory, lost permission: the previous one is intact; rerun to resume
+once fixed).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0 .. num_processes - 1.")
 EXIT_NONFINITE = 3
+EXIT_SAVE_FAILED = 4
 
 
 def _detected_cluster() -> str | None:
@@ -81,7 +85,7 @@ def main(argv):
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # tf.data only: the accelerators belong to JAX
   from msca_jax import pretrained, progress
-  from msca_jax.train import trainer
+  from msca_jax.train import checkpoint, trainer
 
   progress.quiet_library_logs()
   initialise_distributed()
@@ -94,6 +98,11 @@ def main(argv):
   except trainer.NonFiniteLossError as e:
     logging.error("%s", e)
     sys.exit(EXIT_NONFINITE)
+  except checkpoint.SaveError as e:
+    logging.error("%s", e)
+    sys.exit(EXIT_SAVE_FAILED)
+  except checkpoint.DamagedCheckpointError as e:  # every step damaged: the user decides what next
+    raise UserError(str(e)) from e
   except pretrained.WeightsError as e:  # config.init names weights that do not fit the model
     raise UserError(str(e)) from e
   if result.get("interrupted"):

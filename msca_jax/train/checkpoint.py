@@ -4,17 +4,33 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 save leaves the previous step as the latest usable one. Restoring goes through an abstract
 target that carries the *current* shardings, so a checkpoint moves between meshes and device
 counts.
+
+Integrity: before a step's directory is renamed into place, process 0 records the size and
+SHA-256 of every file in it (DIGESTS, in the step directory; all but orbax's bookkeeping). It does so in orbax's finalisation,
+after every process has written its shards, so one writer sees the whole directory and a
+finished step always carries its digests. Resuming verifies the latest step against them; a
+damaged step is set aside (renamed) and the newest intact one is used. A failed save (read-only
+directory, no space left, a permission change) raises SaveError with one line naming the cause.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging as std_logging
+import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorflow as tf
+from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -27,30 +43,230 @@ from msca_jax.data.pipeline import StreamState
 STREAM_COLUMNS = ("position_hi", "position_lo") + SKIP_REASONS
 _LOW_BITS = 31
 
+DIGESTS = "msca_digests.json"  # in each step directory: {"files": {relative path: [size, sha256]}}
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # where orbax writes a step before renaming it
+_CHUNK = 8 << 20
+# Orbax's step bookkeeping, rewritten after the digests (commit time); not needed to restore.
+_UNDIGESTED = ("_CHECKPOINT_METADATA", "commit_success.txt")
+
+
+class NoCheckpointError(FileNotFoundError):
+  """A directory that should hold a checkpoint holds none."""
+
+
+class DamagedCheckpointError(OSError):
+  """A checkpoint's files differ from the digests recorded when it was written."""
+
+  def __init__(self, path: str, file: str, why: str):
+    super().__init__(f"checkpoint {path} is damaged: {file} {why}")
+    self.path, self.file, self.why = path, file, why
+
+
+class SaveError(OSError):
+  """A checkpoint could not be written; the previous one is untouched."""
+
+
+# ------------------------------------------------------------------------------------ digests
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+  """Paths of the files under `directory`, relative to it, but the digests and orbax's bookkeeping."""
+  found = []
+  for root, _, names in tf.io.gfile.walk(directory):
+    rel = os.path.relpath(root, directory)
+    found.extend(name if rel == "." else os.path.join(rel, name) for name in names)
+  return sorted(f for f in found if f not in _UNDIGESTED and not f.startswith(DIGESTS))
+
+
+def write_digests(step_dir: str) -> None:
+  """Records the size and SHA-256 of every file under `step_dir` in step_dir/DIGESTS."""
+  files = {rel: [tf.io.gfile.stat(os.path.join(step_dir, rel)).length,
+                 _sha256(os.path.join(step_dir, rel))] for rel in _files(step_dir)}
+  path = os.path.join(step_dir, DIGESTS)
+  with tf.io.gfile.GFile(path + ".tmp", "w") as f:
+    f.write(json.dumps({"algorithm": "sha256", "files": files}, indent=0))
+  tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+
+
+def verify_step(directory: str, step: int | None = None) -> bool:
+  """Checks a step's files against its digests: True if they match, False if it has none.
+
+  `directory` is a step directory, or a checkpoints directory with `step`. A step without
+  digests was written by an older version or another tool (e.g. tools.convert_torch) and
+  cannot be checked. Raises DamagedCheckpointError naming the first file that differs.
+  """
+  path = directory if step is None else os.path.join(directory, str(step))
+  record_path = os.path.join(path, DIGESTS)
+  if not tf.io.gfile.exists(record_path):
+    return False
+  try:
+    with tf.io.gfile.GFile(record_path, "rb") as f:
+      files = json.loads(f.read())["files"]
+  except (ValueError, KeyError, UnicodeDecodeError) as e:
+    raise DamagedCheckpointError(path, DIGESTS, f"cannot be read ({type(e).__name__})") from None
+  for rel, (size, sha256) in sorted(files.items()):
+    full = os.path.join(path, rel)
+    if not tf.io.gfile.exists(full):
+      raise DamagedCheckpointError(path, rel, "is missing")
+    actual = tf.io.gfile.stat(full).length
+    if actual != size:
+      raise DamagedCheckpointError(path, rel, f"has {actual} bytes, {size} were written")
+    if _sha256(full) != sha256:
+      raise DamagedCheckpointError(path, rel, "has other contents than were written (SHA-256 differs)")
+  return True
+
+
+# ------------------------------------------------------------------------------------ save errors
+
+_STATUS_WORDS = {  # tensorstore / gRPC status codes in an error's text, as a cause a user acts on
+    "RESOURCE_EXHAUSTED": "no space left or quota exceeded",
+    "PERMISSION_DENIED": "permission denied",
+    "UNAUTHENTICATED": "not authenticated",
+}
+
+
+def failure_reason(error: BaseException) -> str:
+  """The root cause of a failed save in a few words: 'read-only file system', 'no space left ...'."""
+  seen, chain = set(), []
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  for e in chain:
+    if isinstance(e, OSError) and e.errno:
+      where = f" ({e.filename})" if e.filename else ""
+      return os.strerror(e.errno).lower() + where
+  text = "\n".join(str(e) for e in chain)
+  for word, reason in _STATUS_WORDS.items():
+    if word in text:
+      return f"{reason} ({word})"
+  for code, reason in ((errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only file system"),
+                       (errno.EACCES, "Permission denied")):
+    if reason in text:
+      return os.strerror(code).lower()
+  first = next((line.strip() for line in str(chain[-1]).splitlines() if line.strip()), "")
+  return f"{type(chain[-1]).__name__}: {first}" if first else type(chain[-1]).__name__
+
+
+class _OrbaxTracebacks(std_logging.Filter):
+  """Keeps orbax's own error lines but not their tracebacks: SaveError reports the cause once."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_ORBAX_FILTER = _OrbaxTracebacks()
+
+
+# ------------------------------------------------------------------------------------ finite state
+
+@jax.jit
+def _all_finite(parts: dict) -> dict:
+  def finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+  return {name: finite(tree) for name, tree in parts.items()}
+
+
+def nonfinite_parts(state: Any) -> list[str]:
+  """Which of the state's 'params' and 'opt_state' hold a NaN or Inf (reduced on the devices)."""
+  parts = {name: getattr(state, name) for name in ("params", "opt_state")
+           if getattr(state, name, None) is not None}
+  finite = jax.device_get(_all_finite(parts))
+  return [name for name in parts if not finite[name]]
+
+
+def _agreed(value: int) -> int:
+  """Process 0's value on every process (a decision made once, from one reading of the files)."""
+  if jax.process_count() == 1:
+    return value
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
 
 class Checkpointer:
   """Periodic, final and on-signal saves into `directory`; resume from the latest step."""
 
   def __init__(self, directory: str, *, save_interval_steps: int, max_to_keep: int = 3,
                async_save: bool = True):
+    self.directory = directory
+    self._async = async_save
+    self._saving: int | None = None  # the step whose save is in flight
+    self._failed = False
+    # Directories created in save() itself, so that a read-only or full directory fails there:
+    # created asynchronously, a failure leaves orbax's threads waiting for the directory.
+    # Always orbax's asynchronous checkpointer (its finalisation writes the digests); a
+    # synchronous save waits for it.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_interval_steps), max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True)
-    # Handlers named up front, so that item_metadata can describe a checkpoint before restoring.
-    self.manager = ocp.CheckpointManager(directory, options=options, item_handlers={
-        "state": ocp.StandardCheckpointHandler(), "streams": ocp.StandardCheckpointHandler(),
-        "metadata": ocp.JsonCheckpointHandler()})
-    self.directory = directory
+        enable_async_checkpointing=True, create=True,
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False,
+                                       post_finalization_callback=self._finalised))
+    logging.get_absl_logger().addFilter(_ORBAX_FILTER)
+    try:
+      # Handlers named up front, so that item_metadata can describe a checkpoint before restoring.
+      self.manager = ocp.CheckpointManager(directory, options=options, item_handlers={
+          "state": ocp.StandardCheckpointHandler(), "streams": ocp.StandardCheckpointHandler(),
+          "metadata": ocp.JsonCheckpointHandler()})
+    except OSError as e:
+      raise SaveError(f"checkpoint directory {directory} cannot be used: {failure_reason(e)}") from e
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def _finalised(self) -> None:
+    """Orbax's hook on process 0 once every process wrote the step, before its rename."""
+    if self._saving is None:
+      return
+    final = os.path.join(self.directory, str(self._saving))
+    tmp = final + _TMP_SUFFIX  # absent where orbax writes in place (object stores)
+    write_digests(tmp if tf.io.gfile.isdir(tmp) else final)
+
+  def _raise_save_error(self, step: int | None, error: BaseException):
+    self._failed = True
+    what = f"checkpoint save to {self.directory}" + (f" (step {step})" if step is not None else "")
+    raise SaveError(f"{what} failed: {failure_reason(error)}; the previous checkpoint "
+                    f"({self._last_finished()}) is intact") from error
+
+  def _last_finished(self) -> str:
+    try:
+      self.manager.reload()
+      step = self.manager.latest_step()
+    except Exception:  # pylint: disable=broad-except  # the storage is failing: say so, not more
+      return "unknown"
+    return "none" if step is None else f"step {step}"
+
   def save(self, step: int, state: Any, streams: jax.Array, metadata: dict, *, force: bool = False) -> bool:
-    """Saves if the interval says so (or `force`); returns whether a save started."""
+    """Saves if the interval says so (or `force`); returns whether a save started.
+
+    Raises SaveError if this save, or the previous asynchronous one, failed.
+    """
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               streams=ocp.args.StandardSave({"streams": streams}),
                               metadata=ocp.args.JsonSave(dict(metadata, stream_columns=STREAM_COLUMNS)))
-    return self.manager.save(step, args=args, force=force)
+    # The finalisation hook reads self._saving: the previous save must be over before it changes
+    # (orbax waits for it in save() anyway).
+    self.wait()
+    try:
+      if not (force or self.manager.should_save(step)):
+        return False
+      self._saving = step
+      started = self.manager.save(step, args=args, force=force)
+      if started and not self._async:
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(self._saving, e)
+    return started
 
   def restore(self, step: int, abstract_state: Any, mesh: Mesh) -> tuple[Any, list[StreamState], dict]:
     """(state with the abstract target's shardings, per-process stream states, metadata)."""
@@ -67,12 +283,59 @@ class Checkpointer:
     columns = metadata.pop("stream_columns", None)
     return restored["state"], [_stream_state(row, columns) for row in rows], metadata
 
+  def latest_intact_step(self) -> int | None:
+    """The newest step whose files match their digests, setting damaged newer ones aside.
+
+    A damaged step is renamed to damaged-STEP-TIME (kept for inspection, out of orbax's sight, so
+    that training can save that step again) and named in a warning with the file and why. A step
+    without digests is taken as it is. Raises DamagedCheckpointError if every step is damaged.
+    """
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      problem = ""
+      if jax.process_index() == 0:
+        try:
+          verify_step(self.directory, step)
+        except DamagedCheckpointError as e:
+          problem = f"{e.file} {e.why}"
+      if not _agreed(int(bool(problem))):
+        if damaged:
+          logging.warning("resuming from step %d, the newest intact checkpoint in %s", step,
+                          self.directory)
+        return step
+      aside = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+      if jax.process_index() == 0:
+        logging.warning("checkpoint step %d in %s is damaged: %s; moved to %s, falling back to an "
+                        "earlier step", step, self.directory, problem, aside)
+        tf.io.gfile.rename(os.path.join(self.directory, str(step)), aside)
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"msca_jax_set_aside_{step}")
+      self.manager.reload()
+      damaged.append(f"step {step}: {problem or 'damaged on process 0'}")
+    if damaged:
+      raise DamagedCheckpointError(self.directory, "every checkpoint", "is damaged (" +
+                                   "; ".join(damaged) + "); they were moved to damaged-*")
+    return None
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight; raises SaveError if it failed."""
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      self._raise_save_error(self._saving, e)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    """Waits for the save in flight and closes; after a reported failure, closes quietly."""
+    try:
+      if not self._failed:
+        self.wait()
+    finally:
+      try:
+        self.manager.close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not self._failed:
+          self._raise_save_error(self._saving, e)
 
 
 def _stream_state(row: np.ndarray, columns: list[str] | None) -> StreamState:

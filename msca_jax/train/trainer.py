@@ -42,7 +42,7 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped early with a checkpoint; rerun 
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or the gradient became NaN or Inf; the run stopped before saving it."""
+  """The loss, the gradient or the state to save became NaN or Inf; the run stopped before saving it."""
 
 
 @dataclasses.dataclass
@@ -288,13 +288,16 @@ def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, direct
   for (step, _), metrics in zip(pending, fetched):
     bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
     if bad:
-      where = (f"the last good checkpoint is step {last_good} in {directory}"
-               if last_good is not None else "no checkpoint was written")
-      raise NonFiniteLossError(
-          f"{' and '.join(bad)} became {metrics[bad[0]]} at step {step}; stopping before this state "
-          f"is saved ({where}). Lower config.train.base_lr, check config.train.grad_clip_norm, "
-          f"or use config.model.dtype='float32'.")
+      raise _nonfinite(f"{' and '.join(bad)} became {metrics[bad[0]]}", step, last_good, directory)
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _nonfinite(what: str, step: int, last_good: int | None, directory: str) -> NonFiniteLossError:
+  where = (f"the last good checkpoint is step {last_good} in {directory}"
+           if last_good is not None else "no checkpoint was written")
+  return NonFiniteLossError(
+      f"{what} at step {step}; stopping before this state is saved ({where}). Lower "
+      f"config.train.base_lr, check config.train.grad_clip_norm, or use config.model.dtype='float32'.")
 
 
 def _stop_requested(stop: ckpt_lib.StopSignal, checkpointer: ckpt_lib.Checkpointer, step: int) -> bool:
@@ -315,7 +318,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
   checkpointer = ckpt_lib.Checkpointer(
       os.path.join(exp.workdir, "checkpoints"), save_interval_steps=t.checkpoint_every_steps,
       max_to_keep=t.max_checkpoints, async_save=t.async_checkpoint)
-  latest = checkpointer.latest_step()
+  latest = checkpointer.latest_intact_step()  # damaged newer steps are set aside, with a warning
   if latest is not None:
     state, stream = _resume(exp, checkpointer, abstract, latest)
   else:
@@ -345,6 +348,12 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
 
   def save(force: bool) -> None:
     nonlocal last_saved
+    # The loss and gradient checks see the state before its update; this sees what is saved.
+    bad = ckpt_lib.nonfinite_parts(state)
+    if bad:
+      what = {"params": "the parameters", "opt_state": "the optimiser state"}
+      raise _nonfinite(" and ".join(what[b] for b in bad) + " became NaN or Inf", step, last_saved,
+                       checkpointer.directory)
     if checkpointer.save(step, state, ckpt_lib.streams_array(stream, mesh), metadata, force=force):
       last_saved = step
 
