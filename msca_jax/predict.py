@@ -206,11 +206,13 @@ def abstract_params(model_config) -> Any:
 def load_params(config, checkpoint_dir: str, with_report: bool = False):
   """Unboxed numpy params of config.model from a checkpoint directory (see the module docstring).
 
-  Raises FileNotFoundError for a missing directory and pretrained.WeightsError when there is no
-  checkpoint there or it does not fit the model; messages name the directory.
+  Raises FileNotFoundError for a missing directory or one without a checkpoint, OSError for a
+  damaged checkpoint and pretrained.WeightsError when it does not fit the model; messages name
+  the directory.
   """
   import flax.linen as nn
   from msca_jax import pretrained
+  from msca_jax.train import checkpoint as ckpt_lib
   from msca_jax.train import initialise
 
   directory = os.path.abspath(checkpoint_dir)
@@ -220,7 +222,7 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
   try:
     initialise.step_dir(directory)
   except pretrained.WeightsError:
-    raise pretrained.WeightsError(
+    raise ckpt_lib.NoCheckpointError(
         f"checkpoint {checkpoint_dir}: no finished checkpoint there (expected a training workdir, "
         "its checkpoints/ or one step of it, or a params directory written by "
         "pretrained.save_params / tools.convert_torch)") from None
@@ -228,7 +230,7 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
   init = {"vit_npz": "", "checkpoint": directory, "load_head": True}
   try:
     params, report = initialise.initial_params(init, template)
-  except (pretrained.WeightsError, FileNotFoundError):
+  except (pretrained.WeightsError, OSError):  # OSError: missing, damaged (the digests say which)
     raise
   except Exception as e:  # pylint: disable=broad-except  # orbax on a directory it cannot read
     first = str(e).splitlines()[0] if str(e) else ""
@@ -355,7 +357,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     return fail(str(e))
   try:
     params, report = load_params(config, flag_values.checkpoint, with_report=True)
-  except FileNotFoundError as e:
+  except OSError as e:  # no checkpoint there, or a damaged one: its own cause, not the model's
     return fail(str(e))
   except pretrained.WeightsError as e:
     arch = ", ".join(f"{k} {v}" for k, v in models.architecture(config.model).items())

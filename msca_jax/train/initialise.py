@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from msca_jax import pretrained
+from msca_jax.train import checkpoint
 
 # Items that hold parameters: 'params' in params checkpoints, 'state' (TrainState) in training ones.
 _PARAMS_ITEMS = ("params", "state")
@@ -46,12 +47,14 @@ def step_dir(directory: str) -> str:
 def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   """{'Transformer/encoderblock_0/...': array} from one of our orbax checkpoints, as numpy.
 
-  Read without a target, so the checkpoint may come from any mesh and any device count.
+  Read without a target, so the checkpoint may come from any mesh and any device count. A step
+  with digests (checkpoint.DIGESTS) is verified first.
   """
   directory = os.path.abspath(directory)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init.checkpoint: {directory} does not exist")
   found = step_dir(directory)
+  checkpoint.verify_step(found)  # raises DamagedCheckpointError if its files differ from the digests
   item = next(i for i in _PARAMS_ITEMS if os.path.isdir(os.path.join(found, i)))
   path = os.path.join(found, item)
   checkpointer = ocp.PyTreeCheckpointer()
