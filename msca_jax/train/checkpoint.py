@@ -6,9 +6,9 @@ target that carries the *current* shardings, so a checkpoint moves between meshe
 counts.
 
 Integrity: before a step's directory is renamed into place, process 0 records the size and
-SHA-256 of every file in it (DIGESTS, in the step directory; all but orbax's bookkeeping). It does so in orbax's finalisation,
-after every process has written its shards, so one writer sees the whole directory and a
-finished step always carries its digests. Resuming verifies the latest step against them; a
+SHA-256 of every file in it but orbax's bookkeeping (DIGESTS, in the step directory). It does so
+in orbax's finalisation, after every process has written its shards, so one writer sees the whole
+directory and a finished step always carries its digests. Resuming verifies the latest step against them; a
 damaged step is set aside (renamed) and the newest intact one is used. A failed save (read-only
 directory, no space left, a permission change) raises SaveError with one line naming the cause.
 """
@@ -286,35 +286,37 @@ class Checkpointer:
   def latest_intact_step(self) -> int | None:
     """The newest step whose files match their digests, setting damaged newer ones aside.
 
-    A damaged step is renamed to damaged-STEP-TIME (kept for inspection, out of orbax's sight, so
-    that training can save that step again) and named in a warning with the file and why. A step
-    without digests is taken as it is. Raises DamagedCheckpointError if every step is damaged.
+    Damaged steps newer than it are renamed to damaged-STEP-TIME (kept for inspection, out of
+    orbax's sight, so that training can save those steps again), each named in a warning with the
+    file and why. A step without digests is taken as it is. If every step is damaged, nothing is
+    moved and DamagedCheckpointError says so: starting afresh is the user's decision.
     """
-    damaged = []
+    damaged: list[tuple[int, str]] = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       problem = ""
-      if jax.process_index() == 0:
+      if jax.process_index() == 0:  # one reading of the files decides for every process
         try:
           verify_step(self.directory, step)
         except DamagedCheckpointError as e:
           problem = f"{e.file} {e.why}"
-      if not _agreed(int(bool(problem))):
-        if damaged:
-          logging.warning("resuming from step %d, the newest intact checkpoint in %s", step,
-                          self.directory)
-        return step
-      aside = os.path.join(self.directory, f"damaged-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-      if jax.process_index() == 0:
-        logging.warning("checkpoint step %d in %s is damaged: %s; moved to %s, falling back to an "
-                        "earlier step", step, self.directory, problem, aside)
-        tf.io.gfile.rename(os.path.join(self.directory, str(step)), aside)
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"msca_jax_set_aside_{step}")
-      self.manager.reload()
-      damaged.append(f"step {step}: {problem or 'damaged on process 0'}")
+      if _agreed(int(bool(problem))):
+        damaged.append((step, problem or "damaged (process 0 says)"))
+        continue
+      for bad, why in damaged:
+        aside = os.path.join(self.directory, f"damaged-{bad}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+          logging.warning("checkpoint step %d in %s is damaged: %s; moved to %s, resuming from "
+                          "step %d", bad, self.directory, why, aside, step)
+          tf.io.gfile.rename(os.path.join(self.directory, str(bad)), aside)
+      if damaged:
+        if jax.process_count() > 1:
+          multihost_utils.sync_global_devices("msca_jax_damaged_steps_set_aside")
+        self.manager.reload()
+      return step
     if damaged:
-      raise DamagedCheckpointError(self.directory, "every checkpoint", "is damaged (" +
-                                   "; ".join(damaged) + "); they were moved to damaged-*")
+      raise DamagedCheckpointError(
+          self.directory, "every step", "differs from its digests (" +
+          "; ".join(f"step {bad}: {why}" for bad, why in damaged) + "); move them away to start afresh")
     return None
 
   def wait(self) -> None:

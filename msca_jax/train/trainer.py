@@ -42,7 +42,7 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped early with a checkpoint; rerun 
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss, the gradient or the state to save became NaN or Inf; the run stopped before saving it."""
+  """The loss, the gradient or the state to save became NaN or Inf; stopped before saving it."""
 
 
 @dataclasses.dataclass

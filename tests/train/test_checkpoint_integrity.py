@@ -127,6 +127,7 @@ def test_a_damaged_latest_step_falls_back_to_the_newest_intact_one(how, saved, t
       assert checkpointer.latest_intact_step() == 10
     warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
     assert f"checkpoint step 20 in {directory} is damaged: {damaged_file}" in warning and why in warning
+    assert "resuming from step 10" in warning
     # Set aside, out of orbax's sight, and kept for inspection.
     aside = [name for name in os.listdir(directory) if name.startswith("damaged-20-")]
     assert len(aside) == 1 and checkpointer.manager.all_steps() == [10]
@@ -155,11 +156,12 @@ def test_every_step_damaged_is_one_error_and_a_step_without_digests_is_taken(sav
       f.write('{"files": {"state/manifest.ocdbt": [1, "0"]}}')
   checkpointer = ckpt_lib.Checkpointer(directory, save_interval_steps=10)
   try:
-    with pytest.raises(ckpt_lib.DamagedCheckpointError, match="every checkpoint is damaged") as error:
+    with pytest.raises(ckpt_lib.DamagedCheckpointError, match="every step differs") as error:
       checkpointer.latest_intact_step()
     assert "step 20: state/manifest.ocdbt" in str(error.value) and "step 10:" in str(error.value)
   finally:
     checkpointer.close()
+  assert sorted(os.listdir(directory)) == ["10", "20"]  # nothing moved: starting afresh is the user's call
 
 
 def test_readers_verify_and_name_the_true_cause(saved, tmp_path, capsys):
