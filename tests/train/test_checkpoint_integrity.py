@@ -313,10 +313,9 @@ def read_only(path, *args, **kwargs):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
   return makedirs(path, *args, **kwargs)
 os.makedirs = read_only
-from absl import app
-from msca_jax import main
+from msca_jax import cli, main
 sys.argv = ["main"] + sys.argv[1:]
-app.run(main.main)
+cli.run(main.main)
 """
 
 
