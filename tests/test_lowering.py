@@ -22,7 +22,7 @@ from jax import export
 
 from configs import common
 from msca_jax import models
-from msca_jax.data import pipeline, sources, stream
+from msca_jax.data import pipeline, sources
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim, state as state_lib, trainer
 
@@ -62,8 +62,7 @@ def _train_export(config) -> export.Exported:
                                                  rules)
   window = (pipeline.device_window(config.data, sources.DecodeSettings().short_side)
             if pipeline.augments_on_device(config.data) else None)
-  step = state_lib.make_train_step(model, tx, trainer._loss_fn(config.train), shardings, mesh,
-                                   rules, inputs=stream.model_inputs(config.data, window))
+  step = trainer.make_train_step(config, model, tx, shardings, mesh, rules, window)
   batch = {f.name: jax.ShapeDtypeStruct((BATCH,) + f.shape, jnp.dtype(f.dtype))
            for f in pipeline.train_fields(config.data, window) if f.device}
   rng = jax.eval_shape(lambda: jax.random.key(0))
