@@ -71,9 +71,12 @@ def _effective(model: Mapping[str, Any]) -> dict[str, Any]:
 
 def differences(saved: Mapping[str, Any], given: Mapping[str, Any], *,
                 allowed: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
-  """[(field, saved value, given value)] of the model fields that differ, MUST_MATCH order."""
+  """[(field, saved value, given value)] of the model fields that differ, MUST_MATCH order.
+
+  Temporal fields are compared when both models use them (a differing name says the rest).
+  """
   a, b = _effective(saved), _effective(given)
-  fields = [f for f in dict.fromkeys((*MUST_MATCH, *a, *b)) if f not in allowed]
+  fields = [f for f in dict.fromkeys((*MUST_MATCH, *a)) if f in a and f in b and f not in allowed]
   return [(f, a.get(f), b.get(f)) for f in fields if a.get(f) != b.get(f)]
 
 
