@@ -6,9 +6,9 @@ r"""Trains and evaluates a model: the entry point for every variant, device and 
     python -m msca_jax.main --config=configs/msca_kv.py --workdir=... --mode=evaluate
 
 Any config field can be overridden with --config.FIELD=VALUE. Rerunning a command resumes from the
-workdir's latest checkpoint. Exit status: 0 done, 143 stopped by SIGTERM after saving a
-checkpoint (rerun to resume), 2 a mistake in the flags, the config or the files they name (one
-line on stderr: `error: ...`; also every checkpoint in the workdir damaged), 3 the loss or the
+workdir's latest checkpoint. Exit status: 0 done, 143 stopped by SIGTERM (130: by Ctrl-C) after
+saving a checkpoint (rerun to resume), 2 a mistake in the flags, the config or the files they name
+(one line on stderr: `error: ...`; also every checkpoint in the workdir damaged), 3 the loss or the
 state to save became NaN or Inf (the last good checkpoint is kept), 4 a checkpoint could not be
 saved (read-only or full directory, lost permission: the previous one is intact; rerun to resume
 once fixed).
@@ -106,7 +106,7 @@ def main(argv):
   except pretrained.WeightsError as e:  # config.init names weights that do not fit the model
     raise UserError(str(e)) from e
   if result.get("interrupted"):
-    sys.exit(trainer.EXIT_INTERRUPTED)
+    sys.exit(result.get("exit_status") or trainer.EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -207,8 +207,8 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
   """Unboxed numpy params of config.model from a checkpoint directory (see the module docstring).
 
   Raises FileNotFoundError for a missing directory or one without a checkpoint, OSError for a
-  damaged checkpoint and pretrained.WeightsError when it does not fit the model; messages name
-  the directory.
+  damaged checkpoint, PredictError for a checkpoint of another model (`check_model`) and
+  pretrained.WeightsError when it does not fit the model; messages name the directory.
   """
   import flax.linen as nn
   from msca_jax import pretrained
@@ -226,6 +226,7 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
         f"checkpoint {checkpoint_dir}: no finished checkpoint there (expected a training workdir, "
         "its checkpoints/ or one step of it, or a params directory written by "
         "pretrained.save_params / tools.convert_torch)") from None
+  check_model(config, directory, checkpoint_dir)
   template = abstract_params(config.model)
   init = {"vit_npz": "", "checkpoint": directory, "load_head": True}
   try:
@@ -238,6 +239,27 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
                                   f"checkpoint ({type(e).__name__}: {first})") from e
   params = nn.unbox(params)
   return (params, report) if with_report else params
+
+
+def check_model(config, directory: str, name: str | None = None) -> None:
+  """Raises PredictError when the checkpoint's saved model config is another model than config's.
+
+  The frame size may differ (the position embeddings are resized, and the output says so); a
+  checkpoint that saved no config is used with a warning.
+  """
+  from msca_jax.train import initialise, saved_config
+
+  name = name or directory
+  saved = saved_config.read_model_config(initialise.step_dir(directory))
+  if saved is None:
+    logging.warning("%s holds no saved config: cannot check that it is a checkpoint of --config's "
+                    "model", name)
+    return
+  diffs = saved_config.differences(saved, config.model, allowed=("image_size",))
+  if diffs:
+    raise PredictError(f"--checkpoint {name} is another model than --config: "
+                       f"{saved_config.describe(diffs, given_as='--config')}; pass the config it "
+                       "was trained with")
 
 
 @functools.lru_cache(maxsize=8)
@@ -357,7 +379,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     return fail(str(e))
   try:
     params, report = load_params(config, flag_values.checkpoint, with_report=True)
-  except OSError as e:  # no checkpoint there, or a damaged one: its own cause, not the model's
+  except (OSError, PredictError) as e:  # no checkpoint there, a damaged one, or another model
     return fail(str(e))
   except pretrained.WeightsError as e:
     arch = ", ".join(f"{k} {v}" for k, v in models.architecture(config.model).items())

@@ -363,11 +363,16 @@ def streams_array(local: StreamState, mesh: Mesh) -> jax.Array:
 
 
 class StopSignal:
-  """Turns SIGTERM (preemption, scancel, kill) into a flag the train loop checks every step."""
+  """Turns SIGTERM (preemption, scancel, kill) and SIGINT (Ctrl-C) into a flag the train loop checks.
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  The loop saves and stops at the next step; a second signal only logs, so the save in flight is
+  never cut short.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
     self.signal_name = ""
+    self.signum = 0
     self._previous = {}
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
@@ -375,13 +380,23 @@ class StopSignal:
 
   def _handle(self, signum, frame):
     del frame
+    if self._event.is_set():
+      logging.warning("%s: already stopping, waiting for the save", signal.Signals(signum).name)
+      return
     self.signal_name = signal.Signals(signum).name
+    self.signum = signum
     self._event.set()
 
   @property
   def requested(self) -> bool:
     return self._event.is_set()
 
+  @property
+  def exit_status(self) -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended: 143 or 130."""
+    return 128 + (self.signum or signal.SIGTERM)
+
   def restore_handlers(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+    self._previous = {}

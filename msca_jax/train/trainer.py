@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 import flax.linen as nn
+import flax.traverse_util
 import jax
 import numpy as np
 import tensorflow as tf
@@ -28,6 +29,7 @@ from absl import logging
 from tensorflow.core.framework import summary_pb2
 
 from msca_jax import models
+from msca_jax.errors import UserError
 from msca_jax.data import pipeline, sources
 from msca_jax.data import stream as stream_lib
 from msca_jax.data.pipeline import StreamState
@@ -35,10 +37,13 @@ from msca_jax.progress import Progress
 from msca_jax.train import checkpoint as ckpt_lib
 from msca_jax.train import evaluate, initialise, optim
 from msca_jax.train import mesh as mesh_lib
+from msca_jax.train import saved_config
 from msca_jax.train import state as state_lib
+from msca_jax.train import workdir as workdir_lib
 
 MODES = ("train", "evaluate", "train_and_evaluate")
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM: stopped early with a checkpoint; rerun to resume
+EXIT_SIGINT = 130  # 128 + SIGINT: the same, after Ctrl-C
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -94,6 +99,11 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
   """Checks the config, builds the mesh, finds the data and logs what the run will do."""
   pipeline.check_config(config.data)
   optim.check_config(config.train)
+  if train and (not isinstance(config.train.checkpoint_every_steps, int)
+                or config.train.checkpoint_every_steps < 1):
+    # 0 would save at every step (orbax's interval), and no periodic saves would lose work.
+    raise UserError(f"config.train.checkpoint_every_steps: expected a positive number of steps "
+                    f"between checkpoints, got {config.train.checkpoint_every_steps!r}")
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.rules(config.mesh)
   mesh_lib.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
@@ -178,8 +188,11 @@ class MetricsWriter:
 # ------------------------------------------------------------------------------------ evaluation
 
 def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_crops: int,
-                   ) -> evaluate.EvalAccumulator:
-  """One exact pass over the eval split with the given views; every process gets the same result."""
+                   stop: ckpt_lib.StopSignal | None = None) -> evaluate.EvalAccumulator | None:
+  """One exact pass over the eval split with the given views; every process gets the same result.
+
+  None when `stop` was signalled during the pass (single process: the run stops at once).
+  """
   config = exp.config
   local_batch = config.eval.batch_size // jax.process_count()
   videos = stream_lib.EvalStream(exp.eval_source, config.data, batch_size=local_batch,
@@ -197,6 +210,10 @@ def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_cr
                       min_interval_s=30.0) if _is_main() else None
   pending = None  # the previous batch's output: fetched after the next one is dispatched
   for batch in videos:
+    if stop is not None and stop.requested and jax.process_count() == 1:
+      if progress:
+        progress.close()
+      return None
     out = eval_step(params, mesh_lib.global_batch(batch.device, exp.mesh))
     if pending is not None:
       add(*pending)
@@ -265,7 +282,39 @@ def _initial_state(exp: Experiment, shardings) -> state_lib.TrainState:
   return state_lib.with_params(nn.unbox(params), exp.tx, shardings)
 
 
+def _check_same_model(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step: int) -> None:
+  """Refuses to resume a checkpoint of another model, naming the fields (or parameters) that differ."""
+  step_directory = os.path.join(checkpointer.directory, str(step))
+  hint = (f"rerun with the model it was trained with, or use another --workdir (to start from these "
+          f"weights under another model use --config.init.checkpoint={exp.workdir})")
+  saved = saved_config.read_model_config(step_directory)
+  if saved is None:
+    logging.warning("%s holds no saved config: resuming without checking that it is the same model",
+                    step_directory)
+  else:
+    diffs = saved_config.differences(saved, exp.config.model)
+    if diffs:
+      raise UserError(f"{exp.workdir} holds a checkpoint of another model: "
+                      f"{saved_config.describe(diffs, given_as='config given')}; {hint}")
+  # The same config fields can still mean other shapes (a checkpoint saved before a field existed).
+  saved_params = checkpointer.manager.item_metadata(step)["state"]["params"]
+  saved_shapes = {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
+      dict(saved_params)).items()}
+  wanted = {"/".join(k): tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
+      dict(abstract.params)).items()}
+  mismatched = [f"{name} is {saved_shapes.get(name, 'missing')} in the checkpoint, "
+                f"{shape} in the model" for name, shape in wanted.items()
+                if saved_shapes.get(name) != shape]
+  mismatched += [f"{name} {saved_shapes[name]} is in the checkpoint, not in the model"
+                 for name in saved_shapes if name not in wanted]
+  if mismatched:
+    more = f" (and {len(mismatched) - 2} more)" if len(mismatched) > 2 else ""
+    raise UserError(f"{exp.workdir} holds a checkpoint of another model: {'; '.join(mismatched[:2])}"
+                    f"{more}; {hint}")
+
+
 def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step: int):
+  _check_same_model(exp, checkpointer, abstract, step)
   state, streams, metadata = checkpointer.restore(step, abstract, exp.mesh)
   stream = stream_lib.resume_state(exp.train_source, streams, jax.process_index(),
                                    jax.process_count())
@@ -307,11 +356,21 @@ def _stop_requested(stop: ckpt_lib.StopSignal, checkpointer: ckpt_lib.Checkpoint
   return checkpointer.manager.reached_preemption(step)
 
 
-def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
+def _stop_signal() -> ckpt_lib.StopSignal:
+  # One process: our SIGTERM/SIGINT handler. Several: JAX's preemption service (started by
+  # jax.distributed) catches the signal and makes every process agree on the step to stop at.
+  return ckpt_lib.StopSignal(signals=() if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT))
+
+
+def train(exp: Experiment, *, evaluate_at_end: bool,
+          stop: ckpt_lib.StopSignal | None = None) -> dict[str, Any]:
   """Trains to exp.total_steps (resuming if the workdir has a checkpoint); returns final metrics.
 
-  Returns {'step', 'interrupted', 'train': last window's means, 'val': ..., 'test': ...}.
+  Returns {'step', 'interrupted', 'exit_status', 'train': last window's means, 'val': ..., 'test': ...}.
+  `stop` (default: one installed here) turns signals into a save and an early return.
   """
+  own_stop = stop is None
+  stop = _stop_signal() if own_stop else stop
   config, mesh = exp.config, exp.mesh
   t = config.train
   abstract, shardings = state_lib.abstract_state(exp.model, exp.tx, exp.clip, mesh, exp.rules)
@@ -339,10 +398,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
       process_index=jax.process_index(), process_count=jax.process_count(), state=stream)
   rng = jax.random.key(t.seed)
   writer = MetricsWriter(exp.workdir)
-  # One process: our SIGTERM handler. Several: JAX's preemption service (started by
-  # jax.distributed) catches the signal and makes every process agree on the step to stop at.
-  stop = ckpt_lib.StopSignal(signals=() if jax.process_count() > 1 else (signal.SIGTERM,))
-  result: dict[str, Any] = {"step": step, "interrupted": False}
+  result: dict[str, Any] = {"step": step, "interrupted": False, "exit_status": 0}
   progress = Progress(exp.total_steps, unit="steps", desc="train", initial=step,
                       min_interval_s=None) if _is_main() else None
 
@@ -361,7 +417,15 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
     pending: list[tuple[int, dict]] = []
     fields: dict[str, Any] = {}
     window_start, window_step = time.monotonic(), step
-    while step < exp.total_steps:
+
+    def interrupted(where: str) -> None:
+      result["interrupted"], result["exit_status"] = True, stop.exit_status
+      _log("stopped by %s %s: rerun the same command to resume", stop.signal_name or
+           "a preemption notice", where)
+
+    if jax.process_count() == 1 and stop.requested:
+      interrupted(f"during start-up, before step {step + 1} (nothing new to save)")
+    while step < exp.total_steps and not result["interrupted"]:
       batch = mesh_lib.global_batch(next(batches).device, mesh)
       stream = batches.state
       state, metrics = train_step(state, batch, rng)
@@ -393,13 +457,16 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
       if saving:
         save(force=is_last or stopping)
       if stopping:
-        result["interrupted"] = True
-        _log("stopped by %s at step %d; checkpoint saved: rerun the same command to resume",
-             stop.signal_name or "a preemption notice", step)
+        interrupted(f"at step {step}; checkpoint saved")
         break
       if evaluating:
         accumulator = run_evaluation(exp, eval_step, state.params, num_clips=config.data.val_clips,
-                                     num_crops=config.data.val_crops)
+                                     num_crops=config.data.val_crops, stop=stop)
+        if accumulator is None:
+          if last_saved != step:
+            save(force=True)
+          interrupted(f"during validation at step {step}; checkpoint saved")
+          break
         result["val"] = report_evaluation(
             exp, accumulator, name="val", step=step, num_clips=config.data.val_clips,
             num_crops=config.data.val_crops, writer=writer, table=False)
@@ -411,14 +478,19 @@ def train(exp: Experiment, *, evaluate_at_end: bool) -> dict[str, Any]:
     if evaluate_at_end and not result["interrupted"]:
       checkpointer.wait()
       accumulator = run_evaluation(exp, eval_step, state.params, num_clips=config.data.eval_clips,
-                                   num_crops=config.data.eval_crops)
-      result["test"] = report_evaluation(
-          exp, accumulator, name="test", step=step, num_clips=config.data.eval_clips,
-          num_crops=config.data.eval_crops, writer=writer, table=True)
+                                   num_crops=config.data.eval_crops, stop=stop)
+      if accumulator is None:
+        interrupted(f"during the test evaluation at step {step} (trained and saved)")
+      else:
+        result["test"] = report_evaluation(
+            exp, accumulator, name="test", step=step, num_clips=config.data.eval_clips,
+            num_crops=config.data.eval_crops, writer=writer, table=True)
   finally:
-    stop.restore_handlers()
+    # Handlers stay ours until the saves have finished: a second signal must not cut one short.
     checkpointer.close()
     writer.close()
+    if own_stop:
+      stop.restore_handlers()
   return result
 
 
@@ -436,8 +508,8 @@ def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
   abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
   loaded = initialise.initial_params(init, abstract_params)
   if loaded is None:
-    raise FileNotFoundError(f"nothing to evaluate: {exp.workdir} has no checkpoints/ and "
-                            "config.init names no weights")
+    raise UserError(f"nothing to evaluate: {exp.workdir} has no finished checkpoint and "
+                    "config.init names no weights (set --config.init.checkpoint or vit_npz)")
   params, report = loaded
   _log("evaluating %s", report.summary())
   param_shardings = mesh_lib.tree_shardings(abstract_params, exp.mesh, exp.rules)
@@ -455,10 +527,38 @@ def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
     writer.close()
 
 
+def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock | None:
+  """Process 0 takes WORKDIR/LOCK; every process raises UserError when it is held by another run."""
+  lock, refusal = None, ""
+  if _is_main():
+    lock = workdir_lib.WorkdirLock(workdir)
+    try:
+      lock.acquire()
+    except UserError as e:
+      lock, refusal = None, str(e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    if multihost_utils.broadcast_one_to_all(np.int32(bool(refusal))) and not refusal:
+      refusal = f"{workdir} is in use by another run (process 0's log names it)"
+  if refusal:
+    raise UserError(refusal)
+  return lock
+
+
 def run(config, workdir: str, mode: str = "train_and_evaluate") -> dict[str, Any]:
+  """Trains and/or evaluates; training modes hold WORKDIR/LOCK (evaluate only reads checkpoints)."""
   if mode not in MODES:
-    raise ValueError(f"--mode must be one of {MODES}, got {mode!r}")
-  exp = build(config, workdir, train=mode != "evaluate")
+    raise UserError(f"--mode must be one of {MODES}, got {mode!r}")
+  workdir_lib.check_workdir(workdir)
   if mode == "evaluate":
-    return {"test": evaluate_checkpoint(exp)}
-  return train(exp, evaluate_at_end=mode == "train_and_evaluate")
+    return {"test": evaluate_checkpoint(build(config, workdir, train=False))}
+  stop = _stop_signal()  # from here: a signal during start-up stops the run before its first step
+  lock = None
+  try:
+    lock = _lock_workdir(workdir)
+    exp = build(config, workdir, train=True)
+    return train(exp, evaluate_at_end=mode == "train_and_evaluate", stop=stop)
+  finally:
+    if lock is not None:
+      lock.release()
+    stop.restore_handlers()
