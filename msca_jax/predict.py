@@ -203,12 +203,12 @@ def abstract_params(model_config) -> Any:
   return jax.eval_shape(model.init, jax.random.key(0), models.clip_spec(model_config))["params"]
 
 
-def load_params(config, checkpoint_dir: str, with_report: bool = False):
+def load_params(config, checkpoint_dir: str, with_report: bool = False, check: bool = True):
   """Unboxed numpy params of config.model from a checkpoint directory (see the module docstring).
 
   Raises FileNotFoundError for a missing directory or one without a checkpoint, OSError for a
-  damaged checkpoint, PredictError for a checkpoint of another model (`check_model`) and
-  pretrained.WeightsError when it does not fit the model; messages name the directory.
+  damaged checkpoint, PredictError for a checkpoint of another model (`check_model`, unless not
+  `check`) and pretrained.WeightsError when it does not fit the model; messages name the directory.
   """
   import flax.linen as nn
   from msca_jax import pretrained
@@ -226,7 +226,10 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
         f"checkpoint {checkpoint_dir}: no finished checkpoint there (expected a training workdir, "
         "its checkpoints/ or one step of it, or a params directory written by "
         "pretrained.save_params / tools.convert_torch)") from None
-  check_model(config, directory, checkpoint_dir)
+  if check:
+    unchecked = check_model(config, directory, checkpoint_dir)
+    if unchecked:
+      logging.warning("%s", unchecked)
   template = abstract_params(config.model)
   init = {"vit_npz": "", "checkpoint": directory, "load_head": True}
   try:
@@ -241,25 +244,28 @@ def load_params(config, checkpoint_dir: str, with_report: bool = False):
   return (params, report) if with_report else params
 
 
-def check_model(config, directory: str, name: str | None = None) -> None:
+def check_model(config, directory: str, name: str | None = None) -> str | None:
   """Raises PredictError when the checkpoint's saved model config is another model than config's.
 
-  The frame size may differ (the position embeddings are resized, and the output says so); a
-  checkpoint that saved no config is used with a warning.
+  The frame size may differ (the position embeddings are resized, and the output says so). Returns
+  a warning when the checkpoint saved no config to compare with, else None.
   """
+  from msca_jax import pretrained
   from msca_jax.train import initialise, saved_config
 
   name = name or directory
-  saved = saved_config.read_model_config(initialise.step_dir(directory))
+  try:
+    saved = saved_config.read_model_config(initialise.step_dir(directory))
+  except pretrained.WeightsError:  # no checkpoint there: load_params says so
+    return None
   if saved is None:
-    logging.warning("%s holds no saved config: cannot check that it is a checkpoint of --config's "
-                    "model", name)
-    return
+    return f"{name} holds no saved config: not checked to be a checkpoint of --config's model"
   diffs = saved_config.differences(saved, config.model, allowed=("image_size",))
   if diffs:
     raise PredictError(f"--checkpoint {name} is another model than --config: "
                        f"{saved_config.describe(diffs, given_as='--config')}; pass the config it "
                        "was trained with")
+  return None
 
 
 @functools.lru_cache(maxsize=8)
@@ -377,8 +383,11 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     names, names_origin = class_names(config, flag_values.labels)
   except (PredictError, dmvr.DataError) as e:
     return fail(str(e))
+  unchecked = None
   try:
-    params, report = load_params(config, flag_values.checkpoint, with_report=True)
+    if os.path.isdir(flag_values.checkpoint):
+      unchecked = check_model(config, os.path.abspath(flag_values.checkpoint), flag_values.checkpoint)
+    params, report = load_params(config, flag_values.checkpoint, with_report=True, check=False)
   except (OSError, PredictError) as e:  # no checkpoint there, a damaged one, or another model
     return fail(str(e))
   except pretrained.WeightsError as e:
@@ -397,6 +406,8 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
         f"{decode.describe()}", file=out)
   print(f"views      {protocol} ({flag_values.views} protocol)", file=out)
   print(f"weights    {report.source}: {len(report.loaded)} arrays", file=out)
+  if unchecked:
+    print(f"warning    {unchecked}", file=out)
   if report.resized:
     print(f"warning    resized to the config's frame size: {', '.join(report.resized)}", file=out)
   print(f"classes    {len(names)}, {names_origin}", file=out)

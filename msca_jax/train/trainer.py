@@ -5,9 +5,10 @@ each process feeds its share of the global batch, and the jitted steps do the re
 
     python -m msca_jax.main --config=configs/msca_kv.py:demo --workdir=/tmp/msca_kv_demo
 
-A workdir holds checkpoints/ (orbax), tensorboard/, metrics.jsonl (one line per log or eval) and
-eval/ (JSON, per-video CSV, confusion plot). Rerunning the same command resumes from the latest
-checkpoint, data stream included.
+A workdir holds checkpoints/ (orbax), tensorboard/, metrics.jsonl (one line per log or eval),
+eval/ (JSON, per-video CSV, confusion plot) and, while a run trains there, LOCK (workdir.py). Rerunning
+the same command resumes from the latest checkpoint, data stream included, after checking that the
+checkpoint is of the same model (saved_config.py). SIGTERM or SIGINT saves and stops (exit 143 or 130).
 """
 
 from __future__ import annotations

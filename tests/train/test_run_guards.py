@@ -18,6 +18,7 @@ import time
 
 import jax
 import pytest
+from absl import flags
 
 from configs import msca_kv, tokenshift, vit
 from msca_jax import predict
@@ -115,7 +116,18 @@ def test_a_checkpoint_without_a_saved_config_warns_and_still_names_other_shapes(
   assert result["step"] == 6 and _steps(workdir)[-1] == 6
 
 
-def test_predict_refuses_a_checkpoint_of_another_model(trained):
+def test_predict_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys):
+  video = tmp_path / "clip.mp4"
+  video.write_bytes(b"not read: the checkpoint is refused first")
+  argv = ["predict", f"--config={ROOT}/configs/vit.py:demo", f"--checkpoint={trained}",
+          f"--video={video}", *(f"--config.{k}={v}" for k, v in TINY.items())]
+  flag_values = predict.define_flags(flags.FlagValues(), argv)
+  flag_values(argv)
+  assert predict.run(flag_values) != 0
+  captured = capsys.readouterr()
+  assert not captured.out and captured.err.count("\n") == 1, captured.err
+  assert captured.err.startswith(f"predict: error: --checkpoint {trained} is another model than "
+                                 "--config: config.model.name: 'msca' in the checkpoint, 'vit'")
   with pytest.raises(predict.PredictError) as refused:
     predict.load_params(tiny_config(vit), trained)
   assert "config.model.name: 'msca' in the checkpoint, 'vit' in the --config" in _one_line(refused)
