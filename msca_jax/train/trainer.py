@@ -82,8 +82,8 @@ def _log(message: str, *args) -> None:
 
 def _check_classes(config, source: sources.Source) -> None:
   if config.model.num_classes != source.num_classes:
-    raise ValueError(f"config.model.num_classes = {config.model.num_classes}, but {source.description} "
-                     f"has {source.num_classes} classes")
+    raise UserError(f"config.model.num_classes = {config.model.num_classes}, but {source.description} "
+                    f"has {source.num_classes} classes")
 
 
 def _source(config, split: str) -> sources.Source:
@@ -130,8 +130,8 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
     exp.num_train = sources.num_records(exp.train_source)
     exp.steps_per_epoch = exp.num_train // config.train.batch_size
     if exp.steps_per_epoch == 0:
-      raise ValueError(f"config.train.batch_size = {config.train.batch_size} is larger than the "
-                       f"{exp.num_train} training videos in {exp.train_source.description}")
+      raise UserError(f"config.train.batch_size = {config.train.batch_size} is larger than the "
+                      f"{exp.num_train} training videos in {exp.train_source.description}")
     exp.total_steps = (config.train.num_steps if config.train.num_steps > 0
                        else config.train.num_epochs * exp.steps_per_epoch)
     exp.tx = optim.make_optimizer(config.train, exp.steps_per_epoch)
