@@ -176,5 +176,5 @@ def test_against_jax_times_both_steps_in_alternating_rounds():
   assert len(ours["train_step"]["times_s"]) == len(record["train_step"]["times_s"]) == 2
   ratios = [o / t for o, t in zip(ours["train_step"]["times_s"], record["train_step"]["times_s"])]
   assert ours["vs_pytorch"] == pytest.approx(float(np.median(ratios)))
-  assert ours["attention"] == "heads_major" and ours["grad_accum_steps"] == 1
+  assert ours["attention"] == "xla" and ours["grad_accum_steps"] == 1
   assert "msca_jax / PyTorch" in trb.table(record)
