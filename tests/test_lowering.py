@@ -9,7 +9,8 @@ fused kernel lowers only on a GPU (tools/benchmark.py reports it there).
 ViT, TokenShift and MSCA-KV lower at B/16 8x224 in bfloat16, full depth, remat on and off, with
 the recipe's optimiser and the device-side view finishing of the input stream. Every other MSCA
 variant (both axes) lowers at B/16 width, heads and clip shape with two blocks: the blocks are one
-program repeated, so two show every op and the boundary between blocks, at a sixth of the time.
+program repeated, so two show every op and the boundary between blocks, at a sixth of the time
+(the train step without remat: remat and the eval step wrap the same blocks whatever the variant).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def _eval_export(config) -> export.Exported:
     return export.export(step.jitted, platforms=PLATFORMS)(abstract.params, batch)
 
 
-def _check(exported: export.Exported, config) -> None:
+def _check(exported: export.Exported) -> None:
   assert exported.platforms == PLATFORMS
   text = exported.mlir_module()
   # bfloat16 compute reached the lowered program, and no host callback sneaked in.
@@ -99,20 +100,16 @@ def _check(exported: export.Exported, config) -> None:
 def test_train_step_lowers_for_tpu_and_cuda_at_b16(variant, remat):
   config = _config(variant, remat=remat, depth=None)
   assert (config.model.variant, config.model.num_frames, config.model.image_size) == ("B/16", 8, 224)
-  _check(_train_export(config), config)
+  _check(_train_export(config))
 
 
 @pytest.mark.parametrize("variant", MAIN)
 def test_eval_step_lowers_for_tpu_and_cuda_at_b16(variant):
   config = _config(variant, remat=False, depth=None)
-  _check(_eval_export(config), config)
+  _check(_eval_export(config))
 
 
-@pytest.mark.parametrize("remat", [False, True], ids=["no_remat", "remat"])
 @pytest.mark.parametrize("variant", OTHER_MSCA)
-def test_every_msca_variant_lowers_for_tpu_and_cuda(variant, remat):
-  config = _config(variant, remat=remat, depth=2)
-  exported = _train_export(config)
-  _check(exported, config)
-  if not remat:
-    _check(_eval_export(config), config)
+def test_every_msca_variant_lowers_for_tpu_and_cuda(variant):
+  # Remat and the eval step wrap the same block whatever the variant; the main three cover them.
+  _check(_train_export(_config(variant, remat=False, depth=2)))

@@ -233,10 +233,11 @@ def test_train_and_evaluate_writes_a_complete_workdir(run_a):
 
 @pytest.mark.parametrize("shape", [
     pytest.param(None, id="one_device"),
-    pytest.param(dict(data=2, fsdp=4, model=1), id="data2_fsdp4"),
     pytest.param(dict(data=2, fsdp=2, model=2), id="data2_fsdp2_model2"),
 ])
 def test_sharded_runs_match_the_data_parallel_run(shape, tmp_path, monkeypatch, request):
+  # The whole trainer on one device and on a mesh using every axis; test_state.py covers each
+  # mesh axis alone at the step level.
   config = tiny_config()
   if shape is None:  # make_mesh takes every device; give it one
     make_mesh = mesh_lib.make_mesh
