@@ -14,6 +14,9 @@ from tests import helpers
 
 TEMPORAL = [v for v in helpers.ALL_VARIANTS if v[0] != "vit"]
 HEAD_AXIS = [v for v in TEMPORAL if not v[0].endswith("_patch")]
+# Without jit every op dispatches (and compiles) on its own, seconds per variant: one variant of
+# each kind covers the eager path, jit covers them all.
+EAGER = [v for v in TEMPORAL if v[0] in ("tokenshift", "msca_kv", "msca_qkv_patch")]
 
 
 class VariantPropertiesTest(chex.TestCase):
@@ -27,20 +30,36 @@ class VariantPropertiesTest(chex.TestCase):
     model = helpers.small_model(**overrides)
     return self.variant(lambda p, x: model.apply({"params": p}, x))(self.params, clip)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*HEAD_AXIS)
-  def test_fold_zero_equals_vit(self, overrides):
+  def _fold_zero_equals_vit(self, overrides):
     # More shift groups than heads (MSCA) or channels (TokenShift): nothing moves.
     fold_zero = dict(overrides, shift_div=helpers.SMALL["width"] + 1)
     chex.assert_trees_all_equal(self._logits(self.clip, **fold_zero), self._logits(self.clip, name="vit"))
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(*TEMPORAL)
-  def test_single_frame_circular_equals_vit(self, overrides):
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(*HEAD_AXIS)
+  def test_fold_zero_equals_vit(self, overrides):
+    self._fold_zero_equals_vit(overrides)
+
+  @chex.variants(without_jit=True)
+  @parameterized.named_parameters(*[v for v in EAGER if v in HEAD_AXIS])
+  def test_fold_zero_equals_vit_eagerly(self, overrides):
+    self._fold_zero_equals_vit(overrides)
+
+  def _single_frame_circular_equals_vit(self, overrides):
     # With one frame, t-1 and t+1 wrap onto t itself: every variant is ViT.
     clip = self.clip[:, :1]
     chex.assert_trees_all_close(self._logits(clip, **overrides, boundary="circular"),
                                 self._logits(clip, name="vit"), atol=1e-6)
+
+  @chex.variants(with_jit=True)
+  @parameterized.named_parameters(*TEMPORAL)
+  def test_single_frame_circular_equals_vit(self, overrides):
+    self._single_frame_circular_equals_vit(overrides)
+
+  @chex.variants(without_jit=True)
+  @parameterized.named_parameters(*EAGER)
+  def test_single_frame_circular_equals_vit_eagerly(self, overrides):
+    self._single_frame_circular_equals_vit(overrides)
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_vit_is_invariant_to_frame_order(self):
