@@ -118,11 +118,16 @@ def _params(directory) -> dict[str, np.ndarray]:
 
 
 def _assert_same_params(workdir, reference_workdir) -> None:
-  """Bitwise: a resumed run must do exactly what the uninterrupted one did."""
+  """A resumed run must do what the uninterrupted one did: the same steps on the same batches.
+
+  Bitwise when both processes run the same compiled step; XLA:CPU compiling it afresh under load
+  in another process has been seen to reorder a reduction (differences of 1e-9 in a fresh CI
+  checkout), so the parameters are held to 1e-6, far below what one step of difference moves.
+  """
   got, want = _params(workdir), _params(reference_workdir)
   assert sorted(got) == sorted(want)
   for name in want:
-    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-6, err_msg=name)
 
 
 def _copy(workdir, tmp_path) -> str:
