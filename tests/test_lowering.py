@@ -54,13 +54,19 @@ def _parse(variant: str) -> tuple[str, str, str]:
   return "msca", parts[1], "patch" if parts[-1] == "patch" else "head"
 
 
-def _train_export(config) -> export.Exported:
+def _abstract_run(config):
+  """(mesh, rules, model, optimiser, abstract state, shardings): nothing allocated."""
   mesh = mesh_lib.make_mesh(config.mesh)
   rules = mesh_lib.rules(config.mesh)
   model = models.build(config.model)
   tx = optim.make_optimizer(config.train, steps_per_epoch=100)
   abstract, shardings = state_lib.abstract_state(model, tx, models.clip_spec(config.model), mesh,
                                                  rules)
+  return mesh, rules, model, tx, abstract, shardings
+
+
+def _train_export(config) -> export.Exported:
+  mesh, rules, model, tx, abstract, shardings = _abstract_run(config)
   window = (pipeline.device_window(config.data, sources.DecodeSettings().short_side)
             if pipeline.augments_on_device(config.data) else None)
   step = trainer.make_train_step(config, model, tx, shardings, mesh, rules, window)
@@ -72,12 +78,7 @@ def _train_export(config) -> export.Exported:
 
 
 def _eval_export(config) -> export.Exported:
-  mesh = mesh_lib.make_mesh(config.mesh)
-  rules = mesh_lib.rules(config.mesh)
-  model = models.build(config.model)
-  tx = optim.make_optimizer(config.train, steps_per_epoch=100)
-  abstract, shardings = state_lib.abstract_state(model, tx, models.clip_spec(config.model), mesh,
-                                                 rules)
+  mesh, rules, model, _, abstract, shardings = _abstract_run(config)
   step = state_lib.make_eval_step(model, shardings, mesh, rules)
   views = config.data.val_clips * config.data.val_crops
   batch = {f.name: jax.ShapeDtypeStruct((BATCH,) + f.shape, jnp.dtype(f.dtype))

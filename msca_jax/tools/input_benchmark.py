@@ -53,6 +53,7 @@ import tensorflow as tf
 
 from msca_jax import host_memory
 from msca_jax.data import augment, dmvr, frames, pipeline, sampling, sources
+from msca_jax.tools.host_measure import cpu_seconds as _cpu_s, io_counters, num_cores, one_core, single_core
 
 # The previous tool's measurement of the old pipeline on this 2-core machine: DMVR stand-in shards,
 # float32 clips, batch 16, 8x224 at stride 32 (README, Measured).
@@ -352,28 +353,12 @@ def records_per_epoch(source: sources.Source) -> int:
 # ---------------------------------------------------------------------------------------------
 # Process measurements: I/O counters, memory, CPU, page cache, one core.
 
-def io_counters() -> dict[str, int]:
-  """/proc/self/io: rchar (bytes returned by read calls, page cache or not) and read_bytes (bytes
-  the storage layer fetched). Zeros where the file is not available."""
-  try:
-    with open("/proc/self/io") as f:
-      values = dict(line.split(":") for line in f if ":" in line)
-    return {"rchar": int(values["rchar"]), "read_bytes": int(values["read_bytes"])}
-  except (OSError, KeyError, ValueError):
-    return {"rchar": 0, "read_bytes": 0}
-
-
 def _status_kb(field: str) -> int:
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith(field + ":"):
         return int(line.split()[1])
   return 0
-
-
-def _cpu_s() -> float:
-  t = os.times()
-  return t.user + t.system
 
 
 def warm_page_cache(paths: Sequence[str]) -> float:
@@ -437,50 +422,8 @@ def _allow_open_files(count: int) -> None:
     pass
 
 
-def _tasks() -> list[int]:
-  try:
-    return [int(t) for t in os.listdir("/proc/self/task")]
-  except OSError:
-    return [0]
-
-
-@contextlib.contextmanager
-def one_core():
-  """Pins every thread of this process (and the threads they start) to one CPU; yields a function
-  that pins the threads started since. Restores the original affinity on exit."""
-  if not hasattr(os, "sched_setaffinity"):
-    yield lambda: None
-    return
-  original = os.sched_getaffinity(0)
-  cpu = {min(original)}
-
-  def pin():
-    for tid in _tasks():
-      with contextlib.suppress(OSError):
-        os.sched_setaffinity(tid, cpu)
-  pin()
-  try:
-    yield pin
-  finally:
-    for tid in _tasks():
-      with contextlib.suppress(OSError):
-        os.sched_setaffinity(tid, original)
-
-
-def single_core(ds: tf.data.Dataset) -> tf.data.Dataset:
-  """tf.data's own threads: one (a private pool of one thread, no intra-op parallelism)."""
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
-  options.threading.max_intra_op_parallelism = 1
-  return ds.with_options(options)
-
-
 def _load() -> float:
   return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-
-
-def num_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 # ---------------------------------------------------------------------------------------------

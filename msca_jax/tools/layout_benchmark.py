@@ -75,6 +75,8 @@ import numpy as np
 import tensorflow as tf
 
 from msca_jax.data import frames
+from msca_jax.tools import host_measure
+from msca_jax.tools.host_measure import cpu_seconds as _cpu_s, io_counters, num_cores, one_core
 
 KINETICS_FRAME = (256, 340)          # (height, width): short side 256, as prepared Kinetics
 KINETICS_KB_PER_FRAME = 30.0         # at 340x256, JPEG quality 90
@@ -511,25 +513,6 @@ def read_paths(stand_in: StandIn, num_frames: int, ar=None) -> list[ReadPath]:
 # ---------------------------------------------------------------------------------------------
 # Process measurements.
 
-def io_counters() -> dict[str, int]:
-  """/proc/self/io: rchar (bytes returned by read calls, page cache or not) and read_bytes (bytes
-  fetched from storage for this process, readahead included). Zeros where it is not available."""
-  try:
-    with open("/proc/self/io") as f:
-      values = dict(line.split(":") for line in f if ":" in line)
-    return {"rchar": int(values["rchar"]), "read_bytes": int(values["read_bytes"])}
-  except (OSError, KeyError, ValueError):
-    return {"rchar": 0, "read_bytes": 0}
-
-
-def _cpu_s() -> float:
-  return time.process_time()  # every thread of the process, user + system
-
-
-def num_cores() -> int:
-  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 def warm_page_cache(paths: Sequence[str]) -> None:
   for path in paths:
     with open(path, "rb", buffering=0) as f:
@@ -603,43 +586,6 @@ def cold_page_cache(paths: Sequence[str], interval_s: float = EVICT_INTERVAL_S):
       stats.update(json.loads(line))
 
 
-def _tasks() -> list[int]:
-  try:
-    return [int(t) for t in os.listdir("/proc/self/task")]
-  except OSError:
-    return [0]
-
-
-@contextlib.contextmanager
-def one_core():
-  """Pins every thread of this process (and those they start) to one CPU; yields a function that
-  pins threads started since (e.g. a reader's thread pool). Restores the affinity on exit."""
-  if not hasattr(os, "sched_setaffinity"):
-    yield lambda: None
-    return
-  original = os.sched_getaffinity(0)
-  cpu = {min(original)}
-
-  def pin():
-    for tid in _tasks():
-      with contextlib.suppress(OSError):
-        os.sched_setaffinity(tid, cpu)
-  pin()
-  try:
-    yield pin
-  finally:
-    for tid in _tasks():
-      with contextlib.suppress(OSError):
-        os.sched_setaffinity(tid, original)
-
-
-def _single_core(ds: tf.data.Dataset) -> tf.data.Dataset:
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = 1
-  options.threading.max_intra_op_parallelism = 1
-  return ds.with_options(options)
-
-
 def _dataset(path: ReadPath, clips: Clips, *, repeat: bool, single_core: bool,
              limit: int | None = None) -> tf.data.Dataset:
   n = len(clips) if limit is None else limit
@@ -648,7 +594,7 @@ def _dataset(path: ReadPath, clips: Clips, *, repeat: bool, single_core: bool,
     ds = ds.repeat()
   ds = ds.map(path.tf_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(BATCH).prefetch(tf.data.AUTOTUNE)
-  return _single_core(ds) if single_core else ds
+  return host_measure.single_core(ds) if single_core else ds
 
 
 def _clip_counts(path: ReadPath, clips: Clips, *, single_core: bool) -> Iterator[int]:
