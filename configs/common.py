@@ -5,7 +5,7 @@ else (data, optimiser, evaluation) is defined once, here. Fields that the
 current trainer does not read yet are the recipe's values, kept so that later
 work extends this one place.
 
-Config arguments (`--config=configs/msca_kv.py:ARG`):
+Config arguments (`--config=configs/msca_kv.py:ARG[,ARG...]`, applied left to right):
   (none)  ViT-B/16, 8x32 clips at 224 px, Kinetics-400, the paper's recipe.
   demo    a small model on the built-in synthetic dataset that trains on a CPU
           in minutes.
@@ -146,11 +146,21 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.init.checkpoint = ""       # tools.convert_torch output, or a training workdir of ours
   config.init.load_head = True      # False: the head starts at zero (another label set)
 
-  if arg == "demo":
-    _demo(config)
-  elif arg:
-    raise ValueError(f"unknown config argument {arg!r}: expected nothing or 'demo'")
+  for name in parse_arguments(arg):
+    ARGUMENTS[name](config)
   return config
+
+
+def parse_arguments(arg: str | None) -> list[str]:
+  """'clip,ssv2' -> ['clip', 'ssv2']; ValueError names an unknown or repeated argument."""
+  names = [a.strip() for a in (arg or "").split(",") if a.strip()]
+  for name in names:
+    if name not in ARGUMENTS:
+      raise ValueError(f"unknown config argument {name!r}: expected nothing or a comma-separated "
+                       f"list of {', '.join(repr(k) for k in ARGUMENTS)}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"config argument {arg!r} names an argument twice")
+  return names
 
 
 def _demo(config: ml_collections.ConfigDict) -> None:
@@ -188,6 +198,12 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.train.checkpoint_every_steps = 200
   config.eval.batch_size = 64
   config.eval.every_epochs = 5
+
+
+# Each config argument is a function that edits the whole config in place.
+ARGUMENTS = {
+    "demo": _demo,
+}
 
 
 # ----------------------------------------------------------------------------- validation

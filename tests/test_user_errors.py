@@ -78,7 +78,7 @@ def test_unknown_fields_are_named_with_what_is_there():
     (["--config", "configs/nope.py:demo", "--config.train.batch_size=1"],
      "--config=configs/nope.py:demo: no config file 'configs/nope.py'"),
     ([f"--config={CONFIG}:bogus"],
-     f"flag --config={CONFIG}:bogus: unknown config argument 'bogus': expected nothing or 'demo'"),
+     f"flag --config={CONFIG}:bogus: unknown config argument 'bogus': expected nothing or a comma-separated list of "),
     ([f"--config={CONFIG}:demo", "--config.train.batch_size=abc"],
      "flag --config.train.batch_size=abc: invalid literal for int()"),
     ([f"--config={CONFIG}:demo", "--wokdir=/tmp/x"], "Unknown command line flag 'wokdir'"),

@@ -249,7 +249,9 @@ class VideoClassifier(nn.Module):
   dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
-  def __call__(self, video, *, train: bool = False):
+  def __call__(self, video, *, train: bool = False, return_features: bool = False):
+    """Logits, or (logits, features) with `return_features`: features are the per-frame
+    pre-head embeddings (B, T, width), the CLS token after the final norm."""
     if video.ndim != 5 or video.shape[-1] != 3:
       raise ValueError(f"video must be (batch, frames, height, width, 3), got shape {video.shape}")
     batch, frames, height, width, _ = video.shape
@@ -278,9 +280,13 @@ class VideoClassifier(nn.Module):
                 remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
                 name="Transformer")(x, train)
 
+    features = x[:, :, 0]
     head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     frame_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
                             kernel_init=_init(head_init, ("embed", "classes")),
-                            bias_init=_init(nn.initializers.zeros, ("classes",)))(x[:, :, 0])
+                            bias_init=_init(nn.initializers.zeros, ("classes",)))(features)
     # Average the logits (not the features, not the probabilities) over frames.
-    return frame_logits.astype(jnp.float32).mean(axis=1)
+    logits = frame_logits.astype(jnp.float32).mean(axis=1)
+    if return_features:
+      return logits, features.astype(jnp.float32)
+    return logits

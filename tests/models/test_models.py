@@ -92,6 +92,20 @@ class VariantPropertiesTest(chex.TestCase):
     chex.assert_type(logits, jnp.float32)
     chex.assert_tree_all_finite(logits)
 
+  @chex.variants(with_jit=True)
+  def test_features_are_what_the_head_reads(self):
+    # The per-frame features, put through the head and averaged over frames, are the logits.
+    model = helpers.small_model(name="msca", msca_targets="kv", shift_div=4, head_zeroinit=False)
+    clip = helpers.random_clip(batch=2, frames=4)
+    params = helpers.init_params(model, clip)
+    logits, features = self.variant(
+        lambda p, x: model.apply({"params": p}, x, return_features=True))(params, clip)
+    chex.assert_shape(features, (2, 4, helpers.SMALL["width"]))
+    chex.assert_trees_all_close(logits, model.apply({"params": params}, clip), atol=1e-5)
+    head = params["head"]
+    chex.assert_trees_all_close((features @ head["kernel"] + head["bias"]).mean(axis=1), logits,
+                                atol=1e-5)
+
 
 class AttentionHeadsTest(chex.TestCase):
   """MSCA at the attention level, against explicit slicing of the head outputs."""
