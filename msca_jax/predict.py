@@ -3,6 +3,14 @@ r"""Classifies one video file with a trained model: the top-k classes and their 
     python -m msca_jax.predict --config=configs/msca_kv.py:demo --checkpoint=/tmp/msca_kv_demo \
         --video=clip.mp4 [--top_k=5] [--views=test|val] [--labels=labels.txt]
 
+Many videos: --video=FOLDER (its video files, recursively) or --video=LIST.txt (one path per line)
+runs them all in one process, --batch_size videos per model call (default config.eval.batch_size),
+into one CSV (--output, default predictions.csv: path, status, label_i, prob_i); a video that
+cannot be read is reported on stderr, marked in the status column and skipped, and the exit
+status is 0 unless none could be read. A long video: --window_seconds=W [--hop_seconds=H] decodes
+it as a stream and classifies each W-second window (each sampled as a whole video would be) into
+a CSV (start_s, end_s, status, label_i, prob_i) and a timeline plot beside it (.png).
+
 The video goes through exactly what evaluation does with a prepared video:
   1. decoding as the data was prepared: PyAV, resampled to config.data.fps, resized to the short
      side and stored as JPEGs at the quality the dataset used (read from the DMVR manifest or the
@@ -324,6 +332,244 @@ def predict(config, params, video_path: str, views: str = "test", top_k: int = 5
 
 
 # ---------------------------------------------------------------------------------------------
+# Many videos, and windows of a long one.
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+
+
+def is_video_list(path: str) -> bool:
+  """A folder, or a text file with one video path per line (by its extension)."""
+  return os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(LIST_EXTENSIONS))
+
+
+def list_videos(path: str) -> list[str]:
+  """The videos `path` names: itself, the video files under a folder (sorted, recursive), or the
+  lines of a list file (relative paths are relative to the list; '#' starts a comment)."""
+  if os.path.isdir(path):
+    found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                   if name.lower().endswith(VIDEO_EXTENSIONS))
+    if not found:
+      raise PredictError(f"--video {path}: no video files in this folder (expected "
+                         f"{', '.join(VIDEO_EXTENSIONS)})")
+    return found
+  if not os.path.isfile(path):
+    raise PredictError(f"--video {path}: no such file or folder")
+  if not path.lower().endswith(LIST_EXTENSIONS):
+    return [path]
+  base = os.path.dirname(os.path.abspath(path))
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [line.split("#", 1)[0].strip() for line in f]
+  found = [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line]
+  if not found:
+    raise PredictError(f"--video {path}: the list names no videos (expected one path per line)")
+  return found
+
+
+def view_batches(videos, data, views: str, batch_size: int):
+  """Yields (keys, statuses, views (batch_size, V, T, S, S, 3)) for `videos`, (key, load) pairs.
+
+  `load()` returns a video's JPEG frames or raises video.VideoError; such a video, or one the
+  pipeline skips, gets its reason as status (else 'ok') and a row of zeros. Only one batch of
+  videos is decoded at a time.
+  """
+  from msca_jax.data import video
+
+  chunk = []
+  for key, load in videos:
+    try:
+      chunk.append((key, load(), "ok"))
+    except video.VideoError as e:
+      chunk.append((key, [], str(e)))
+    if len(chunk) == batch_size:
+      yield _chunk_views(chunk, data, views, batch_size)
+      chunk = []
+  if chunk:
+    yield _chunk_views(chunk, data, views, batch_size)
+
+
+def _chunk_views(chunk, data, views: str, batch_size: int):
+  from msca_jax.data import pipeline, sources, stream
+
+  _tensorflow()
+  num_clips, num_crops = view_counts(data, views)
+  source = sources.MemorySource([frames for _, frames, _ in chunk], class_names=["?"])
+  batch = next(iter(stream.EvalStream(source, data, batch_size=batch_size, num_clips=num_clips,
+                                      num_crops=num_crops)))
+  statuses = [status for _, _, status in chunk]
+  order = batch.host["index"][:len(chunk)]
+  if list(order) != list(range(len(chunk))):
+    raise AssertionError(f"the evaluation stream reordered the videos: {list(order)}")
+  for i, error in enumerate(batch.host["error"][:len(chunk)]):
+    if error and statuses[i] == "ok":
+      statuses[i] = pipeline.SKIP_REASONS[error - 1]
+  return [key for key, _, _ in chunk], statuses, batch.device["video"]
+
+
+def batch_probabilities(config, params, views: np.ndarray) -> np.ndarray:
+  """(B, C) softmax of the view-averaged logits of (B, V, T, S, S, 3) views."""
+  from msca_jax.train import evaluate
+
+  num_views = views.shape[1]
+  logits = view_logits(config, params, views.reshape((-1,) + views.shape[2:]))
+  return _softmax(np.asarray(evaluate.average_views(logits, num_views)))
+
+
+def _top(probabilities: np.ndarray, names: Sequence[str], top_k: int) -> list[tuple[int, str, float]]:
+  order = np.argsort(-probabilities, kind="stable")[:top_k]
+  return [(int(i), names[i], float(probabilities[i])) for i in order]
+
+
+def classify_many(config, params, paths: Sequence[str], views: str = "test", top_k: int = 5,
+                  names: Sequence[str] | None = None, decode=None, batch_size: int | None = None,
+                  progress_stream=None) -> list[tuple[str, str, list[tuple[int, str, float]]]]:
+  """[(path, status, top)] for every path, in order; status is 'ok' or why it was skipped.
+
+  Batches of `batch_size` videos (default config.eval.batch_size) share one model call; a
+  progress line with rate and ETA goes to `progress_stream` (default stderr).
+  """
+  from msca_jax import progress
+
+  decode = decode or decode_settings(config.data)
+  names = list(names) if names is not None else class_names(config)[0]
+  batch_size = int(batch_size or config.eval.batch_size)
+  if batch_size < 1:
+    raise PredictError(f"batch size must be at least 1, got {batch_size}")
+  loaders = ((p, functools.partial(decode_video, p, decode)) for p in paths)
+  rows = []
+  with progress.Progress(total=len(paths), unit="videos", desc="predict",
+                         stream=progress_stream) as bar:
+    for keys, statuses, batch in view_batches(loaders, config.data, views, batch_size):
+      probabilities = batch_probabilities(config, params, batch)
+      for i, (key, status) in enumerate(zip(keys, statuses)):
+        rows.append((key, status, _top(probabilities[i], names, top_k) if status == "ok" else []))
+      bar.update(len(keys), failed=sum(r[1] != "ok" for r in rows))
+  return rows
+
+
+def video_duration(path: str) -> float | None:
+  """The container's duration in seconds, when it records one (for the progress total)."""
+  import av
+  try:
+    with av.open(path) as container:
+      stream = container.streams.video[0] if container.streams.video else None
+      if stream is not None and stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+      return container.duration / 1e6 if container.duration else None
+  except (av.error.FFmpegError, OSError, UnicodeDecodeError):
+    return None
+
+
+def window_frames(path: str, decode, window_seconds: float, hop_seconds: float):
+  """Yields (start_s, end_s, JPEG frames) of windows `window_seconds` long every `hop_seconds`.
+
+  The video is decoded as a stream at decode.fps (the rate the model's data had), so a window of
+  W seconds holds round(W * fps) frames and times are the video's own; only the current window's
+  frames are kept, as JPEG bytes. Only whole windows are taken, except that a video shorter than
+  one window gives one window over all of it. Raises video.VideoError for an unreadable video.
+  """
+  import collections
+  from msca_jax.data import video
+
+  tf = _tensorflow()
+  if window_seconds <= 0 or hop_seconds <= 0:
+    raise PredictError(f"--window_seconds and --hop_seconds must be positive, got "
+                       f"{window_seconds:g} and {hop_seconds:g}")
+  fps = float(decode.fps)
+  length = max(1, round(window_seconds * fps))
+  hop = max(1, round(hop_seconds * fps))
+  buffer = collections.deque()  # (frame index, JPEG) of frames at or after the current start
+  start, emitted, index = 0, 0, -1
+  decoded = video.iter_frames(path, fps, decode.short_side)
+  try:
+    for index, frame in enumerate(decoded):
+      if index >= start:
+        buffer.append((index, tf.io.encode_jpeg(frame, quality=decode.jpeg_quality).numpy()))
+      if index == start + length - 1:
+        yield start / fps, (start + length) / fps, [jpeg for _, jpeg in buffer]
+        emitted += 1
+        start += hop
+        while buffer and buffer[0][0] < start:
+          buffer.popleft()
+  finally:
+    decoded.close()
+  if index < 0:
+    raise video.VideoError(f"{path}: no frames")
+  if not emitted:
+    yield 0.0, (index + 1) / fps, [jpeg for _, jpeg in buffer]
+
+
+def classify_windows(config, params, path: str, window_seconds: float, hop_seconds: float,
+                     views: str = "test", top_k: int = 5, names: Sequence[str] | None = None,
+                     decode=None, batch_size: int | None = None, progress_stream=None):
+  """[(start_s, end_s, status, top, probabilities)] of the sliding windows of one video."""
+  from msca_jax import progress
+
+  if window_seconds <= 0 or hop_seconds <= 0:
+    raise PredictError(f"--window_seconds and --hop_seconds must be positive, got "
+                       f"{window_seconds:g} and {hop_seconds:g}")
+  decode = decode or decode_settings(config.data)
+  names = list(names) if names is not None else class_names(config)[0]
+  batch_size = int(batch_size or config.eval.batch_size)
+  duration = video_duration(path)
+  total = (max(1, int((duration - window_seconds) // hop_seconds) + 1) if duration else None)
+  spans = []
+
+  def windows():
+    for start, end, frames in window_frames(path, decode, window_seconds, hop_seconds):
+      spans.append((start, end))
+      yield len(spans) - 1, lambda frames=frames: frames
+
+  rows = []
+  with progress.Progress(total=total, unit="windows", desc="predict", stream=progress_stream) as bar:
+    for keys, statuses, batch in view_batches(windows(), config.data, views, batch_size):
+      probabilities = batch_probabilities(config, params, batch)
+      for i, (key, status) in enumerate(zip(keys, statuses)):
+        top = _top(probabilities[i], names, top_k) if status == "ok" else []
+        rows.append((*spans[key], status, top, probabilities[i]))
+      bar.update(len(keys))
+  return rows
+
+
+def write_top_k_csv(path: str, first_columns: Sequence[str], rows, top_k: int) -> None:
+  """A CSV of `first_columns` then label_1, prob_1, ... label_k, prob_k; rows are (values, top)."""
+  import csv
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(list(first_columns) + [f"{kind}_{r}" for r in range(1, top_k + 1)
+                                           for kind in ("label", "prob")])
+    for values, top in rows:
+      cells = [x for _, name, prob in top for x in (name, f"{prob:.6f}")]
+      writer.writerow(list(values) + cells + [""] * (2 * top_k - len(cells)))
+
+
+def plot_timeline(path: str, rows, names: Sequence[str], title: str = "",
+                  max_classes: int = 8) -> None:
+  """Probability against time of the classes that are the most probable in some window."""
+  from msca_jax.train import evaluate
+
+  good = [r for r in rows if r[2] == "ok"]
+  fig = evaluate.new_figure(8.0, 3.5)
+  ax = fig.add_subplot()
+  if good:
+    probabilities = np.stack([r[4] for r in good])
+    centres = [(r[0] + r[1]) / 2 for r in good]
+    winners = np.argmax(probabilities, axis=1)
+    shown = sorted(set(winners.tolist()), key=lambda c: -probabilities[:, c].max())[:max_classes]
+    for c in shown:
+      ax.plot(centres, probabilities[:, c], marker="o", markersize=3, label=names[c])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+  ax.set_xlabel("time (s, window centre)")
+  ax.set_ylabel("probability")
+  ax.set_ylim(0, 1.02)
+  ax.grid(alpha=0.3)
+  if title:
+    ax.set_title(title)
+  evaluate.save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line.
 
 
@@ -349,6 +595,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                        "was prepared).", flag_values=flag_values)
   flags.DEFINE_integer("jpeg_quality", None, "JPEG quality of the decoded frames (default: as the "
                        "dataset was prepared).", flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", None, "Videos (or windows) per model call when there are many "
+                       "(default: config.eval.batch_size).", flag_values=flag_values)
+  flags.DEFINE_string("output", None, "CSV to write for a folder or list of videos (default "
+                      "predictions.csv) or for --window_seconds (default windows.csv, and its "
+                      "timeline plot beside it as .png).", flag_values=flag_values)
+  flags.DEFINE_float("window_seconds", None, "Classify windows of this many seconds of one long "
+                     "video.", flag_values=flag_values)
+  flags.DEFINE_float("hop_seconds", None, "Seconds between window starts (default: "
+                     "--window_seconds, no overlap).", flag_values=flag_values)
   return flag_values
 
 
@@ -374,8 +629,24 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   path = flag_values.video
   if flag_values.top_k < 1:
     raise app.UsageError(f"--top_k must be at least 1, got {flag_values.top_k}")
-  if not os.path.isfile(path):
+  if flag_values.batch_size is not None and flag_values.batch_size < 1:
+    raise app.UsageError(f"--batch_size must be at least 1, got {flag_values.batch_size}")
+  windows = flag_values.window_seconds is not None
+  if flag_values.hop_seconds is not None and not windows:
+    raise app.UsageError("--hop_seconds needs --window_seconds")
+  hop = flag_values.hop_seconds if flag_values.hop_seconds is not None else flag_values.window_seconds
+  if windows and (flag_values.window_seconds <= 0 or hop <= 0):
+    raise app.UsageError(f"--window_seconds and --hop_seconds must be positive, got "
+                         f"{flag_values.window_seconds:g} and {hop:g}")
+  many = is_video_list(path)
+  if windows and many:
+    return fail(f"--video {path}: --window_seconds takes one video file, not a folder or a list")
+  if not many and not os.path.isfile(path):
     return fail(f"--video {path}: no such file")
+  try:
+    paths = list_videos(path) if many else [path]
+  except PredictError as e:
+    return fail(str(e))
   try:
     data = config.data
     protocol = describe_protocol(data, flag_values.views)
@@ -394,6 +665,11 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     arch = ", ".join(f"{k} {v}" for k, v in models.architecture(config.model).items())
     return fail(f"--checkpoint does not fit the model of --config ({config.model.name}: {arch}, "
                 f"{config.model.num_classes} classes, {config.model.image_size} px frames): {e}")
+  if many:
+    return _run_many(config, params, paths, flag_values, names, decode, out, fail)
+  if windows:
+    return _run_windows(config, params, path, flag_values.window_seconds, hop, flag_values, names,
+                        decode, out, fail)
   try:
     result = classify(config, params, path, flag_values.views, flag_values.top_k, names, decode)
   except video.VideoError as e:
@@ -415,6 +691,53 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   width = max(len(name) for _, name, _ in result.top)
   for rank, (index, name, prob) in enumerate(result.top, 1):
     print(f"  {rank}. {name:<{width}}  {prob:.4f}  (class {index})", file=out)
+  return 0
+
+
+def _run_many(config, params, paths, flag_values, names, decode, out, fail) -> int:
+  """Every video of a folder or list into one CSV; bad ones are listed and skipped."""
+  output = flag_values.output or "predictions.csv"
+  rows = classify_many(config, params, paths, flag_values.views, flag_values.top_k, names, decode,
+                       flag_values.batch_size)
+  write_top_k_csv(output, ("path", "status"), [((p, s), top) for p, s, top in rows],
+                  min(flag_values.top_k, len(names)))
+  bad = [(p, s) for p, s, _ in rows if s != "ok"]
+  for p, s in bad:
+    print(f"predict: skipped {p}: {s}", file=sys.stderr)
+  print(f"videos     {len(rows) - len(bad)} of {len(rows)} classified, {len(bad)} skipped; "
+        f"decoded at {decode.describe()}", file=out)
+  print(f"views      {describe_protocol(config.data, flag_values.views)} "
+        f"({flag_values.views} protocol)", file=out)
+  print(f"wrote      {output}", file=out)
+  if len(bad) == len(rows):
+    return fail(f"--video {flag_values.video}: none of the {len(rows)} videos could be read "
+                f"(first: {bad[0][0]}: {bad[0][1]})")
+  return 0
+
+
+def _run_windows(config, params, path, window_seconds, hop_seconds, flag_values, names, decode,
+                 out, fail) -> int:
+  """Sliding windows over one video: a CSV of per-window top-k and a timeline plot."""
+  from msca_jax.data import video
+
+  output = flag_values.output or "windows.csv"
+  plot = os.path.splitext(output)[0] + ".png"
+  try:
+    rows = classify_windows(config, params, path, window_seconds, hop_seconds, flag_values.views,
+                            flag_values.top_k, names, decode, flag_values.batch_size)
+  except video.VideoError as e:
+    return fail(f"--video: {e}")
+  write_top_k_csv(output, ("start_s", "end_s", "status"),
+                  [((f"{a:.3f}", f"{b:.3f}", s), top) for a, b, s, top, _ in rows],
+                  min(flag_values.top_k, len(names)))
+  plot_timeline(plot, rows, names, title=os.path.basename(path))
+  print(f"video      {path}: {len(rows)} windows of {window_seconds:g} s every {hop_seconds:g} s, "
+        f"decoded at {decode.describe()}", file=out)
+  print(f"views      {describe_protocol(config.data, flag_values.views)} per window", file=out)
+  for start, end, status, top, _ in rows:
+    best = f"{top[0][1]} {top[0][2]:.4f}" if top else status
+    print(f"  {start:8.2f}-{end:8.2f} s  {best}", file=out)
+  print(f"wrote      {output}, {plot}", file=out)
   return 0
 
 

@@ -212,3 +212,82 @@ def test_command_line_program(setup):
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert "top-5" in result.stdout and "move_" in result.stdout
+
+
+def _read_csv(path):
+  import csv
+  with open(path, newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_many_videos_run_batched_into_one_csv(setup, tmp_path, capsys):
+  folder = tmp_path / "videos"
+  (folder / "sub").mkdir(parents=True)
+  os.link(setup["video"], folder / "a.mp4")
+  video.write_video(str(folder / "sub" / "b.mp4"), _moving_video(num_frames=12, seed=1))
+  (folder / "c.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+  (folder / "notes.txt").write_text("not a video")
+  output = tmp_path / "out" / "predictions.csv"
+  status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={folder}",
+                           "--batch_size=2", f"--output={output}", "--top_k=3"], capsys)
+  assert status == 0, err
+  assert "2 of 3 classified, 1 skipped" in out and f"skipped {folder}/c.mp4" in err
+  rows = _read_csv(output)
+  assert [r["path"] for r in rows] == [f"{folder}/a.mp4", f"{folder}/c.mp4", f"{folder}/sub/b.mp4"]
+  assert rows[1]["status"].startswith(f"{folder}/c.mp4") and rows[1]["label_1"] == ""
+  config = _config()
+  params = predict.load_params(config, setup["checkpoint"])
+  for row in (rows[0], rows[2]):   # batched with others and padded, yet each as predicted alone
+    assert row["status"] == "ok"
+    alone = predict.classify(config, params, row["path"], top_k=3).top
+    assert [row[f"label_{i}"] for i in (1, 2, 3)] == [name for _, name, _ in alone]
+    np.testing.assert_allclose([float(row[f"prob_{i}"]) for i in (1, 2, 3)],
+                               [p for _, _, p in alone], atol=1e-5)
+
+  # A list file: relative paths, comments; nothing readable is an error.
+  listed = tmp_path / "list.txt"
+  listed.write_text("# bad ones\nvideos/c.mp4\n\nvideos/missing.mp4\n")
+  status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={listed}",
+                           f"--output={tmp_path}/bad.csv"], capsys)
+  assert status == 1
+  assert "none of the 2 videos could be read" in err.splitlines()[-1]
+  assert [r["status"] for r in _read_csv(tmp_path / "bad.csv")][1].endswith("no such file")
+  (tmp_path / "empty").mkdir()
+  status, _, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={tmp_path}/empty"], capsys)
+  assert status == 1 and "no video files in this folder" in err and err.count("\n") == 1
+
+
+def test_sliding_windows_over_a_long_video(setup, tmp_path, capsys):
+  config = _config()
+  params = predict.load_params(config, setup["checkpoint"])
+  long_video = str(tmp_path / "long.mp4")
+  video.write_video(long_video, _moving_video(num_frames=60, seed=2))   # 2.4 s at 25 fps
+  decode = predict.decode_settings(config.data)
+  frames = predict.decode_video(long_video, decode)
+  windows = list(predict.window_frames(long_video, decode, 0.8, 0.4))
+  assert [(a, b) for a, b, _ in windows] == [(s / 25, (s + 20) / 25) for s in (0, 10, 20, 30, 40)]
+  for start, _, got in windows:   # the streamed frames are the whole video's, cut
+    s = round(start * 25)
+    assert got == frames[s:s + 20]
+  gaps = list(predict.window_frames(long_video, decode, 0.4, 1.0))   # hop longer than the window
+  assert [round(a * 25) for a, _, _ in gaps] == [0, 25, 50]
+  assert [b for _, b, _ in predict.window_frames(long_video, decode, 10.0, 1.0)] == [2.4]
+
+  output = tmp_path / "win.csv"
+  status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={long_video}",
+                           "--window_seconds=0.8", "--hop_seconds=0.4", f"--output={output}",
+                           "--batch_size=2"], capsys)
+  assert status == 0, err
+  rows = _read_csv(output)
+  assert [(r["start_s"], r["end_s"]) for r in rows] == [
+      (f"{s / 25:.3f}", f"{(s + 20) / 25:.3f}") for s in (0, 10, 20, 30, 40)]
+  for row, (_, _, got) in zip(rows, windows):
+    expected = predict.batch_probabilities(config, params,
+                                           predict.eval_views(got, config.data)[None])[0]
+    assert row["status"] == "ok" and row["label_1"] == synthetic.CLASSES[int(np.argmax(expected))]
+    np.testing.assert_allclose(float(row["prob_1"]), expected.max(), atol=1e-5)
+  with open(tmp_path / "win.png", "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+  assert "5 windows of 0.8 s every 0.4 s" in out
+  with pytest.raises(app.UsageError, match="--hop_seconds needs --window_seconds"):
+    _cli([f"--checkpoint={setup['checkpoint']}", f"--video={long_video}", "--hop_seconds=1"], capsys)
