@@ -3,9 +3,11 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from absl import app, flags
 
+from msca_jax.errors import UserError
 from msca_jax.tools import benchmark, compare
 
 _demo_config = compare.demo_config
@@ -96,3 +98,57 @@ def test_flags_are_defined_only_when_asked():
   fv(["compare", "--workdir=/tmp/w", "--variants=vit,msca_q"])
   assert (fv.workdir, fv.variants, fv.num_epochs, fv.seed) == ("/tmp/w", ["vit", "msca_q"], None, 0)
   assert compare.__name__ not in flags.FLAGS.flags_by_module_dict()   # importing it defined none
+
+
+def test_study_runs_every_seed_once_and_resumes(tiny_runs, monkeypatch):
+  workdir = str(tiny_runs)
+  os.makedirs(workdir)
+  calls = []
+  from msca_jax.train import trainer   # study imports it when it runs
+  real_run = trainer.run
+  monkeypatch.setattr(trainer, "run", lambda c, d, m: calls.append(d) or real_run(c, d, m))
+  results = compare.study(workdir, ["vit", "msca_kv"], seeds=[0, 1], steps=2)
+  assert len(calls) == 4 and {r["seed"] for r in results["msca_kv"]} == {0, 1}
+  for runs in results.values():
+    assert all(r["steps"] == 2 and 0 <= r["top1"] <= r["top5"] <= 1 for r in runs)
+  assert [r["config"]["train"]["seed"] for r in results["vit"]] == [0, 1]
+  paths = compare.write_study(workdir, results)
+  with open(paths["png"], "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+  with open(paths["md"]) as f:
+    assert f.readline().startswith("| model | seeds | steps | top-1 (%)")
+
+  # A finished run is read again, not trained; one without its result (interrupted after the
+  # last checkpoint) resumes there and ends with the same metrics.
+  os.remove(os.path.join(workdir, "msca_kv", "seed_1", "result.json"))
+  calls.clear()
+  again = compare.study(workdir, ["vit", "msca_kv"], seeds=[0, 1], steps=2)
+  assert calls == [os.path.join(workdir, "msca_kv", "seed_1")]
+  assert again["msca_kv"][1]["top1"] == results["msca_kv"][1]["top1"]
+  assert again["vit"] == results["vit"]
+  with pytest.raises(UserError, match="msca_kv/seed_0 holds a finished run of another config"):
+    compare.study(workdir, ["msca_kv"], seeds=[0], steps=3)
+
+
+def test_study_statistics_and_entries():
+  runs = {"vit": [{"top1": 0.5, "top5": 0.9, "within_pair_accuracy": 0.4, "steps": 10},
+                  {"top1": 0.7, "top5": 1.0, "within_pair_accuracy": 0.6, "steps": 10},
+                  {"top1": 0.9, "top5": 0.8, "within_pair_accuracy": 0.5, "steps": 10}],
+          "msca_kv_heads2": [{"top1": 0.25, "top5": 0.5, "within_pair_accuracy": 0.75, "steps": 4}]}
+  summary = compare.summarize(runs)
+  vit = summary["vit"]
+  assert vit["seeds"] == 3 and vit["steps"] == [10]
+  assert vit["top1"] == pytest.approx(0.7) and vit["top1_std"] == pytest.approx(0.2)
+  assert vit["top5"] == pytest.approx(0.9) and vit["top5_std"] == pytest.approx(0.1)
+  assert vit["within_pair_accuracy_std"] == pytest.approx(0.1)
+  assert summary["msca_kv_heads2"]["top1"] == 0.25
+  assert np.isnan(summary["msca_kv_heads2"]["top1_std"])   # one seed has no spread
+  table = compare.format_study(summary)
+  assert "70.0 ± 20.0" in table and "MSCA-KV (2+2)" in table and "25.0 " in table
+
+  assert len(compare.STUDY) == 17   # ViT, TokenShift, 7 head and 7 patch variants, KV 2+2
+  two = compare.study_config("msca_kv_heads2", seed=3, steps=5)
+  one = compare.study_config("msca_kv", seed=3)
+  assert (two.model.num_heads // two.model.shift_div, one.model.num_heads // one.model.shift_div) == (2, 1)
+  assert two.train.num_steps == 5 and two.train.seed == 3 and one.train.num_steps == -1
+  assert compare.study_config("msca_q_patch", 0).model.msca_axis == "patch"

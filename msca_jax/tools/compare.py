@@ -14,6 +14,15 @@ chance (50 %), while a temporal model's should not.
 Writes WORKDIR/comparison.json, WORKDIR/comparison.png (bars) and WORKDIR/comparison_curves.png
 (validation top-1 during training), and prints a table. The helpers only this tool needs live
 here: `read_metrics` (a workdir's metrics.jsonl) and the two accuracy plots.
+
+The variant study (--study) trains every entry of STUDY (ViT, TokenShift, the 7 MSCA head and 7
+patch variants, and MSCA-KV with 2+2 shifted heads beside the demo's 1+1) for every --seeds, each
+run in WORKDIR/<entry>/seed_<seed>, so a rerun reads finished runs and resumes an interrupted one:
+
+    python -m msca_jax.tools.compare --study --workdir=/tmp/msca_study [--seeds=0,1,2] \
+        [--steps=200 | --num_epochs=3] [--variants=vit,msca_kv,msca_kv_heads2]
+
+and writes the mean and standard deviation per entry: WORKDIR/study.{md,csv,json,png}.
 """
 
 from __future__ import annotations
@@ -100,6 +109,171 @@ def compare(workdir: str, variants: list[str], num_epochs: int | None = None, se
   return results
 
 
+# ---------------------------------------------------------------------------------------------
+# The variant study: every variant, several seeds, each run its own workdir.
+
+MSCA_TARGETS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
+# name -> (variant file, config.model overrides). The demo's MSCA variants shift one of its 4
+# heads each way (shift_div 4, '1+1'); 'msca_kv_heads2' shifts two each way (shift_div 2).
+STUDY = {
+    "vit": ("vit", {}), "tokenshift": ("tokenshift", {}),
+    **{f"msca_{t}": (f"msca_{t}", {}) for t in MSCA_TARGETS},
+    **{f"msca_{t}_patch": (f"msca_{t}_patch", {}) for t in MSCA_TARGETS},
+    "msca_kv_heads2": ("msca_kv", {"shift_div": 2}),
+}
+STUDY_LABELS = {"msca_kv": "MSCA-KV (1+1)", "msca_kv_heads2": "MSCA-KV (2+2)"}
+STUDY_METRICS = ("top1", "top5", "within_pair_accuracy")
+
+
+def study_label(name: str) -> str:
+  return STUDY_LABELS.get(name, label(STUDY[name][0] if name in STUDY else name))
+
+
+def study_config(name: str, seed: int, num_epochs: int | None = None, steps: int | None = None):
+  """The demo config of a study entry (a STUDY name, or any variant file) for one seed."""
+  variant, overrides = STUDY.get(name, (name, {}))
+  config = demo_config(variant, num_epochs, seed)
+  config.model.update(overrides)
+  if steps is not None:
+    config.train.num_steps = steps
+  config.eval.every_epochs = 0  # only the final test evaluation: the study compares end points
+  return config
+
+
+def _config_json(config) -> dict:
+  return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def study(workdir: str, names: Sequence[str], seeds: Sequence[int], num_epochs: int | None = None,
+          steps: int | None = None, progress_stream=None) -> dict[str, list[dict]]:
+  """Trains every (name, seed) in WORKDIR/<name>/seed_<seed>; returns {name: [result per seed]}.
+
+  A run that finished before (its result.json holds the same config) is read, not run again; an
+  interrupted one resumes from its last checkpoint (the trainer does). A result.json of another
+  config is a user error: the run directory would mix two experiments.
+  """
+  from msca_jax import progress
+  from msca_jax.errors import UserError
+  from msca_jax.train import trainer
+
+  results: dict[str, list[dict]] = {}
+  with progress.Progress(total=len(names) * len(seeds), unit="runs", desc="study",
+                         stream=progress_stream) as bar:
+    reused = 0
+    for name in names:
+      for seed in seeds:
+        config = study_config(name, seed, num_epochs, steps)
+        run_dir = os.path.join(workdir, name, f"seed_{seed}")
+        result_path = os.path.join(run_dir, "result.json")
+        wanted = _config_json(config)
+        if os.path.exists(result_path):
+          with open(result_path) as f:
+            result = json.load(f)
+          if result.get("config") != wanted:
+            raise UserError(f"{run_dir} holds a finished run of another config (e.g. another "
+                            "--steps or --num_epochs): use another --workdir or remove it")
+          reused += 1
+        else:
+          bar.write(f"study: {name} seed {seed}: training in {run_dir}")
+          start = time.monotonic()
+          out = trainer.run(config, run_dir, "train_and_evaluate")
+          test = {k.split("/", 1)[1]: v for k, v in out["test"].items()}
+          result = {"name": name, "seed": seed, "steps": out["step"],
+                    "seconds": time.monotonic() - start,
+                    **{m: test[m] for m in METRICS if m in test}, "config": wanted}
+          with open(result_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+          os.replace(result_path + ".tmp", result_path)
+        results.setdefault(name, []).append(result)
+        bar.update(1, reused=reused)
+  return results
+
+
+def summarize(results: Mapping[str, Sequence[Mapping]], metrics: Sequence[str] = STUDY_METRICS
+              ) -> dict[str, dict]:
+  """{name: {'seeds': n, metric: mean, metric + '_std': sample std (ddof 1; NaN for one seed)}}."""
+  summary = {}
+  for name, runs in results.items():
+    row: dict = {"seeds": len(runs)}
+    for m in metrics:
+      values = np.array([r[m] for r in runs if m in r], np.float64)
+      row[m] = float(values.mean()) if values.size else math.nan
+      row[f"{m}_std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+    row["steps"] = sorted({int(r["steps"]) for r in runs})
+    summary[name] = row
+  return summary
+
+
+def format_study(summary: Mapping[str, Mapping], markdown: bool = False) -> str:
+  """A table of mean ± std (in %) per entry; `markdown` for the README."""
+  columns = ("model", "seeds", "steps", "top-1 (%)", "top-5 (%)", "within pair (%)")
+
+  def cell(row, m):
+    std = row[f"{m}_std"]
+    return f"{100 * row[m]:.1f} ± {100 * std:.1f}" if not math.isnan(std) else f"{100 * row[m]:.1f}"
+  rows = [(study_label(n), str(r["seeds"]), "/".join(map(str, r["steps"])),
+           *(cell(r, m) for m in STUDY_METRICS)) for n, r in summary.items()]
+  if markdown:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+  else:
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+  lines.append("")
+  lines.append("mean ± sample standard deviation over seeds; within pair: of the videos put in the "
+               "right time-reversed pair, the fraction given the right class of the two (chance 50 %)")
+  return "\n".join(lines)
+
+
+def write_study(workdir: str, results: Mapping[str, Sequence[Mapping]]) -> dict[str, str]:
+  """study.json, study.csv, study.md and study.png in WORKDIR; returns their paths by kind."""
+  import csv
+  summary = summarize(results)
+  paths = {kind: os.path.join(workdir, f"study.{kind}") for kind in ("json", "csv", "md", "png")}
+  with open(paths["json"], "w") as f:
+    json.dump({"summary": summary, "runs": {n: [{k: v for k, v in r.items() if k != "config"}
+                                                for r in runs] for n, runs in results.items()}},
+              f, indent=2)
+  with open(paths["csv"], "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["name", "label", "seeds"] + [x for m in STUDY_METRICS for x in (m, f"{m}_std")])
+    for name, row in summary.items():
+      writer.writerow([name, study_label(name), row["seeds"]] +
+                      [f"{row[x]:.6f}" for m in STUDY_METRICS for x in (m, f"{m}_std")])
+  with open(paths["md"], "w") as f:
+    f.write(format_study(summary, markdown=True) + "\n")
+  plot_study(paths["png"], summary)
+  return paths
+
+
+def plot_study(path: str, summary: Mapping[str, Mapping],
+               metrics: Sequence[str] = ("top1", "within_pair_accuracy")) -> None:
+  """One bar per entry and metric: the mean over seeds, with the standard deviation as error bar."""
+  from msca_jax.train import evaluate
+  names = list(summary)
+  fig = evaluate.new_figure(max(6.0, 0.45 * len(names) * len(metrics) + 1.5), 4.5)
+  ax = fig.add_subplot()
+  x = np.arange(len(names))
+  width = 0.8 / len(metrics)
+  for i, m in enumerate(metrics):
+    means = [100 * summary[n][m] for n in names]
+    stds = [0.0 if math.isnan(summary[n][f"{m}_std"]) else 100 * summary[n][f"{m}_std"]
+            for n in names]
+    ax.bar(x - 0.4 + width * (i + 0.5), means, width * 0.95, yerr=stds, capsize=2,
+           label=m.replace("_", " "))
+    if m in CHANCE:
+      ax.axhline(100 * CHANCE[m], color="grey", linestyle="dashed", linewidth=0.8)
+  ax.set_xticks(x, labels=[study_label(n) for n in names], rotation=60, ha="right", fontsize=8)
+  ax.set_ylabel("accuracy (%), mean ± std over seeds")
+  ax.set_ylim(0, 105)
+  ax.grid(axis="y", alpha=0.3)
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+  ax.set_title("variant study: synthetic time-reversed pairs, demo models")
+  evaluate.save_figure(fig, path)
+
+
 def plot_accuracy_bars(path: str, values: Mapping[str, Mapping[str, float]], title: str = "",
                        chance: Mapping[str, float] | None = None) -> None:
   """Grouped bars, one group per metric, one bar per run: e.g. {'ViT': {'top1': 0.6, ...}, ...}.
@@ -175,6 +349,11 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("num_epochs", None, "Epochs for every variant (default: the demo's).",
                        flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "config.train.seed for every variant.", flag_values=flag_values)
+  flags.DEFINE_bool("study", False, "The variant study: every entry of STUDY (or --variants) for "
+                    "every --seeds, mean and std per entry.", flag_values=flag_values)
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the study.", flag_values=flag_values)
+  flags.DEFINE_integer("steps", None, "Train steps of every study run (config.train.num_steps; "
+                       "default: the demo's epochs).", flag_values=flag_values)
   flags.mark_flag_as_required("workdir", flag_values=flag_values)
 
 
@@ -186,12 +365,33 @@ def main(argv):
   progress.quiet_library_logs()
   fv = flags.FLAGS
   os.makedirs(fv.workdir, exist_ok=True)
+  if fv.study:
+    return _main_study(fv)
   results = compare(fv.workdir, fv.variants, fv.num_epochs, fv.seed)
   print(format_table(results), flush=True)
   print(f"plots: {os.path.join(fv.workdir, 'comparison.png')}, "
         f"{os.path.join(fv.workdir, 'comparison_curves.png')}")
 
 
+def _main_study(fv) -> None:
+  names = fv.variants if fv["variants"].present else list(STUDY)
+  try:
+    seeds = [int(s) for s in fv.seeds]
+  except ValueError:
+    raise app.UsageError(f"--seeds: expected integers, got {','.join(fv.seeds)}") from None
+  if not seeds:
+    raise app.UsageError("--seeds: expected at least one seed")
+  if fv.steps is not None and fv.steps < 1:
+    raise app.UsageError(f"--steps must be at least 1, got {fv.steps}")
+  for name in names:  # every name before the first run: a typo should not wait for hours
+    study_config(name, seeds[0], fv.num_epochs, fv.steps)
+  results = study(fv.workdir, names, seeds, fv.num_epochs, fv.steps)
+  paths = write_study(fv.workdir, results)
+  print(format_study(summarize(results)), flush=True)
+  print(f"wrote: {', '.join(paths.values())}")
+
+
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  from msca_jax import cli
+  cli.run(main)
