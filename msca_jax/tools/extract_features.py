@@ -300,7 +300,10 @@ def main(argv: Sequence[str]) -> int:
     logging.set_verbosity(logging.WARNING)
   progress.quiet_library_logs()
   config = fv.config
-  paths = predict.list_videos(fv.videos) if fv.videos is not None else None
+  try:
+    paths = predict.list_videos(fv.videos) if fv.videos is not None else None
+  except predict.PredictError as e:  # its messages name predict's --video flag
+    raise UserError(str(e).replace("--video ", "--videos ", 1)) from None
   try:
     params = predict.load_params(config, fv.checkpoint)
   except (OSError, pretrained.WeightsError) as e:
