@@ -107,11 +107,12 @@ def test_study_runs_every_seed_once_and_resumes(tiny_runs, monkeypatch):
   from msca_jax.train import trainer   # study imports it when it runs
   real_run = trainer.run
   monkeypatch.setattr(trainer, "run", lambda c, d, m: calls.append(d) or real_run(c, d, m))
-  results = compare.study(workdir, ["vit", "msca_kv"], seeds=[0, 1], steps=2)
-  assert len(calls) == 4 and {r["seed"] for r in results["msca_kv"]} == {0, 1}
+  # One variant: the other entries differ only in the config they hand the same code (CI time).
+  results = compare.study(workdir, ["msca_kv"], seeds=[0, 1], steps=2)
+  assert len(calls) == 2 and {r["seed"] for r in results["msca_kv"]} == {0, 1}
   for runs in results.values():
     assert all(r["steps"] == 2 and 0 <= r["top1"] <= r["top5"] <= 1 for r in runs)
-  assert [r["config"]["train"]["seed"] for r in results["vit"]] == [0, 1]
+  assert [r["config"]["train"]["seed"] for r in results["msca_kv"]] == [0, 1]
   paths = compare.write_study(workdir, results)
   with open(paths["png"], "rb") as f:
     assert f.read(4) == b"\x89PNG"
@@ -122,10 +123,10 @@ def test_study_runs_every_seed_once_and_resumes(tiny_runs, monkeypatch):
   # last checkpoint) resumes there and ends with the same metrics.
   os.remove(os.path.join(workdir, "msca_kv", "seed_1", "result.json"))
   calls.clear()
-  again = compare.study(workdir, ["vit", "msca_kv"], seeds=[0, 1], steps=2)
+  again = compare.study(workdir, ["msca_kv"], seeds=[0, 1], steps=2)
   assert calls == [os.path.join(workdir, "msca_kv", "seed_1")]
   assert again["msca_kv"][1]["top1"] == results["msca_kv"][1]["top1"]
-  assert again["vit"] == results["vit"]
+  assert again["msca_kv"][0] == results["msca_kv"][0]
   with pytest.raises(UserError, match="msca_kv/seed_0 holds a finished run of another config"):
     compare.study(workdir, ["msca_kv"], seeds=[0], steps=3)
 
