@@ -126,6 +126,11 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.train.warmup_epochs = 0
   config.train.grad_clip_norm = 1.0
   config.train.label_smoothing = 0.1
+  # Fine-tuning (docs/datasets.md): 'all' | 'head' (a linear probe) | 'last:K' (last K blocks,
+  # final norm, head); frozen params never change. layer_decay < 1: block i of L learns at
+  # decay^(L - i) of the rate, the embeddings at decay^(L + 1); 1.0 is off.
+  config.train.trainable = "all"
+  config.train.layer_decay = 1.0
   config.train.seed = 0
   config.train.num_steps = -1        # train steps (micro-batches); -1: num_epochs of the train split
   config.train.log_every_steps = 50  # progress line, TensorBoard scalars, NaN/Inf check
