@@ -783,10 +783,13 @@ def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output:
   SSv2: splits 'train' and 'validation'. UCF101 and HMDB51: each video once, in split 'videos',
   then the lists 'train1', 'test1', ... 'test3' of it (each with a manifest), so every official
   split is there for config.data.train_split / eval_split. Resumable as `prepare` is; keyword
-  arguments go to it.
+  arguments go to it (fps None or absent: every frame for SSv2, else 25).
   """
   if kwargs.get("output_format", "frames") != "frames":
     raise DataError("--dataset prepares frame folders: leave --format at 'frames'")
+  if kwargs.get("fps") is None:
+    # SSv2 is about 12 fps: resampling it to 25 would only store every frame twice.
+    kwargs["fps"] = 0.0 if dataset == "ssv2" else Settings.fps
   classes, splits = datasets.read_official(dataset, annotations_dir, video_root)
   if dataset == "ssv2":
     summaries = [prepare(os.path.join(annotations_dir, datasets.SSV2_FILES[split]), output, split,
@@ -911,8 +914,7 @@ def _main_dataset(f, workers: int) -> int:
   for name in ("videos", "split", "classes"):
     if f[name].present:
       raise app.UsageError(f"--{name} does not go with --dataset (its official files name them)")
-  # SSv2 is about 12 fps: resampling to 25 would only store every frame twice.
-  fps = f.fps if f["fps"].present or f.dataset != "ssv2" else 0.0
+  fps = f.fps if f["fps"].present else None   # None: the dataset's default (prepare_dataset)
   try:
     summaries, counts = prepare_dataset(
         f.dataset, f.annotations, f.video_root, f.output, fps=fps, short_side=f.short_side,
