@@ -133,8 +133,8 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.train.warmup_epochs = 0
   config.train.grad_clip_norm = 1.0
   config.train.label_smoothing = 0.1
-  # Fine-tuning (docs/datasets.md): 'all' | 'head' (a linear probe) | 'last:K' (last K blocks,
-  # final norm, head); frozen params never change. layer_decay < 1: block i of L learns at
+  # Fine-tuning (docs/datasets.md): 'all' | 'head' (a linear probe of the head alone) |
+  # 'last:K' (last K blocks, final norm, head); frozen params never change. layer_decay < 1: block i of L learns at
   # decay^(L - i) of the rate, the embeddings at decay^(L + 1); 1.0 is off.
   config.train.trainable = "all"
   config.train.layer_decay = 1.0
@@ -233,7 +233,7 @@ def _ssv2(config: ml_collections.ConfigDict) -> None:
   m.num_frames = 8
   d.sampling = "uniform"             # TSN segments over the whole (short) video
   d.fps = 12                         # the videos' own rate: prepare_videos keeps every frame
-  d.flip_prob = 0.0                  # a mirror swaps left and right, which 18 of its classes name
+  d.flip_prob = 0.0                  # a mirror swaps left and right, which its classes name
   d.train_split, d.eval_split = "train", "validation"
   d.eval_clips, d.eval_crops = 1, 3
   d.val_clips, d.val_crops = 1, 3

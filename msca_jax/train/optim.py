@@ -5,8 +5,8 @@ micro-batches), x0.1 at epochs 10 and 15 of 18, gradient clipping at global norm
 smoothing 0.1. Everything is read from `config.train` (configs/common.py).
 
 Fine-tuning controls (docs/datasets.md): `config.train.trainable` picks the parameters that learn
-('all'; 'head', a linear probe; 'last:K', the last K blocks, the final norm and the head), and the
-others get exactly zero updates; `config.train.layer_decay` < 1 scales block i of L by
+('all'; 'head', a linear probe of the head alone; 'last:K', the last K blocks, the final norm
+and the head), and the others get exactly zero updates; `config.train.layer_decay` < 1 scales block i of L by
 decay^(L - i), the patch embedding, CLS token and position embedding by decay^(L + 1), and the
 final norm and head by 1 (the BEiT / MAE convention).
 
@@ -230,8 +230,14 @@ def param_layers(params: Any) -> Any:
 
 
 def trainable_mask(params: Any, trainable: str = "all") -> Any:
-  """True for the leaves `config.train.trainable` trains; a flax box is one leaf."""
+  """True for the leaves `config.train.trainable` trains; a flax box is one leaf.
+
+  'head' is a linear probe: the head alone, the final norm frozen with the backbone.
+  """
   blocks = parse_trainable(trainable)
+  if blocks == 0:
+    return jax.tree_util.tree_map_with_path(lambda path, _: _top_names(path)[:1] == ["head"],
+                                            params, is_leaf=_is_box)
   depth = model_depth(params)
   first = 1 if blocks is None else depth + 1 - blocks   # the first trained layer
   return jax.tree_util.tree_map(lambda layer: layer >= first, param_layers(params))
