@@ -9,6 +9,12 @@ Config arguments (`--config=configs/msca_kv.py:ARG[,ARG...]`, applied left to ri
   (none)  ViT-B/16, 8x32 clips at 224 px, Kinetics-400, the paper's recipe.
   demo    a small model on the built-in synthetic dataset that trains on a CPU
           in minutes.
+  k400    the default (Kinetics-400); names the dataset and changes nothing else.
+  ssv2    Something-Something v2 (TimeSformer's recipe: 8 uniform frames, no flips).
+  ucf101  UCF101, official split 1 (VideoMAE's ViT-B/16 fine-tuning recipe).
+  hmdb51  HMDB51, official split 1 (the UCF101 recipe with 51 classes).
+The dataset recipes do not combine with demo or with each other; docs/datasets.md gives each
+value's source.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
 
   # Input (docs/recipe.md): 8 frames at stride 32 of 25 fps video; evaluation 10 clips x 3 crops.
   config.data = d = ml_collections.ConfigDict()
+  d.dataset = "k400"                 # which recipe's dataset: 'k400' | 'ssv2' | 'ucf101' | 'hmdb51'
   d.source = "frames"                # 'frames' folders (random access) | 'dmvr' shards | 'tfds' | 'synthetic'
   d.path = ""                        # frame-folder root, DMVR shard directory, or the TFDS data_dir
   d.tfds_name = "kinetics/400"
@@ -126,6 +133,11 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.train.warmup_epochs = 0
   config.train.grad_clip_norm = 1.0
   config.train.label_smoothing = 0.1
+  # Fine-tuning (docs/datasets.md): 'all' | 'head' (a linear probe of the head alone) |
+  # 'last:K' (last K blocks, final norm, head); frozen params never change. layer_decay < 1: block i of L learns at
+  # decay^(L - i) of the rate, the embeddings at decay^(L + 1); 1.0 is off.
+  config.train.trainable = "all"
+  config.train.layer_decay = 1.0
   config.train.seed = 0
   config.train.num_steps = -1        # train steps (micro-batches); -1: num_epochs of the train split
   config.train.log_every_steps = 50  # progress line, TensorBoard scalars, NaN/Inf check
@@ -152,7 +164,7 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
 
 
 def parse_arguments(arg: str | None) -> list[str]:
-  """'clip,ssv2' -> ['clip', 'ssv2']; ValueError names an unknown or repeated argument."""
+  """'clip,ssv2' -> ['clip', 'ssv2']; ValueError names an unknown, repeated or clashing argument."""
   names = [a.strip() for a in (arg or "").split(",") if a.strip()]
   for name in names:
     if name not in ARGUMENTS:
@@ -160,6 +172,14 @@ def parse_arguments(arg: str | None) -> list[str]:
                        f"list of {', '.join(repr(k) for k in ARGUMENTS)}")
   if len(set(names)) != len(names):
     raise ValueError(f"config argument {arg!r} names an argument twice")
+  recipes = [n for n in names if n in DATASET_RECIPES]
+  if len(recipes) > 1:
+    raise ValueError(f"config argument {arg!r} names two datasets ({', '.join(recipes)}): "
+                     "expected at most one")
+  if recipes and "demo" in names:
+    # demo replaces the data with the synthetic set, which would undo the recipe.
+    raise ValueError(f"config arguments {recipes[0]!r} and 'demo' do not combine: demo trains on "
+                     "the built-in synthetic dataset; shrink the model with --config.model.* instead")
   return names
 
 
@@ -200,10 +220,66 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.eval.every_epochs = 5
 
 
+def _k400(config: ml_collections.ConfigDict) -> None:
+  """The paper's Kinetics-400 recipe, which get_config builds already."""
+  config.data.dataset = "k400"
+
+
+def _ssv2(config: ml_collections.ConfigDict) -> None:
+  """Something-Something v2 after TimeSformer's ViT-B/16 recipe (docs/datasets.md)."""
+  m, d, t = config.model, config.data, config.train
+  d.dataset = "ssv2"
+  m.num_classes = 174
+  m.num_frames = 8
+  d.sampling = "uniform"             # TSN segments over the whole (short) video
+  d.fps = 12                         # the videos' own rate: prepare_videos keeps every frame
+  d.flip_prob = 0.0                  # a mirror swaps left and right, which its classes name
+  d.train_split, d.eval_split = "train", "validation"
+  d.eval_clips, d.eval_crops = 1, 3
+  d.val_clips, d.val_crops = 1, 3
+  t.optimizer, t.momentum, t.weight_decay = "sgd", 0.9, 1e-4
+  t.base_lr, t.base_batch_size = 0.005, 64
+  t.num_epochs, t.schedule, t.lr_decay_epochs, t.lr_decay_factor = 15, "step", (11, 14), 0.1
+  t.warmup_epochs = 0
+
+
+def _small_dataset(config: ml_collections.ConfigDict, dataset: str, num_classes: int,
+                   num_epochs: int) -> None:
+  """UCF101 / HMDB51 after VideoMAE's ViT-B/16 UCF101 fine-tuning script (docs/datasets.md)."""
+  m, d, t = config.model, config.data, config.train
+  d.dataset = dataset
+  m.num_classes = num_classes
+  m.num_frames = 16
+  m.drop_path_rate = 0.2
+  d.sampling, d.stride = "dense", 4
+  d.flip_prob = 0.5
+  d.train_split, d.eval_split = "train1", "test1"   # prepare_videos --dataset writes train1..test3
+  d.eval_clips, d.eval_crops = 5, 3
+  d.val_clips, d.val_crops = 1, 3
+  t.optimizer, t.weight_decay = "adamw", 0.05
+  t.base_lr, t.base_batch_size = 5e-4, 256
+  t.layer_decay = 0.7
+  t.num_epochs, t.schedule, t.lr_decay_epochs = num_epochs, "cosine", ()
+  t.warmup_epochs = 5                # ours
+
+
+def _ucf101(config: ml_collections.ConfigDict) -> None:
+  _small_dataset(config, "ucf101", 101, num_epochs=100)
+
+
+def _hmdb51(config: ml_collections.ConfigDict) -> None:
+  _small_dataset(config, "hmdb51", 51, num_epochs=50)   # 50 epochs: ours
+
+
 # Each config argument is a function that edits the whole config in place.
 ARGUMENTS = {
     "demo": _demo,
+    "k400": _k400,
+    "ssv2": _ssv2,
+    "ucf101": _ucf101,
+    "hmdb51": _hmdb51,
 }
+DATASET_RECIPES = ("k400", "ssv2", "ucf101", "hmdb51")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -231,6 +307,7 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train_and_evaluate"
   _checked(pipeline.check_config, config.data)
   _checked(optim.check_config, config.train)  # the trainer checks it in every mode
   _check_batch_sizes(config, train)
+  _check_flips(config.data)
   _check_data(config.data, ("train", "eval") if train else ("eval",))
   _check_init(config.init)
   if mode == "evaluate" and workdir is not None:
@@ -299,6 +376,13 @@ def _check_data(d: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
         dmvr.list_shards(d.path, split)
       except dmvr.DataError as e:
         raise UserError(f"config.data.{split_field} = {split!r}: {e}") from e
+
+
+def _check_flips(d: ml_collections.ConfigDict) -> None:
+  """SSv2 names left and right in its classes: a mirrored clip would carry the wrong label."""
+  if d.get("dataset", "k400") == "ssv2" and d.flip_prob > 0:
+    raise UserError(f"config.data.flip_prob = {d.flip_prob!r}: expected 0 for Something-Something "
+                    "v2, whose classes name left and right (docs/datasets.md)")
 
 
 def _check_synthetic_cache(s: ml_collections.ConfigDict) -> None:

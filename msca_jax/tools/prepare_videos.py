@@ -4,6 +4,14 @@ r"""Turns a video collection into frame folders (the default) or DMVR TFRecord s
         --video_root kinetics400/train --classes kinetics400/classes.txt \
         --output /data/k400 --split train
 
+An official dataset, every split in one command (msca_jax/data/datasets.py, docs/datasets.md):
+
+    python -m msca_jax.tools.prepare_videos --dataset=ucf101 --annotations ucfTrainTestlist \
+        --video_root UCF-101 --output /data/ucf101
+
+writes SSv2's 'train' and 'validation', or UCF101's / HMDB51's videos once (split 'videos') and
+the official lists train1, test1, ..., test3 of them.
+
 --videos is one of
   * a Kinetics annotation CSV (label, youtube_id, time_start, time_end, split): each row's video is
     the downloader's file `{youtube_id}_{start:06d}_{end:06d}.*` anywhere under --video_root
@@ -67,7 +75,7 @@ import av
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import annotations, dmvr, frames, sources, video
+from msca_jax.data import annotations, datasets, dmvr, frames, sources, video
 from msca_jax.progress import Progress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
@@ -609,9 +617,12 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
             short_side: int = Settings.short_side, jpeg_quality: int = Settings.jpeg_quality,
             num_shards: int = 0, videos_per_shard: int = 128,
             workers: int = 0, seed: int = 0, max_frames: int = 0,
-            output_format: str = "frames", progress_stream=None) -> Summary:
+            output_format: str = "frames", progress_stream=None,
+            listing: Listing | None = None) -> Summary:
   """Writes (or resumes writing) one split as frame folders or DMVR shards; see the module docstring.
 
+  `listing` gives the entries and classes read already (an official dataset's files,
+  `prepare_dataset`); `videos` then only names them in the manifest and the messages.
   `workers` <= 1 runs in this process. Raises DataError for configuration errors and when no
   video at all can be used; single videos that fail are listed in the returned summary instead.
   """
@@ -631,10 +642,13 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
                       max_frames=int(max_frames))
 
   walk_notes: list[str] = []
-  kind, entries = read_entries(videos, video_root, walk_notes)
-  for note in walk_notes:
-    logging.warning("video tree: %s", note)
-  names = class_names_for(kind, entries, classes)
+  if listing is not None:
+    kind, entries, names = listing.kind, listing.entries, listing.classes
+  else:
+    kind, entries = read_entries(videos, video_root, walk_notes)
+    for note in walk_notes:
+      logging.warning("video tree: %s", note)
+    names = class_names_for(kind, entries, classes)
   entries = _drop_duplicates(annotations.assign_labels(entries, names))
   if kind == "frame_list":
     logging.warning("frame folders are copied at the frame rate they were extracted at: --fps "
@@ -738,15 +752,89 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
   return summary
 
 
+@dataclasses.dataclass
+class Listing:
+  """Entries and class names read by the caller (an official dataset's files)."""
+  kind: str
+  entries: list[annotations.Entry]
+  classes: list[str]
+
+
+@dataclasses.dataclass
+class SplitCount:
+  """One official split's list: videos listed, written into it, and left out (failed)."""
+  split: str
+  listed: int
+  written: int
+
+  def format(self) -> str:
+    return (f"split {self.split!r}: {self.written} of {self.listed} videos listed"
+            + (f" ({self.listed - self.written} failed, see videos.failures.tsv)"
+               if self.written < self.listed else ""))
+
+
+UNION_SPLIT = "videos"   # UCF101 / HMDB51: every video once; the official splits are lists of it
+
+
+def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output: str,
+                    **kwargs) -> tuple[list[Summary], list[SplitCount]]:
+  """Prepares a dataset from its official files (docs/datasets.md) into one frame-folder root.
+
+  SSv2: splits 'train' and 'validation'. UCF101 and HMDB51: each video once, in split 'videos',
+  then the lists 'train1', 'test1', ... 'test3' of it (each with a manifest), so every official
+  split is there for config.data.train_split / eval_split. Resumable as `prepare` is; keyword
+  arguments go to it (fps None or absent: every frame for SSv2, else 25).
+  """
+  if kwargs.get("output_format", "frames") != "frames":
+    raise DataError("--dataset prepares frame folders: leave --format at 'frames'")
+  if kwargs.get("fps") is None:
+    # SSv2 is about 12 fps: resampling it to 25 would only store every frame twice.
+    kwargs["fps"] = 0.0 if dataset == "ssv2" else Settings.fps
+  classes, splits = datasets.read_official(dataset, annotations_dir, video_root)
+  if dataset == "ssv2":
+    summaries = [prepare(os.path.join(annotations_dir, datasets.SSV2_FILES[split]), output, split,
+                         video_root=video_root, listing=Listing(dataset, entries, classes), **kwargs)
+                 for split, entries in splits.items()]
+    return summaries, []
+  union: dict[str, annotations.Entry] = {}
+  for entries in splits.values():
+    for e in entries:
+      union.setdefault(e.key, dataclasses.replace(e))
+  summary = prepare(annotations_dir, output, UNION_SPLIT, video_root=video_root,
+                    listing=Listing(dataset, list(union.values()), classes), **kwargs)
+  if summary.shards_failed:
+    return [summary], []
+  folders = unique_folders(UNION_SPLIT, [k for k, e in union.items() if not e.error])
+  written = {folder: (n, label) for folder, n, label in _read_rows(frames.list_path(output, UNION_SPLIT))}
+  with open(frames.manifest_path(output, UNION_SPLIT)) as f:
+    manifest = json.load(f)
+  names = frames.FrameNames(manifest["frame_pattern"], manifest["frame_first_index"])
+  counts = []
+  for split, entries in splits.items():
+    rows = [(folders[e.key], *written[folders[e.key]]) for e in entries
+            if e.key in folders and folders[e.key] in written]
+    frames.write_list(frames.list_path(output, split), rows)
+    frames.write_manifest(output, split, manifest["settings"], names, dataset=dataset,
+                          frames_of=UNION_SPLIT)
+    counts.append(SplitCount(split, len(entries), len(rows)))
+  return [summary], counts
+
+
+def _read_rows(path: str) -> list[tuple[str, int, int]]:
+  rows = []
+  with open(path) as f:
+    for line in f:
+      folder, num_frames, label = line.split()
+      rows.append((folder, int(num_frames), int(label)))
+  return rows
+
+
 def _assemble_list(output: str, split: str, count: int) -> None:
   """SPLIT.txt from the chunks' parts, in chunk order: written once every chunk is done, so the
   list a reader sees is always complete."""
   rows = []
   for index in range(count):
-    with open(part_path(output, split, index, count)) as f:
-      for line in f:
-        folder, num_frames, label = line.split()
-        rows.append((folder, int(num_frames), int(label)))
+    rows += _read_rows(part_path(output, split, index, count))
   frames.write_list(frames.list_path(output, split), rows)
 
 
@@ -758,18 +846,25 @@ def _define_flags() -> None:
   # Defined only when run as a program: importing this module (tests, spawned workers) must not
   # clash with flags of the same name in other tools, e.g. convert_torch's --output.
   flags.DEFINE_string("videos", None, "Kinetics annotation CSV, TokShift frame-folder list (.txt), "
-                      "or a directory of class folders (ROOT/class_name/video.mp4).", required=True)
+                      "or a directory of class folders (ROOT/class_name/video.mp4).")
+  flags.DEFINE_enum("dataset", None, list(datasets.DATASETS), "Prepare an official dataset from "
+                    "--annotations and --video_root, every split at once (docs/datasets.md); "
+                    "replaces --videos, --split and --classes.")
+  flags.DEFINE_string("annotations", None, "With --dataset: the folder of the official files (SSv2: "
+                      "the labels/train/validation JSONs; UCF101: ucfTrainTestlist/; HMDB51: the "
+                      "*_test_split{1,2,3}.txt files).")
   flags.DEFINE_string("output", None, "Directory for the frame folders (or shards), labels.txt, "
                       "SPLIT.txt and reports.", required=True)
   flags.DEFINE_enum("format", "frames", FORMATS, "frames: one JPEG file per frame and a list "
                     "(random access: a clip reads only its frames; the default); dmvr: "
                     "SequenceExample TFRecord shards of whole videos (Scenic / DMVR).")
-  flags.DEFINE_string("split", None, "Shard name prefix, e.g. train or validation.", required=True)
+  flags.DEFINE_string("split", None, "Shard name prefix, e.g. train or validation.")
   flags.DEFINE_string("classes", None, "Official class list (one name per line, or 'index,name' "
                       "rows). Default: the sorted label names found, with a warning.")
   flags.DEFINE_string("video_root", None, "Where the CSV's videos / the list's frame folders are "
                       "(searched recursively for CSVs). Default: the list file's directory.")
-  flags.DEFINE_float("fps", Settings.fps, "Resample videos to this frame rate (0 keeps every frame).")
+  flags.DEFINE_float("fps", Settings.fps, "Resample videos to this frame rate (0 keeps every frame; "
+                     "--dataset=ssv2 keeps every frame unless --fps is given).")
   flags.DEFINE_integer("short_side", Settings.short_side, "Resize so the shorter side has this "
                        "many pixels (0 keeps the size).")
   flags.DEFINE_integer("jpeg_quality", Settings.jpeg_quality, "JPEG quality of the stored frames (1-100).")
@@ -790,6 +885,11 @@ def main(argv: Sequence[str]) -> int:
   if f.num_shards and f["videos_per_shard"].present:
     raise app.UsageError("pass either --num_shards or --videos_per_shard, not both")
   workers = f.workers if f.workers is not None else min(os.cpu_count() or 1, 8)
+  if f.dataset:
+    return _main_dataset(f, workers)
+  for name in ("videos", "split"):
+    if not f[name].value:
+      raise app.UsageError(f"--{name} is required (or --dataset with --annotations)")
   try:
     summary = prepare(f.videos, f.output, f.split, classes=f.classes, video_root=f.video_root,
                       fps=f.fps, short_side=f.short_side, jpeg_quality=f.jpeg_quality,
@@ -803,6 +903,33 @@ def main(argv: Sequence[str]) -> int:
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
     print("prepare_videos: error: no video could be written", file=sys.stderr)
+    return 1
+  return 0
+
+
+def _main_dataset(f, workers: int) -> int:
+  for name in ("annotations", "video_root"):
+    if not f[name].value:
+      raise app.UsageError(f"--dataset needs --{name}")
+  for name in ("videos", "split", "classes"):
+    if f[name].present:
+      raise app.UsageError(f"--{name} does not go with --dataset (its official files name them)")
+  fps = f.fps if f["fps"].present else None   # None: the dataset's default (prepare_dataset)
+  try:
+    summaries, counts = prepare_dataset(
+        f.dataset, f.annotations, f.video_root, f.output, fps=fps, short_side=f.short_side,
+        jpeg_quality=f.jpeg_quality, num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
+        workers=workers, seed=f.seed, max_frames=f.max_frames, output_format=f.format)
+  except DataError as e:
+    print(f"prepare_videos: error: {e}", file=sys.stderr)
+    return 2
+  for summary in summaries:
+    print(summary.format())
+  for count in counts:
+    print(count.format())
+  if any(s.shards_failed for s in summaries):
+    print("prepare_videos: error: some chunks failed; rerun the same command to retry them",
+          file=sys.stderr)
     return 1
   return 0
 

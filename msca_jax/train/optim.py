@@ -4,6 +4,12 @@ The recipe: SGD momentum 0.9, no weight decay, lr 0.1 per 420 clips (42 clips x 
 micro-batches), x0.1 at epochs 10 and 15 of 18, gradient clipping at global norm 1.0, label
 smoothing 0.1. Everything is read from `config.train` (configs/common.py).
 
+Fine-tuning controls (docs/datasets.md): `config.train.trainable` picks the parameters that learn
+('all'; 'head', a linear probe of the head alone; 'last:K', the last K blocks, the final norm
+and the head), and the others get exactly zero updates; `config.train.layer_decay` < 1 scales block i of L by
+decay^(L - i), the patch embedding, CLS token and position embedding by decay^(L + 1), and the
+final norm and head by 1 (the BEiT / MAE convention).
+
 Units. A *train step* consumes one micro-batch of `config.train.batch_size` clips (the global
 batch, over all hosts); an *optimiser update* happens every `grad_accum_steps` train steps.
 `steps_per_epoch` arguments count train steps (micro-batches), which is what the trainer's loop
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -29,6 +36,12 @@ ADAM_B1, ADAM_B2 = 0.9, 0.999
 # Only these leaves are decayed. A name rule, not an ndim one: the attention biases are 2-D
 # (heads, head_dim), and the position embedding and CLS token are 3-D.
 DECAYED_PARAM_NAMES = ("kernel",)
+# Where each parameter sits for trainable / layer_decay: before the first block (layer 0) or after
+# the last (layer L + 1). A backbone with other names adds them here.
+EMBEDDING_PARAM_NAMES = ("embedding", "cls", "posembed_input")
+TOP_PARAM_NAMES = ("encoder_norm", "head")
+_BLOCK_RE = re.compile(r"^encoderblock_(\d+)$")
+TRAINABLE_TEXT = "'all', 'head' (a linear probe) or 'last:K' (the last K blocks, the final norm and the head)"
 
 
 def _fail(field: str, value: Any, expected: str) -> None:
@@ -80,6 +93,22 @@ def check_config(train_cfg) -> None:
     # Epochs past num_epochs are allowed: a shortened run keeps the paper's decay epochs.
     if list(epochs) != sorted(set(epochs)):
       _fail("lr_decay_epochs", epochs, "strictly increasing epochs")
+  parse_trainable(train_cfg.get("trainable", "all"))
+  decay = _number(train_cfg, "layer_decay", minimum=0, strict=True) if "layer_decay" in train_cfg else 1.0
+  if decay > 1:
+    _fail("layer_decay", decay, "in (0, 1] (1.0 is off)")
+
+
+def parse_trainable(value: Any) -> int | None:
+  """config.train.trainable -> None ('all') or the number of trainable blocks ('head': 0)."""
+  if value == "all":
+    return None
+  if value == "head":
+    return 0
+  match = re.fullmatch(r"last:(\d+)", value) if isinstance(value, str) else None
+  if not match or int(match[1]) < 1:
+    _fail("trainable", value, TRAINABLE_TEXT)
+  return int(match[1])
 
 
 def _check_steps_per_epoch(steps_per_epoch: int) -> None:
@@ -164,6 +193,86 @@ def weight_decay_mask(params: Any) -> Any:
       decays, params, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
+def _top_names(path) -> list[str]:
+  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def _layer_of(names: Sequence[str], depth: int) -> int:
+  """A param's layer: 0 before the blocks, i + 1 in block i, depth + 1 after them (norm, head)."""
+  for name in names:
+    match = _BLOCK_RE.match(name)
+    if match:
+      return int(match[1]) + 1
+    if name in EMBEDDING_PARAM_NAMES:
+      return 0
+    if name in TOP_PARAM_NAMES:
+      return depth + 1
+  raise ValueError(f"parameter {'/'.join(names)} is neither embedding, block nor head: "
+                   "add its name to optim.EMBEDDING_PARAM_NAMES or TOP_PARAM_NAMES")
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.meta.AxisMetadata)
+
+
+def model_depth(params: Any) -> int:
+  """The number of encoder blocks (encoderblock_i) in a param tree."""
+  found = [int(m[1]) for path, _ in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]
+           for m in map(_BLOCK_RE.match, _top_names(path)) if m]
+  return max(found) + 1 if found else 0
+
+
+def param_layers(params: Any) -> Any:
+  """Each leaf's layer (see `_layer_of`): 0 embedding, 1..L blocks, L + 1 final norm and head."""
+  depth = model_depth(params)
+  return jax.tree_util.tree_map_with_path(lambda path, _: _layer_of(_top_names(path), depth),
+                                          params, is_leaf=_is_box)
+
+
+def trainable_mask(params: Any, trainable: str = "all") -> Any:
+  """True for the leaves `config.train.trainable` trains; a flax box is one leaf.
+
+  'head' is a linear probe: the head alone, the final norm frozen with the backbone.
+  """
+  blocks = parse_trainable(trainable)
+  if blocks == 0:
+    return jax.tree_util.tree_map_with_path(lambda path, _: _top_names(path)[:1] == ["head"],
+                                            params, is_leaf=_is_box)
+  depth = model_depth(params)
+  first = 1 if blocks is None else depth + 1 - blocks   # the first trained layer
+  return jax.tree_util.tree_map(lambda layer: layer >= first, param_layers(params))
+
+
+def layer_scales(params: Any, decay: float) -> Any:
+  """Each leaf's learning-rate factor: decay^(L + 1 - layer), so the head and final norm get 1.
+
+  In a tree whose frozen leaves are masked out the depth comes from the last trained block, which
+  is the model's last block whenever any block trains.
+  """
+  depth = model_depth(params)
+  return jax.tree_util.tree_map(lambda layer: float(decay) ** (depth + 1 - layer),
+                                param_layers(params))
+
+
+def scale_by_layer(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its layer's factor (`layer_scales`), computed from the params."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None):
+    scales = layer_scales(updates, decay)
+
+    def scale(s, u):
+      if _is_box(u):
+        return u.replace_boxed(u.unbox() * jnp.asarray(s, u.unbox().dtype))
+      return u * jnp.asarray(s, u.dtype)
+
+    return jax.tree_util.tree_map(scale, scales, updates, is_leaf=_is_box), state
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformation:
   """The recipe's optimiser; the trainer calls `update` once per micro-batch.
 
@@ -173,6 +282,11 @@ def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformat
   grad_accum_steps k > 1 the whole chain is wrapped in `optax.MultiSteps`: the mean of k
   micro-batch gradients is clipped and applied on every k-th call, the other calls return zero
   updates, and the schedule (whose count lives in the inner state) counts real updates.
+
+  `config.train.trainable` other than 'all' sends the frozen leaves through `optax.set_to_zero`
+  (no state, no weight decay, no share of the clipping norm), so they never change; a
+  `layer_decay` below 1 scales each trained leaf's update by `layer_scales`, after momentum or
+  Adam, which is a per-layer learning rate (weight decay included).
 
   `init` accepts plain arrays and flax-boxed (`nn.LogicallyPartitioned`) params; with boxed params
   the state mirrors the boxes (momentum, Adam moments, accumulated gradients), so its shardings
@@ -195,9 +309,18 @@ def make_optimizer(train_cfg, steps_per_epoch: int) -> optax.GradientTransformat
   else:
     tx = optax.adamw(schedule, b1=ADAM_B1, b2=ADAM_B2, weight_decay=weight_decay,
                      mask=weight_decay_mask)
+  decay = float(train_cfg.get("layer_decay", 1.0))
+  if decay != 1.0:
+    tx = optax.chain(tx, scale_by_layer(decay))
   if float(train_cfg.grad_clip_norm) > 0:
     # Before weight decay and momentum, as torch.nn.utils.clip_grad_norm_ before SGD.step().
     tx = optax.chain(optax.clip_by_global_norm(float(train_cfg.grad_clip_norm)), tx)
+  trainable = train_cfg.get("trainable", "all")
+  if trainable != "all":
+    def labels(params):
+      return jax.tree_util.tree_map(lambda t: "train" if t else "frozen",
+                                    trainable_mask(params, trainable))
+    tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   k = int(train_cfg.grad_accum_steps)
   if k > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()

@@ -148,6 +148,9 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
     _log("augmentation: short side %s, flip %.2f, colour %.2f, RandAugment %d, mixup %.2f, "
          "cutmix %.2f", tuple(d.train_short_side_range), d.flip_prob, d.color_prob,
          d.randaugment_layers, d.mixup_alpha, d.cutmix_alpha)
+    if t.get("trainable", "all") != "all" or t.get("layer_decay", 1.0) != 1.0:
+      _log("fine-tuning: trainable %s, layer decay %g", t.get("trainable", "all"),
+           t.get("layer_decay", 1.0))
   _log("eval data: %s: %d videos; views: validation %d clip(s) x %d crop(s), test %d clip(s) x "
        "%d crop(s), short side %d", eval_source.description, exp.num_eval, d.val_clips, d.val_crops,
        d.eval_clips, d.eval_crops, d.eval_short_side)

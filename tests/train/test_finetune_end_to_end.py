@@ -1,0 +1,135 @@
+"""The README's "Fine-tune on your own videos" commands in process, on a tiny folder of videos:
+prepare, fine-tune from other weights with a new head, evaluate, predict; then the same model
+evaluated on the three official splits of a UCF101 stand-in and their mean (tools.split_mean)."""
+
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from configs import common, msca_kv
+from msca_jax import predict, pretrained
+from msca_jax.tools import prepare_videos, split_mean
+from msca_jax.train import trainer
+from tests import helpers
+from tests.data import test_datasets
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+
+CLASSES = ("ApplyEyeMakeup", "Basketball")   # the UCF101 stand-in's, so one model fits both
+TINY = {
+    "model.variant": "Ti/16", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
+    "model.mlp_dim": 64, "model.num_frames": 4, "model.image_size": 32, "model.shift_div": 2,
+    "data.stride": 1, "data.train_short_side_range": (32, 40), "data.eval_short_side": 32,
+    "data.eval_clips": 1, "data.eval_crops": 1, "data.val_clips": 1, "data.val_crops": 1,
+    "train.batch_size": 8, "train.base_batch_size": 8, "train.grad_accum_steps": 1, "train.num_steps": 2,
+    "train.warmup_epochs": 0, "train.checkpoint_every_steps": 2, "train.log_every_steps": 2,
+    "train.async_checkpoint": False, "eval.batch_size": 8, "eval.every_epochs": 0,
+    "train.trainable": "last:1", "train.layer_decay": 0.8,
+}
+
+
+def tiny_config(**overrides):
+  config = msca_kv.get_config("ucf101")
+  config.update_from_flattened_dict({**TINY, **overrides})
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("finetune")
+  # 1. prepare: a folder of class folders per split (8 + 4 videos per class is the smallest
+  # batch of the 8 fake devices).
+  for split, count in (("train", 8), ("validation", 4)):
+    for c, name in enumerate(CLASSES):
+      for i in range(count):
+        test_datasets.write_clip(str(root / "my_videos" / split / name / f"{i}.avi"),
+                                 40 + 120 * c + 5 * i, "mpeg4", num_frames=6, fps=25.0)
+    prepare_videos.prepare(str(root / "my_videos" / split), str(root / "data"), split,
+                           short_side=32, workers=0, progress_stream=io.StringIO())
+  # Weights to start from, with a head for another label set (7 classes).
+  other = tiny_config(**{"model.num_classes": 7})
+  model = trainer.models.build(other.model)
+  params = helpers.init_params(model, helpers.random_clip(frames=4), seed=3)
+  init = pretrained.save_params(str(root / "init"), params)
+  # 2. train: from those weights, the head new (load_head=False).
+  config = tiny_config(**{"data.path": str(root / "data"), "data.train_split": "train",
+                          "data.eval_split": "validation", "model.num_classes": len(CLASSES),
+                          "init.checkpoint": init, "init.load_head": False})
+  common.validate(config, "train", str(root / "run"))
+  trainer.run(config, str(root / "run"), "train")
+  # 3. evaluate: the test protocol on the validation split.
+  common.validate(config, "evaluate", str(root / "run"))
+  result = trainer.run(config, str(root / "run"), "evaluate")
+  return root, config, params, result
+
+
+def test_train_evaluate_predict(run):
+  root, config, init_params, result = run
+  assert result["test"]["test/num_videos"] == 8
+  report = json.loads((root / "run" / "eval" / "test_step2" / "validation_metrics.json").read_text())
+  assert report["num_videos"] == 8 and report["split"] == "validation"
+  # trainable='last:1': block 0 and the embeddings are exactly the initial weights.
+  trained = traverse_util.flatten_dict(predict.load_params(config, str(root / "run")), sep="/")
+  start = traverse_util.flatten_dict(init_params, sep="/")
+  for name, value in trained.items():
+    if name.startswith(("Transformer/encoderblock_0/", "embedding/", "cls")):
+      assert np.asarray(value).tobytes() == np.asarray(start[name]).tobytes(), name
+  assert not np.array_equal(trained["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
+                            start["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])
+  # 4. predict one video file.
+  top = predict.predict(config, predict.load_params(config, str(root / "run")),
+                        str(root / "my_videos" / "validation" / CLASSES[1] / "0.avi"), top_k=2)
+  assert sorted(name for _, name, _ in top) == sorted(CLASSES)
+
+
+def test_three_official_splits_and_their_mean(run):
+  root, config, _, _ = run
+  ann, videos = test_datasets.make_ucf101(str(root / "ucf"))
+  prepare_videos.prepare_dataset("ucf101", ann, videos, str(root / "ucf_frames"), short_side=32,
+                                 workers=0, progress_stream=io.StringIO())
+  workdirs = []
+  for n in (1, 2, 3):
+    # One command per split: main --mode=evaluate with --config.data.eval_split=testN.
+    split = tiny_config(**{"data.path": str(root / "ucf_frames"), "data.eval_split": f"test{n}",
+                           "model.num_classes": 2,
+                           "init.checkpoint": str(root / "run" / "checkpoints" / "2")})
+    workdir = str(root / f"ucf_split{n}")
+    common.validate(split, "evaluate", workdir)
+    trainer.run(split, workdir, "evaluate")
+    workdirs.append(workdir)
+  reports, mean = split_mean.split_mean(workdirs)
+  assert [r.split for r in reports] == ["test1", "test2", "test3"]
+  assert all(r.num_videos == 2 for r in reports)
+  for name in split_mean.METRICS:
+    assert mean[name] == pytest.approx(sum(r.metrics[name] for r in reports) / 3)
+  assert split_mean.format_table(reports, mean).splitlines()[-1].startswith("mean")
+
+
+def _report(root, name, split, step, top1, top5, mca):
+  directory = root / name / "eval" / f"test_step{step}"
+  directory.mkdir(parents=True)
+  (directory / f"{split}_metrics.json").write_text(json.dumps(
+      {"split": split, "num_videos": 10, "metrics": {"top1": top1, "top5": top5,
+                                                     "mean_class_accuracy": mca}}))
+  return str(root / name)
+
+
+def test_split_mean_by_hand(tmp_path, capsys):
+  a = _report(tmp_path, "a", "test1", 5, 0.50, 0.90, 0.40)
+  _report(tmp_path, "a", "test1", 2, 0.0, 0.0, 0.0)   # an older step: not read
+  b = _report(tmp_path, "b", "test2", 5, 0.60, 1.00, 0.55)
+  c = _report(tmp_path, "c", "test3", 7, 0.70, 0.80, 0.70)
+  _, mean = split_mean.split_mean([a, b, c])
+  assert mean == pytest.approx({"top1": 0.60, "top5": 0.90, "mean_class_accuracy": 0.55})
+  assert split_mean.main(["split_mean", a, b, c]) == 0
+  assert capsys.readouterr().out.splitlines()[-1].split() == ["mean", "60.00", "90.00", "55.00"]
+  d = _report(tmp_path, "d", "test2", 1, 0.1, 0.1, 0.1)
+  assert split_mean.main(["split_mean", a, b, d]) == 2
+  assert "both evaluated on split 'test2'" in capsys.readouterr().err
+  assert split_mean.main(["split_mean", a, str(tmp_path / "none")]) == 2
+  assert capsys.readouterr().err.strip().count("\n") == 0
