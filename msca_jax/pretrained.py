@@ -627,14 +627,16 @@ def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any
   if isinstance(contents, Mapping) and any("/" in str(k) for k in contents):
     state = dict(contents)  # a Google .npz: keys are paths ('cls' has none), values numpy
   else:
-    try:
-      state = unwrap_torch_checkpoint(contents)
-    except WeightsError as e:
-      raise WeightsError(f"{name}: not a plain state dict of tensors: {e}") from None
-    for key, value in state.items():
-      if not isinstance(value, np.ndarray) or value.dtype == object:
+    if not isinstance(contents, Mapping):
+      raise WeightsError(f"{name}: not a plain state dict of tensors: expected a state dict (a "
+                         f"mapping), got {type(contents).__name__}")
+    inner = contents.get("state_dict", contents)
+    for key, value in (inner.items() if isinstance(inner, Mapping) else ()):
+      if not (hasattr(value, "detach") or isinstance(value, np.ndarray)) or \
+          getattr(value, "dtype", None) == object:
         raise WeightsError(f"{name}: not a plain state dict of tensors: entry {key!r} is a "
-                           f"{type(value).__name__}")
+                           f"{type(value).__name__}, not a tensor")
+    state = unwrap_torch_checkpoint(contents)
   try:
     layout = detect_layout(state)
   except WeightsError as e:
