@@ -13,8 +13,11 @@ Config arguments (`--config=configs/msca_kv.py:ARG[,ARG...]`, applied left to ri
   ssv2    Something-Something v2 (TimeSformer's recipe: 8 uniform frames, no flips).
   ucf101  UCF101, official split 1 (VideoMAE's ViT-B/16 fine-tuning recipe).
   hmdb51  HMDB51, official split 1 (the UCF101 recipe with 51 classes).
+  clip    the CLIP ViT-B/16 backbone (ln_pre, QuickGELU, LayerNorm eps 1e-5, no patch
+          bias, the 512-wide proj before the head, CLIP's pixel mean and std), for
+          config.init.weights = an OpenAI / open_clip / Hugging Face CLIP checkpoint.
 The dataset recipes do not combine with demo or with each other; docs/datasets.md gives each
-value's source.
+value's source. `clip` combines with any of them (`:clip,ssv2`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,13 @@ def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
   m.attention_dropout_rate = 0.0
   m.drop_path_rate = 0.0
   m.head_zeroinit = True
+  m.backbone = "vit"                 # 'vit' (Google's ViT) | 'clip' (CLIP's vision tower: the `clip` argument)
+  m.proj_dim = 0                     # clip: width of the bias-free `proj` before the head; 0: no proj
+  m.layer_norm_eps = 1e-6            # CLIP: 1e-5
+  m.mlp_activation = "gelu"          # 'gelu' (exact) | 'quick_gelu' (OpenAI CLIP)
+  # Set through config.data.pixel_mean / pixel_std, which refer to these (the model normalises).
+  m.pixel_mean = (0.5, 0.5, 0.5)
+  m.pixel_std = (0.5, 0.5, 0.5)
   m.update(overrides)
   return m
 
@@ -107,6 +117,10 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   d.shuffle_buffer = 4096            # record sources only: whole serialised videos in host RAM
   d.deterministic = True             # reproducible order (and exact resume); False is faster
   d.prefetch = 2
+  # Pixels x in [0, 1] reach the patch embedding as (x - mean) / std, per RGB channel; the
+  # default is ViT's [-1, 1]. The model applies them (to uint8 and to [-1, 1] float batches alike).
+  d.pixel_mean = m.get_ref("pixel_mean")
+  d.pixel_std = m.get_ref("pixel_std")
   d.dtype = "uint8"                  # of the clips handed to JAX: 'uint8' (mapped to [-1, 1] on the device) | 'float32' | 'bfloat16'
   # The built-in dataset (config.data.source='synthetic'): written once as frame folders.
   d.synthetic = ml_collections.ConfigDict()
@@ -154,6 +168,7 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.mesh = defaults.mesh_config()
 
   config.init = ml_collections.ConfigDict()
+  config.init.weights = ""          # any file pretrained.load reads (.npz, .safetensors, .bin/.pth): docs/weights.md
   config.init.vit_npz = ""          # Google ViT .npz (i21k / AugReg / big_vision)
   config.init.checkpoint = ""       # tools.convert_torch output, or a training workdir of ours
   config.init.load_head = True      # False: the head starts at zero (another label set)
@@ -271,6 +286,23 @@ def _hmdb51(config: ml_collections.ConfigDict) -> None:
   _small_dataset(config, "hmdb51", 51, num_epochs=50)   # 50 epochs: ours
 
 
+CLIP_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _clip(config: ml_collections.ConfigDict) -> None:
+  """CLIP ViT-B/16's vision tower as the backbone (OpenAI's weights: QuickGELU)."""
+  m = config.model
+  m.backbone = "clip"
+  m.variant = "B/16"
+  m.width = m.depth = m.num_heads = m.mlp_dim = m.patch_size = None
+  m.proj_dim = 512
+  m.layer_norm_eps = 1e-5
+  m.mlp_activation = "quick_gelu"
+  config.data.pixel_mean = CLIP_PIXEL_MEAN
+  config.data.pixel_std = CLIP_PIXEL_STD
+
+
 # Each config argument is a function that edits the whole config in place.
 ARGUMENTS = {
     "demo": _demo,
@@ -278,6 +310,7 @@ ARGUMENTS = {
     "ssv2": _ssv2,
     "ucf101": _ucf101,
     "hmdb51": _hmdb51,
+    "clip": _clip,
 }
 DATASET_RECIPES = ("k400", "ssv2", "ucf101", "hmdb51")
 
@@ -412,19 +445,31 @@ def _check_synthetic_cache(s: ml_collections.ConfigDict) -> None:
 def _check_something_to_evaluate(init: ml_collections.ConfigDict, workdir: str) -> None:
   from msca_jax import pretrained
   from msca_jax.train import initialise
-  if init.vit_npz or init.checkpoint or "://" in workdir:  # remote workdirs: the trainer reads them
+  if init.get("weights") or init.vit_npz or init.checkpoint or "://" in workdir:  # remote workdirs: the trainer reads them
     return
   try:
     initialise.step_dir(workdir)
   except pretrained.WeightsError as e:
     raise UserError(f"--mode=evaluate: {workdir} has no finished checkpoint, and config.init names "
-                    "no weights (set config.init.checkpoint or config.init.vit_npz)") from e
+                    "no weights (set config.init.weights or config.init.checkpoint)") from e
+
+
+INIT_SOURCES = ("weights", "vit_npz", "checkpoint")
 
 
 def _check_init(init: ml_collections.ConfigDict) -> None:
   import tensorflow as tf
-  if init.vit_npz and init.checkpoint:
-    raise UserError("config.init: set vit_npz or checkpoint, not both")
-  for field in ("vit_npz", "checkpoint"):
-    if init[field] and not tf.io.gfile.exists(init[field]):
+  from msca_jax import pretrained
+  named = [field for field in INIT_SOURCES if init.get(field)]
+  if len(named) > 1:
+    raise UserError(f"config.init: set one of {', '.join(INIT_SOURCES)}, not {' and '.join(named)}")
+  for field in named:
+    if not tf.io.gfile.exists(init[field]):
       raise UserError(f"config.init.{field} = {init[field]!r}: no such file or directory")
+  if init.get("weights"):
+    if tf.io.gfile.isdir(init.weights):
+      raise UserError(f"config.init.weights = {init.weights!r}: a directory; expected a weights "
+                      "file (an orbax directory of ours goes in config.init.checkpoint)")
+    if not init.weights.endswith(pretrained.WEIGHT_SUFFIXES):
+      raise UserError(f"config.init.weights = {init.weights!r}: expected a file ending in "
+                      f"{', '.join(pretrained.WEIGHT_SUFFIXES)}")

@@ -1,12 +1,18 @@
-"""Pretrained weights: Google ViT .npz files and the reference PyTorch checkpoints.
+"""Pretrained weights: one entry, `load`, for every file and layout we read (docs/weights.md).
 
-Both loaders fill a parameter template (the `params` of `model.init`, boxed or
-not, or its `jax.eval_shape`) and return a tree of the same structure, so the
+    params, report = load(path_or_state_dict, variables['params'], with_report=True)
+
+Files: .npz (numpy, never unpickled), .safetensors (read without torch) and .bin / .pth / .pt
+(torch.load(weights_only=True); needs torch). Layouts, detected from the keys: Google's ViT,
+the TokShift / MSCA reference state dict, transformers' ViTModel / ViTForImageClassification,
+timm's VisionTransformer, OpenAI CLIP / open_clip's visual tower and transformers'
+CLIPVisionModel (the CLIP ones need config.model.backbone='clip').
+
+Every loader fills a parameter template (the `params` of `model.init`, boxed or
+not, or its `jax.eval_shape`) and returns a tree of the same structure, so the
 result drops into `model.apply({'params': params}, video)`. TokenShift and MSCA
 have exactly ViT's parameters, so every loader serves every variant.
-
-    params = load_vit_npz(path, variables['params'])
-    params = load_torch_state_dict(torch.load(p, weights_only=True), variables['params'])
+`load_vit_npz` and `load_torch_state_dict` are the two original layouts' loaders.
 
 Anything that does not fit (a missing key, a shape that differs, a key the
 model has no place for) is an error that names the key and both shapes.
@@ -15,9 +21,13 @@ model has no place for) is an error that names the key and both shapes.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import pickle
 import re
+import struct
+import warnings
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -295,10 +305,23 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
   head is left at zero (fine-tuning to another label set).
   """
   state = unwrap_torch_checkpoint(state_dict)
+  report = LoadReport(source=source)
+  converted = _convert_reference(state, _num_heads(params), source)
+  if not load_head:
+    report.dropped.extend(k for k in sorted(state) if k.startswith(HEAD + "."))
+    converted = {k: v for k, v in converted.items() if not k.startswith(HEAD + "/")}
+  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid)
+  logging.info("%s", report.summary())
+  return (params, report) if with_report else params
+
+
+def _num_heads(params: Mapping[str, Any]) -> int:
   heads_shape, _ = _leaf_shape_dtype(
       params["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_1"]["query"]["bias"])
-  num_heads = heads_shape[0]
-  report = LoadReport(source=source)
+  return heads_shape[0]
+
+
+def _convert_reference(state: dict[str, np.ndarray], num_heads: int, source: str) -> dict[str, np.ndarray]:
   converted = {}
   for key, value in state.items():
     match = _TORCH_BLOCK_KEY.fullmatch(key)
@@ -310,11 +333,354 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
     else:
       raise WeightsError(f"{source}: unexpected state dict entry {key!r}: not part of the "
                          "reference ViT/TokenShift/MSCA layout (docs/weights.md)")
-    if name.startswith(HEAD + "/") and not load_head:
-      report.dropped.append(key)
-      continue
     converted[name] = _convert_torch(key, value, kind, num_heads)
-  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid)
+  return converted
+
+
+# ----------------------------------------------------------------------------- files
+
+NPZ_SUFFIXES = (".npz",)
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".bin", ".pth", ".pt", ".tar")
+WEIGHT_SUFFIXES = NPZ_SUFFIXES + SAFETENSORS_SUFFIXES + TORCH_SUFFIXES
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Every tensor of a .safetensors file as numpy (bfloat16 as float32), without torch."""
+  from safetensors import SafetensorError  # pylint: disable=no-name-in-module
+  from safetensors.numpy import load_file
+
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"weights file not found: {path}")
+  try:
+    return load_file(path)
+  except SafetensorError as e:
+    raise WeightsError(f"{path}: not a readable .safetensors file ({_first_line(e)}; truncated "
+                       "or not safetensors?)") from None
+  except TypeError:  # numpy has no bfloat16: the file is valid, read it ourselves
+    return _read_safetensors_bfloat16(path)
+
+
+def _read_safetensors_bfloat16(path: str) -> dict[str, np.ndarray]:
+  """The safetensors format by hand (8-byte header length, JSON header, raw little-endian data)."""
+  import ml_dtypes  # a dependency of jax
+  dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+            "BOOL": np.bool_}
+  with open(path, "rb") as f:
+    (length,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(length))
+    data = f.read()
+  out = {}
+  for key, entry in header.items():
+    if key == "__metadata__":
+      continue
+    if entry["dtype"] not in dtypes:
+      raise WeightsError(f"{path}: tensor {key!r} has dtype {entry['dtype']}, which is not read")
+    start, end = entry["data_offsets"]
+    value = np.frombuffer(data[start:end], dtypes[entry["dtype"]]).reshape(entry["shape"])
+    out[key] = value.astype(np.float32) if entry["dtype"] == "BF16" else value.copy()
+  return out
+
+
+def _torch_refusal(path: str, error: Exception, verb: str = "read") -> WeightsError:
+  """Why a torch file is not read, without torch's advice to load it unsafely."""
+  text = str(error)
+  if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+      reason = f"it contains pickled Python objects ({found.group(1)}), which can run code when loaded"
+    else:
+      stop = re.search(r"Unsupported [^\n.]*", text)
+      reason = ("it holds pickled Python objects (code) or is not a PyTorch checkpoint (the "
+                f"tensors-only loader stopped at: {stop.group(0) if stop else type(error).__name__})")
+    return WeightsError(f"{path}: refused: {reason}; only checkpoints of tensors, which "
+                        f"torch.load(weights_only=True) reads, are {verb}")
+  first = " ".join(text.splitlines()[0].split()) if text.strip() else ""
+  return WeightsError(f"{path}: not a PyTorch checkpoint of tensors ({type(error).__name__}: {first})")
+
+
+def read_torch(path: str | os.PathLike, verb: str = "read") -> Any:
+  """torch.load(path, weights_only=True) on the CPU: tensors and plain containers only."""
+  path = os.fspath(path)
+  try:
+    import torch  # optional dependency (the parity extra): only .bin / .pth files need it
+  except ImportError:
+    raise WeightsError(f"{path}: reading a PyTorch file (.bin / .pth) needs PyTorch, which is not "
+                       "installed: install the parity extra (pip install -e '.[parity]') or torch, "
+                       "or use the model's .safetensors file") from None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
+  try:
+    with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it refuses anyway
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+      return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises several types for a bad or pickled file
+    raise _torch_refusal(path, e, verb) from None  # from None: torch's advice must not be shown
+
+
+def read_weights(path: str | os.PathLike) -> Any:
+  """A weights file's contents by its suffix: a dict of arrays (or torch's loaded object)."""
+  path = os.fspath(path)
+  if path.endswith(NPZ_SUFFIXES):
+    return read_npz(path)
+  if path.endswith(SAFETENSORS_SUFFIXES):
+    return read_safetensors(path)
+  if path.endswith(TORCH_SUFFIXES):
+    return read_torch(path)
+  raise WeightsError(f"{path}: unknown weights file type; expected a name ending in "
+                     f"{', '.join(WEIGHT_SUFFIXES)}")
+
+
+# ----------------------------------------------------------------------------- layouts
+
+# name -> what the error messages call it.
+LAYOUTS = {
+    "google": "Google ViT .npz",
+    "reference": "TokShift / MSCA reference state dict",
+    "hf_vit": "transformers ViTModel / ViTForImageClassification",
+    "timm": "timm VisionTransformer",
+    "clip": "OpenAI CLIP / open_clip visual tower",
+    "hf_clip": "transformers CLIPVisionModel",
+}
+CLIP_LAYOUTS = ("clip", "hf_clip")
+
+
+def detect_layout(keys) -> str:
+  """The LAYOUTS name of a state dict's (prefix-free) keys; WeightsError when none fits."""
+  keys = set(keys)
+  if any("/" in k for k in keys):
+    return "google"
+  if "transformer.embeddings.cls_token" in keys:
+    return "reference"
+  if {"class_embedding", "visual.class_embedding"} & keys:
+    return "clip"
+  if {"embeddings.class_embedding", "vision_model.embeddings.class_embedding"} & keys:
+    return "hf_clip"
+  if {"embeddings.cls_token", "vit.embeddings.cls_token"} & keys:
+    return "hf_vit"
+  if {"cls_token", "pos_embed"} <= keys:
+    return "timm"
+  raise WeightsError(f"unknown weights layout: expected one of {', '.join(LAYOUTS.values())}; "
+                     f"the first keys are {sorted(keys)[:8]}")
+
+
+_LN = {"weight": "scale", "bias": "bias"}
+_BLOCK = "Transformer/encoderblock_{0}/"
+_ATTN = _BLOCK + "MultiHeadDotProductAttention_1/"
+_QKV = {"q": "query", "k": "key", "v": "value", "query": "query", "key": "key", "value": "value"}
+
+
+def _layer_norm_rules(pattern: str, target: str) -> list[tuple[str, str, str]]:
+  return [(pattern + rf"\.{torch_name}", f"{target}/{name}", "identity") for torch_name, name in _LN.items()]
+
+
+def _dense_rules(pattern: str, target: str, weight_kind: str = "linear",
+                 bias_kind: str = "identity") -> list[tuple[str, str, str]]:
+  return [(pattern + r"\.weight", target + "/kernel", weight_kind),
+          (pattern + r"\.bias", target + "/bias", bias_kind)]
+
+
+def _block_rules(prefix: str, *, ln0: str, ln2: str, fc1: str, fc2: str,
+                 out: str) -> list[tuple[str, str, str]]:
+  """The per-block rules shared by every torch layout; `prefix` captures the block index."""
+  return (_layer_norm_rules(prefix + ln0, _BLOCK + "LayerNorm_0")
+          + _layer_norm_rules(prefix + ln2, _BLOCK + "LayerNorm_2")
+          + _dense_rules(prefix + fc1, _BLOCK + "MlpBlock_3/Dense_0")
+          + _dense_rules(prefix + fc2, _BLOCK + "MlpBlock_3/Dense_1")
+          + _dense_rules(prefix + out, _ATTN + "out", "out"))
+
+
+# (regex over the key, our name (str.format of the regex groups; None: dropped), kind).
+_RULES: dict[str, list[tuple[str, str | None, str]]] = {
+    "hf_vit": [
+        (r"embeddings\.cls_token", "cls", "identity"),
+        (r"embeddings\.position_embeddings", "/".join(POS_EMBEDDING), "identity"),
+        *_dense_rules(r"embeddings\.patch_embeddings\.projection", "embedding", "conv"),
+        # transformers 4.x names (the files on the Hub) and 5.x names.
+        *_block_rules(r"(?:encoder\.layer|layers)\.(\d+)\.", ln0="layernorm_before",
+                      ln2="layernorm_after", fc1=r"(?:intermediate\.dense|mlp\.fc1)",
+                      fc2=r"(?:output\.dense|mlp\.fc2)",
+                      out=r"(?:attention\.output\.dense|attention\.o_proj)"),
+        *_dense_rules(r"(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?(query|key|value|q|k|v)(?:_proj)?",
+                      _ATTN + "{1}", "qkv", "heads"),
+        *_layer_norm_rules(r"layernorm", "Transformer/encoder_norm"),
+        (r"pooler\.dense\.(?:weight|bias)", None, "identity"),
+        (r"classifier\.(?:weight|bias)", None, "identity"),
+    ],
+    "timm": [
+        (r"cls_token", "cls", "identity"),
+        (r"pos_embed", "/".join(POS_EMBEDDING), "identity"),
+        *_dense_rules(r"patch_embed\.proj", "embedding", "conv"),
+        *_block_rules(r"blocks\.(\d+)\.", ln0="norm1", ln2="norm2", fc1=r"mlp\.fc1", fc2=r"mlp\.fc2",
+                      out=r"attn\.proj"),
+        *_dense_rules(r"blocks\.(\d+)\.attn\.qkv", _ATTN + "{qkv}", "fused_qkv", "fused_heads"),
+        *_layer_norm_rules(r"norm_pre", "Transformer/pre_norm"),
+        *_layer_norm_rules(r"norm", "Transformer/encoder_norm"),
+        (r"head\.(?:weight|bias)", None, "identity"),
+        (r"pre_logits\.fc\.(?:weight|bias)", None, "identity"),
+    ],
+    "clip": [
+        (r"class_embedding", "cls", "cls"),
+        (r"positional_embedding", "/".join(POS_EMBEDDING), "pos"),
+        (r"conv1\.weight", "embedding/kernel", "conv"),
+        *_layer_norm_rules(r"ln_pre", "Transformer/pre_norm"),
+        *_block_rules(r"transformer\.resblocks\.(\d+)\.", ln0="ln_1", ln2="ln_2", fc1=r"mlp\.c_fc",
+                      fc2=r"mlp\.c_proj", out=r"attn\.out_proj"),
+        (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_weight", _ATTN + "{qkv}/kernel", "fused_qkv"),
+        (r"transformer\.resblocks\.(\d+)\.attn\.in_proj_bias", _ATTN + "{qkv}/bias", "fused_heads"),
+        *_layer_norm_rules(r"ln_post", "Transformer/encoder_norm"),
+        (r"proj", "proj/kernel", "identity"),  # stored (width, output dim): used as x @ proj
+    ],
+    "hf_clip": [
+        (r"embeddings\.class_embedding", "cls", "cls"),
+        (r"embeddings\.position_embedding\.weight", "/".join(POS_EMBEDDING), "pos"),
+        (r"embeddings\.patch_embedding\.weight", "embedding/kernel", "conv"),
+        (r"embeddings\.position_ids", None, "identity"),
+        *_layer_norm_rules(r"pre_layrnorm", "Transformer/pre_norm"),  # sic: transformers' spelling
+        *_block_rules(r"encoder\.layers\.(\d+)\.", ln0="layer_norm1", ln2="layer_norm2",
+                      fc1=r"mlp\.fc1", fc2=r"mlp\.fc2", out=r"self_attn\.out_proj"),
+        *_dense_rules(r"encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj", _ATTN + "{1}", "qkv", "heads"),
+        *_layer_norm_rules(r"post_layernorm", "Transformer/encoder_norm"),
+        (r"visual_projection\.weight", "proj/kernel", "linear"),
+    ],
+}
+_COMPILED = {layout: [(re.compile(p), t, k) for p, t, k in rules] for layout, rules in _RULES.items()}
+
+# Prefixes of whole models around the tower we read, and the other towers' keys, dropped.
+_STRIP = {"hf_vit": ("vit.",), "hf_clip": ("vision_model.",), "clip": ("visual.",)}
+_OTHER_TOWERS = {
+    "hf_clip": re.compile(r"text_model\..*|text_projection\.weight|logit_scale"),
+}
+
+
+def _convert_rules(state: dict[str, np.ndarray], layout: str, num_heads: int,
+                   source: str) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(our names -> arrays, keys dropped) for one of the _RULES layouts."""
+  dropped = []
+  if layout == "clip" and any(k.startswith("visual.") for k in state):  # a whole CLIP: the visual tower
+    dropped = sorted(k for k in state if not k.startswith("visual."))
+    state = {k: v for k, v in state.items() if k.startswith("visual.")}
+  converted = {}
+  for key, value in state.items():
+    if layout in _OTHER_TOWERS and _OTHER_TOWERS[layout].fullmatch(key):
+      dropped.append(key)
+      continue
+    short = key
+    for prefix in _STRIP.get(layout, ()):
+      short = short[len(prefix):] if short.startswith(prefix) else short
+    for pattern, target, kind in _COMPILED[layout]:
+      match = pattern.fullmatch(short)
+      if match:
+        break
+    else:
+      raise WeightsError(f"{source}: unexpected entry {key!r} for the {LAYOUTS[layout]} layout "
+                         "(docs/weights.md): a model part we do not have")
+    if target is None:
+      dropped.append(key)
+      continue
+    groups = [_QKV.get(g, g) for g in match.groups()]
+    value = np.asarray(value)
+    if kind.startswith("fused_"):  # one (3 * width, ...) tensor holds query, key and value
+      if value.shape[0] % 3:
+        raise WeightsError(f"{source}: {key!r} has shape {value.shape}; expected 3 * width rows")
+      for name, part in zip(("query", "key", "value"), np.split(value, 3)):
+        converted[target.format(*groups, qkv=name)] = _convert_torch(key, part, kind[6:], num_heads)
+      continue
+    name = target.format(*groups)
+    if kind == "cls":  # (width,) -> (1, 1, width)
+      value = value.reshape(1, 1, -1)
+    elif kind == "pos":  # (tokens, width) -> (1, tokens, width)
+      value = value[None] if value.ndim == 2 else value
+    else:
+      value = _convert_torch(key, value, kind, num_heads)
+    converted[name] = value
+  return converted, dropped
+
+
+def _backbone(params: Mapping[str, Any]) -> str:
+  return "clip" if "pre_norm" in params.get("Transformer", {}) else "vit"
+
+
+def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any], *,
+         load_head: bool = True, grid: tuple[int, int] | None = None, name: str | None = None,
+         with_report: bool = False):
+  """Loads a weights file or state dict of any known layout (LAYOUTS) into `params`.
+
+  `source` is a path (.npz, .safetensors, .bin / .pth) or an already loaded state dict. The
+  image-pretrained layouts (all but the reference's) never bring a head: it starts at zero and
+  their classifier, pooler or pre_logits are dropped; the reference's head is loaded unless
+  load_head=False. CLIP's `proj` is loaded when the model has one (config.model.proj_dim) and
+  dropped otherwise. A position embedding for another resolution is resampled (`grid`).
+  """
+  if isinstance(source, (str, os.PathLike)):
+    name = name or os.fspath(source)
+    contents = read_weights(source)
+  else:
+    name, contents = name or "state dict", source
+  if isinstance(contents, Mapping) and any("/" in str(k) for k in contents):
+    state = dict(contents)  # a Google .npz: keys are paths ('cls' has none), values numpy
+  else:
+    if not isinstance(contents, Mapping):
+      raise WeightsError(f"{name}: not a plain state dict of tensors: expected a state dict (a "
+                         f"mapping), got {type(contents).__name__}")
+    inner = contents.get("state_dict", contents)
+    for key, value in (inner.items() if isinstance(inner, Mapping) else ()):
+      if not (hasattr(value, "detach") or isinstance(value, np.ndarray)) or \
+          getattr(value, "dtype", None) == object:
+        raise WeightsError(f"{name}: not a plain state dict of tensors: entry {key!r} is a "
+                           f"{type(value).__name__}, not a tensor")
+    state = unwrap_torch_checkpoint(contents)
+  try:
+    layout = detect_layout(state)
+  except WeightsError as e:
+    raise WeightsError(f"{name}: {e}") from None
+
+  model_backbone = _backbone(params)
+  clip_weights = layout in CLIP_LAYOUTS or (layout == "timm" and "norm_pre.weight" in state)
+  if clip_weights and model_backbone != "clip":
+    raise WeightsError(
+        f"{name}: a CLIP checkpoint ({LAYOUTS[layout]}), but config.model.backbone is 'vit': use "
+        "the clip config argument (e.g. --config=configs/msca_kv.py:clip), which sets the backbone, "
+        "its sizes, eps, activation and CLIP's pixel mean and std")
+  if not clip_weights and model_backbone == "clip":
+    raise WeightsError(
+        f"{name}: a ViT checkpoint ({LAYOUTS[layout]}) without CLIP's ln_pre, but "
+        "config.model.backbone is 'clip': drop the clip config argument (backbone 'vit')")
+
+  if layout == "google":
+    arrays, ignored = _normalise_google_keys(state)
+    report = LoadReport(source=name, dropped=ignored)
+    for key in sorted(arrays):
+      if key.split("/")[0] in ("pre_logits", HEAD):
+        report.dropped.append(key)
+        del arrays[key]
+    zero_init = (HEAD,)
+  elif layout == "reference":
+    arrays = _convert_reference(state, _num_heads(params), name)
+    report = LoadReport(source=name)
+    zero_init = () if load_head else (HEAD,)
+    if not load_head:
+      report.dropped.extend(k for k in sorted(state) if k.startswith(HEAD + "."))
+      arrays = {k: v for k, v in arrays.items() if not k.startswith(HEAD + "/")}
+  else:
+    arrays, dropped = _convert_rules(state, layout, _num_heads(params), name)
+    report = LoadReport(source=name, dropped=dropped)
+    zero_init = (HEAD,)
+  if "proj/kernel" in arrays and "proj" not in params:
+    report.dropped.append("proj (config.model.proj_dim is 0)")
+    del arrays["proj/kernel"]
+  if "proj" in params and "proj/kernel" not in arrays:
+    raise WeightsError(f"{name}: the model has a projection (config.model.proj_dim = "
+                       f"{_leaf_shape_dtype(params['proj']['kernel'])[0][1]}) but the checkpoint "
+                       "has none: set config.model.proj_dim=0")
+  params = fill(params, arrays, report, zero_init=zero_init, grid=grid)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 

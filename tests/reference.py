@@ -22,7 +22,8 @@ Public functions:
     random_state_dict(seed, *, width, depth, num_heads, mlp_dim, patch_size, grid,
                       num_classes, scale=1.0) -> dict[str, np.ndarray]
     forward(sd, video, *, num_heads, model='vit', shift_div=4, msca_targets='kv',
-            msca_axis='head', boundary='zero', return_frame_logits=False, capture=None)
+            msca_axis='head', boundary='zero', return_frame_logits=False, capture=None,
+            clip=False)
     to_google_npz(sd, *, num_heads, style) -> dict[str, np.ndarray]
     hf_vit_to_reference(hf_sd) -> dict[str, np.ndarray]
 """
@@ -133,10 +134,18 @@ def _gelu_exact(x):
     return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
 
 
-def _layer_norm(x, weight, bias):
+def _layer_norm(x, weight, bias, eps=LN_EPS):
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)  # biased variance, like torch
-    return (x - mean) / np.sqrt(var + LN_EPS) * _f64(weight) + _f64(bias)
+    return (x - mean) / np.sqrt(var + eps) * _f64(weight) + _f64(bias)
+
+
+CLIP_LN_EPS = 1e-5
+
+
+def _quick_gelu(x):
+    """OpenAI CLIP's activation: x * sigmoid(1.702 x)."""
+    return x / (1.0 + np.exp(-1.702 * x))
 
 
 def _linear(x, weight, bias):
@@ -304,8 +313,13 @@ def _validate(model, msca_targets, msca_axis, boundary, shift_div):
 
 
 def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv",
-            msca_axis="head", boundary="zero", return_frame_logits=False, capture=None):
+            msca_axis="head", boundary="zero", return_frame_logits=False, capture=None,
+            clip=False):
     """Reference forward pass (docs/model.md), float64.
+
+    clip=True is CLIP's vision tower on the same layout: no patch bias (the key may be absent),
+    a LayerNorm 'transformer.embeddings.ln_pre.{weight,bias}' after the position embedding,
+    LayerNorm eps 1e-5, QuickGELU, and 'proj' (width, output dim) on the final CLS if present.
 
     sd: reference-layout state dict (see ``random_state_dict``).
     video: (B, T, H, W, 3), RGB, values in [-1, 1].
@@ -330,7 +344,10 @@ def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv"
     frames = video.reshape(b * t, h, w, 3)        # batch-major: frame index = b*T + t
 
     e = "transformer.embeddings."
-    x = _patch_embed(frames, sd[e + "patch_embeddings.weight"], sd[e + "patch_embeddings.bias"])
+    eps = CLIP_LN_EPS if clip else LN_EPS
+    width = sd[e + "patch_embeddings.weight"].shape[0]
+    patch_bias = sd.get(e + "patch_embeddings.bias", np.zeros(width)) if clip else sd[e + "patch_embeddings.bias"]
+    x = _patch_embed(frames, sd[e + "patch_embeddings.weight"], patch_bias)
     bt, n_patches, c = x.shape
     if c % num_heads != 0:
         raise ValueError(f"width {c} not divisible by num_heads {num_heads}")
@@ -340,6 +357,8 @@ def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv"
     if pos.shape != (1, 1 + n_patches, c):
         raise ValueError(f"position embedding {pos.shape} does not fit {1 + n_patches} tokens")
     x = x + pos
+    if clip:
+        x = _layer_norm(x, sd[e + "ln_pre.weight"], sd[e + "ln_pre.bias"], eps)
 
     depth = 0
     while f"transformer.encoder.layer.{depth}.attention_norm.weight" in sd:
@@ -360,7 +379,7 @@ def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv"
 
         if model == "tokenshift":
             x = _token_shift(x, t, shift_div, boundary)
-        y = _layer_norm(x, sd[p + "attention_norm.weight"], sd[p + "attention_norm.bias"])
+        y = _layer_norm(x, sd[p + "attention_norm.weight"], sd[p + "attention_norm.bias"], eps)
         if cap is not None:
             cap["attn_in"] = per_frame(y)
         x = x + _attention(sd, p + "attn.", y, num_heads=num_heads, t=t, model=model,
@@ -369,9 +388,9 @@ def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv"
 
         if model == "tokenshift":
             x = _token_shift(x, t, shift_div, boundary)
-        y = _layer_norm(x, sd[p + "ffn_norm.weight"], sd[p + "ffn_norm.bias"])
+        y = _layer_norm(x, sd[p + "ffn_norm.weight"], sd[p + "ffn_norm.bias"], eps)
         y = _linear(y, sd[p + "ffn.fc1.weight"], sd[p + "ffn.fc1.bias"])
-        y = _gelu_exact(y)
+        y = _quick_gelu(y) if clip else _gelu_exact(y)
         y = _linear(y, sd[p + "ffn.fc2.weight"], sd[p + "ffn.fc2.bias"])
         x = x + y
 
@@ -381,8 +400,11 @@ def forward(sd, video, *, num_heads, model="vit", shift_div=4, msca_targets="kv"
             capture["layers"].append(cap)
 
     x = _layer_norm(x, sd["transformer.encoder.encoder_norm.weight"],
-                    sd["transformer.encoder.encoder_norm.bias"])
-    frame_logits = _linear(x[:, 0], sd["head.weight"], sd["head.bias"])   # (B*T, K)
+                    sd["transformer.encoder.encoder_norm.bias"], eps)
+    features = x[:, 0]
+    if clip and "proj" in sd:
+        features = features @ _f64(sd["proj"])
+    frame_logits = _linear(features, sd["head.weight"], sd["head.bias"])   # (B*T, K)
     frame_logits = frame_logits.reshape(b, t, -1)
     logits = frame_logits.mean(axis=1)
     if capture is not None:

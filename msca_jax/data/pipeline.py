@@ -17,7 +17,8 @@ exception. The codes are counted in the stream itself (`StreamState.skipped`, ex
 the checkpointable input state) and the eval batches carry them per video.
 
 The clips leave as uint8 pixels by default (config.data.dtype): a quarter of float32's bytes
-from the host to the device, and the model maps them to [-1, 1] inside the jitted step.
+from the host to the device, and the model normalises them inside the jitted step (float batches
+are in [-1, 1]; the model applies config.data.pixel_mean / pixel_std to both).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from absl import logging
 
 from msca_jax import defaults
 from msca_jax.models import msca, shift
+from msca_jax.models import vit
 from msca_jax.models.vit import TemporalMixing, VideoClassifier
 
 MODEL_NAMES = ("vit", "tokenshift", "msca")
@@ -96,6 +97,43 @@ def moved_fraction(temporal: TemporalMixing, arch: Mapping[str, int]) -> float:
   return 0.0
 
 
+def _pixel_stats(config: Mapping[str, Any], field: str, default: tuple[float, ...]) -> tuple[float, ...]:
+  value = _get(config, field, default)
+  try:
+    value = tuple(float(v) for v in value)
+  except (TypeError, ValueError):
+    value = ()
+  if len(value) != 3 or (field == "pixel_std" and min(value) <= 0):
+    what = "three positive floats" if field == "pixel_std" else "three floats"
+    raise ValueError(f"config.data.{field} (= config.model.{field}): expected {what} (R, G, B, "
+                     f"of pixels in [0, 1]), got {_get(config, field)!r}")
+  return value
+
+
+def backbone_options(config: Mapping[str, Any]) -> dict[str, Any]:
+  """The backbone fields of config.model, checked; absent ones (older configs) are ViT's."""
+  backbone = _get(config, "backbone", "vit")
+  if backbone not in vit.BACKBONES:
+    raise ValueError(f"config.model.backbone: expected one of {vit.BACKBONES}, got {backbone!r}")
+  proj_dim = _get(config, "proj_dim", 0)
+  if isinstance(proj_dim, bool) or not isinstance(proj_dim, int) or proj_dim < 0:
+    raise ValueError(f"config.model.proj_dim: expected a non-negative integer, got {proj_dim!r}")
+  if proj_dim and backbone != "clip":
+    raise ValueError(f"config.model.proj_dim = {proj_dim}: only the 'clip' backbone has a "
+                     "projection; expected 0 with config.model.backbone = 'vit'")
+  eps = _get(config, "layer_norm_eps", vit.LN_EPSILON)
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+    raise ValueError(f"config.model.layer_norm_eps: expected a small positive float, got {eps!r}")
+  activation = _get(config, "mlp_activation", "gelu")
+  if activation not in vit.MLP_ACTIVATIONS:
+    raise ValueError(f"config.model.mlp_activation: expected one of {vit.MLP_ACTIVATIONS}, "
+                     f"got {activation!r}")
+  return dict(backbone=backbone, proj_dim=proj_dim, layer_norm_eps=float(eps),
+              mlp_activation=activation,
+              pixel_mean=_pixel_stats(config, "pixel_mean", vit.DEFAULT_PIXEL_MEAN),
+              pixel_std=_pixel_stats(config, "pixel_std", vit.DEFAULT_PIXEL_STD))
+
+
 def build(config: Mapping[str, Any]) -> VideoClassifier:
   """Builds the classifier described by a `config.model` ConfigDict (or any mapping)."""
   num_classes = config.get("num_classes")
@@ -114,6 +152,7 @@ def build(config: Mapping[str, Any]) -> VideoClassifier:
     raise ValueError(f"config.model.attention_impl: expected one of {ATTENTION_IMPLS}, "
                      f"got {attention_impl!r}")
   arch, temporal = architecture(config), temporal_mixing(config)
+  backbone = backbone_options(config)
   if temporal.kind != "none" and moved_fraction(temporal, arch) == 0.0:
     logging.warning(
         "config.model.shift_div=%d moves nothing with %d heads / width %d: this %s model "
@@ -123,7 +162,8 @@ def build(config: Mapping[str, Any]) -> VideoClassifier:
       num_classes=num_classes, **arch, temporal=temporal,
       **rates, head_zeroinit=bool(_get(config, "head_zeroinit", True)),
       attention_impl=attention_impl, remat=bool(_get(config, "remat", False)),
-      remat_policy=_get(config, "remat_policy", "nothing_saveable"), dtype=DTYPES[dtype])
+      remat_policy=_get(config, "remat_policy", "nothing_saveable"), **backbone,
+      dtype=DTYPES[dtype])
 
 
 def clip_spec(config: Mapping[str, Any], batch: int = 1) -> jax.ShapeDtypeStruct:
@@ -138,5 +178,5 @@ def abstract_variables(config: Mapping[str, Any]):
   return model, clip, jax.eval_shape(model.init, jax.random.key(0), clip)
 
 
-__all__ = ["build", "clip_spec", "abstract_variables", "moved_fraction", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
+__all__ = ["build", "backbone_options", "clip_spec", "abstract_variables", "moved_fraction", "architecture", "temporal_mixing", "parse_variant", "VideoClassifier",
            "TemporalMixing", "VARIANTS", "MODEL_NAMES", "LOGICAL_AXES"]

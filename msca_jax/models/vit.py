@@ -7,6 +7,11 @@ vision_transformer checkpoints one to one (`embedding`, `cls`,
 `MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`, ...), so a
 ViT .npz maps onto these params by name.
 
+The 'clip' backbone is CLIP's vision tower on the same blocks: a patch embedding without bias,
+a LayerNorm before the encoder (`Transformer/pre_norm`, CLIP's ln_pre), QuickGELU and LayerNorm
+eps 1e-5 (set by config), `encoder_norm` as ln_post and an optional bias-free projection `proj`
+before the head (docs/weights.md maps CLIP's names onto these).
+
 Activations keep the time axis, (B, T, tokens, channels), so that the temporal
 models (TokenShift, MSCA) shift along axis 1 without any reshape; attention and
 dense layers only see the trailing axes. TokenShift and MSCA are selected by
@@ -21,11 +26,17 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from msca_jax.models import msca, tokenshift
 
 Dtype = Any
 LN_EPSILON = 1e-6
+BACKBONES = ("vit", "clip")
+MLP_ACTIVATIONS = ("gelu", "quick_gelu")
+# The [-1, 1] mapping of the ViT checkpoints, as mean and std of [0, 1] pixels.
+DEFAULT_PIXEL_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_PIXEL_STD = (0.5, 0.5, 0.5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +54,9 @@ def _init(initializer: Callable, names: tuple[str | None, ...]) -> Callable:
   return nn.with_logical_partitioning(initializer, names)
 
 
-def _layer_norm(name: str, dtype: Dtype) -> nn.LayerNorm:
+def _layer_norm(name: str, dtype: Dtype, epsilon: float = LN_EPSILON) -> nn.LayerNorm:
   # Two-pass variance, as the reference computes it (flax's default is E[x^2] - E[x]^2).
-  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, use_fast_variance=False, name=name,
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name,
                       scale_init=_init(nn.initializers.ones, ("embed",)),
                       bias_init=_init(nn.initializers.zeros, ("embed",)))
 
@@ -59,9 +70,33 @@ def _drop_path(module: nn.Module, x: jnp.ndarray, rate: float, train: bool) -> j
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+def _activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
+  if name == "quick_gelu":  # OpenAI CLIP's x * sigmoid(1.702 x)
+    return x * jax.nn.sigmoid(1.702 * x)
+  return jax.nn.gelu(x, approximate=False)  # the reference's exact (erf) GELU
+
+
+def normalise_pixels(x: jnp.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> jnp.ndarray:
+  """uint8 pixels, or floats in [-1, 1] (pixel / 127.5 - 1), -> (pixel / 255 - mean) / std.
+
+  The defaults (mean = std = 0.5) leave floats untouched and map uint8 exactly as before.
+  """
+  mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+  if jnp.issubdtype(x.dtype, jnp.integer):
+    scale, offset = 1.0 / (255.0 * std), mean / std
+    if np.all(scale == scale[0]) and np.all(offset == offset[0]):  # one constant: the old fused op
+      return x.astype(jnp.float32) * float(scale[0]) - float(offset[0])
+    return x.astype(jnp.float32) * scale.astype(np.float32) - offset.astype(np.float32)
+  if np.all(mean == 0.5) and np.all(std == 0.5):
+    return x
+  scale, offset = 0.5 / std, (0.5 - mean) / std
+  return x.astype(jnp.float32) * scale.astype(np.float32) + offset.astype(np.float32)
+
+
 class MlpBlock(nn.Module):
   mlp_dim: int
   dropout_rate: float = 0.0
+  activation: str = "gelu"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -73,7 +108,7 @@ class MlpBlock(nn.Module):
         bias_init=_init(nn.initializers.normal(stddev=1e-6), axes[1:]))
     x = dense(self.mlp_dim, ("embed", "mlp"), "Dense_0")(x)
     x = nn.with_logical_constraint(x, ("batch", None, None, "mlp"))
-    x = jax.nn.gelu(x, approximate=False)  # the reference's exact (erf) GELU
+    x = _activation(self.activation, x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     x = dense(width, ("mlp", "embed"), "Dense_1")(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -151,6 +186,8 @@ class EncoderBlock(nn.Module):
   attention_dropout_rate: float = 0.0
   drop_path_rate: float = 0.0
   attention_impl: str = "auto"
+  layer_norm_eps: float = LN_EPSILON
+  mlp_activation: str = "gelu"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -159,7 +196,7 @@ class EncoderBlock(nn.Module):
 
     if shift_cls:
       x = tokenshift.shift_cls_token(x, shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
-    y = _layer_norm("LayerNorm_0", self.dtype)(x)
+    y = _layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
     y = Attention(num_heads=self.num_heads, temporal=self.temporal,
                   attention_dropout_rate=self.attention_dropout_rate,
                   attention_impl=self.attention_impl, dtype=self.dtype,
@@ -169,9 +206,9 @@ class EncoderBlock(nn.Module):
 
     if shift_cls:
       x = tokenshift.shift_cls_token(x, shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
-    y = _layer_norm("LayerNorm_2", self.dtype)(x)
-    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate, dtype=self.dtype,
-                 name="MlpBlock_3")(y, train)
+    y = _layer_norm("LayerNorm_2", self.dtype, self.layer_norm_eps)(x)
+    y = MlpBlock(mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate,
+                 activation=self.mlp_activation, dtype=self.dtype, name="MlpBlock_3")(y, train)
     x = x + _drop_path(self, y, self.drop_path_rate, train)
     return nn.with_logical_constraint(x, ("batch", None, None, "embed"))
 
@@ -205,11 +242,16 @@ class Encoder(nn.Module):
   attention_impl: str = "auto"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  pre_norm: bool = False
+  layer_norm_eps: float = LN_EPSILON
+  mlp_activation: str = "gelu"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = AddPositionEmbs(name="posembed_input")(x)
+    if self.pre_norm:
+      x = _layer_norm("pre_norm", self.dtype, self.layer_norm_eps)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     block = EncoderBlock
     if self.remat:
@@ -221,16 +263,18 @@ class Encoder(nn.Module):
       rate = self.drop_path_rate * i / max(self.depth - 1, 1)
       x = block(mlp_dim=self.mlp_dim, num_heads=self.num_heads, temporal=self.temporal,
                 dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-                drop_path_rate=rate, attention_impl=self.attention_impl, dtype=self.dtype,
-                name=f"encoderblock_{i}")(x, train)
-    return _layer_norm("encoder_norm", self.dtype)(x)
+                drop_path_rate=rate, attention_impl=self.attention_impl,
+                layer_norm_eps=self.layer_norm_eps, mlp_activation=self.mlp_activation,
+                dtype=self.dtype, name=f"encoderblock_{i}")(x, train)
+    return _layer_norm("encoder_norm", self.dtype, self.layer_norm_eps)(x)
 
 
 class VideoClassifier(nn.Module):
   """(B, T, H, W, 3) clip -> (B, num_classes) float32 logits.
 
-  The clip is float in [-1, 1], or uint8 pixels, which are mapped to [-1, 1] here: the input
-  pipeline sends a quarter of the bytes, and the mapping fuses into the patch embedding.
+  The clip is uint8 pixels or floats in [-1, 1] (pixel / 127.5 - 1); both are normalised here
+  with pixel_mean / pixel_std (of [0, 1] pixels; the defaults keep [-1, 1]): the input pipeline
+  sends a quarter of the bytes, and the mapping fuses into the patch embedding.
   """
   num_classes: int
   patch_size: int = 16
@@ -246,12 +290,21 @@ class VideoClassifier(nn.Module):
   attention_impl: str = "auto"
   remat: bool = False
   remat_policy: str = "nothing_saveable"
+  backbone: str = "vit"  # 'vit' | 'clip'
+  proj_dim: int = 0  # clip: width of the bias-free `proj` between ln_post and the head; 0: none
+  layer_norm_eps: float = LN_EPSILON
+  mlp_activation: str = "gelu"  # 'gelu' | 'quick_gelu'
+  pixel_mean: tuple[float, ...] = DEFAULT_PIXEL_MEAN
+  pixel_std: tuple[float, ...] = DEFAULT_PIXEL_STD
   dtype: Dtype = jnp.float32  # compute dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, video, *, train: bool = False, return_features: bool = False):
     """Logits, or (logits, features) with `return_features`: features are the per-frame
-    pre-head embeddings (B, T, width), the CLS token after the final norm."""
+    pre-head embeddings (B, T, width), the CLS token after the final norm (and after `proj`
+    when the clip backbone has one: then the width is proj_dim)."""
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
     if video.ndim != 5 or video.shape[-1] != 3:
       raise ValueError(f"video must be (batch, frames, height, width, 3), got shape {video.shape}")
     batch, frames, height, width, _ = video.shape
@@ -259,12 +312,12 @@ class VideoClassifier(nn.Module):
     if height % p or width % p:
       raise ValueError(f"frame size {height}x{width} is not a multiple of the patch size {p}")
 
+    clip = self.backbone == "clip"
     x = video.reshape(batch * frames, height, width, 3)
-    if jnp.issubdtype(x.dtype, jnp.integer):
-      x = x.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+    x = normalise_pixels(x, self.pixel_mean, self.pixel_std)
     x = x.astype(self.dtype)
     x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="embedding",
+                name="embedding", use_bias=not clip,
                 kernel_init=_init(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                 bias_init=_init(nn.initializers.zeros, ("embed",)))(x)
     x = x.reshape(batch, frames, (height // p) * (width // p), self.width)
@@ -277,10 +330,14 @@ class VideoClassifier(nn.Module):
                 temporal=self.temporal, dropout_rate=self.dropout_rate,
                 attention_dropout_rate=self.attention_dropout_rate,
                 drop_path_rate=self.drop_path_rate, attention_impl=self.attention_impl,
-                remat=self.remat, remat_policy=self.remat_policy, dtype=self.dtype,
-                name="Transformer")(x, train)
+                remat=self.remat, remat_policy=self.remat_policy, pre_norm=clip,
+                layer_norm_eps=self.layer_norm_eps, mlp_activation=self.mlp_activation,
+                dtype=self.dtype, name="Transformer")(x, train)
 
     features = x[:, :, 0]
+    if self.proj_dim:
+      features = nn.Dense(self.proj_dim, use_bias=False, dtype=self.dtype, name="proj",
+                          kernel_init=_init(nn.initializers.lecun_normal(), ("embed", None)))(features)
     head_init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
     frame_logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
                             kernel_init=_init(head_init, ("embed", "classes")),

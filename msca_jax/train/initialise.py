@@ -1,5 +1,7 @@
 """Initial weights for a training run (config.init), with a report of what came from where.
 
+  config.init.weights      any file pretrained.load reads: .npz, .safetensors, .bin / .pth, in the
+                           Google, reference, transformers, timm or CLIP layouts (docs/weights.md).
   config.init.vit_npz      a Google ViT .npz (ImageNet-21k, AugReg, big_vision): every tensor but
                            the head; the head starts at zero.
   config.init.checkpoint   an orbax directory of ours: the output of tools.convert_torch (a
@@ -79,8 +81,13 @@ def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.Load
   `params_template` is the model's (abstract, boxed) params; the result holds numpy arrays.
   """
   vit_npz, checkpoint, load_head = init_cfg["vit_npz"], init_cfg["checkpoint"], init_cfg["load_head"]
-  if vit_npz and checkpoint:
-    raise ValueError("config.init: set vit_npz or checkpoint, not both")
+  weights = init_cfg.get("weights") or ""  # absent from configs saved before it existed
+  if sum(map(bool, (weights, vit_npz, checkpoint))) > 1:
+    raise ValueError("config.init: set one of weights, vit_npz or checkpoint")
+  if weights:
+    if not os.path.isfile(weights):
+      raise FileNotFoundError(f"config.init.weights: {weights} does not exist")
+    return pretrained.load(weights, params_template, load_head=load_head, with_report=True)
   if vit_npz:
     if not os.path.isfile(vit_npz):
       raise FileNotFoundError(f"config.init.vit_npz: {vit_npz} does not exist")

@@ -38,8 +38,8 @@ ADAM_B1, ADAM_B2 = 0.9, 0.999
 DECAYED_PARAM_NAMES = ("kernel",)
 # Where each parameter sits for trainable / layer_decay: before the first block (layer 0) or after
 # the last (layer L + 1). A backbone with other names adds them here.
-EMBEDDING_PARAM_NAMES = ("embedding", "cls", "posembed_input")
-TOP_PARAM_NAMES = ("encoder_norm", "head")
+EMBEDDING_PARAM_NAMES = ("embedding", "cls", "posembed_input", "pre_norm")  # pre_norm: CLIP's ln_pre
+TOP_PARAM_NAMES = ("encoder_norm", "proj", "head")  # proj: CLIP's projection
 _BLOCK_RE = re.compile(r"^encoderblock_(\d+)$")
 TRAINABLE_TEXT = "'all', 'head' (a linear probe) or 'last:K' (the last K blocks, the final norm and the head)"
 

@@ -21,7 +21,8 @@ from msca_jax import models
 # config.model fields that must be equal (as the model reads them: a variant's sizes are compared
 # after width/depth/... overrides, and temporal fields only for the models that use them).
 MUST_MATCH = ("name", "width", "depth", "num_heads", "mlp_dim", "patch_size", "num_classes",
-              "image_size", "shift_div", "msca_targets", "msca_axis", "boundary")
+              "image_size", "shift_div", "msca_targets", "msca_axis", "boundary", "backbone",
+              "proj_dim", "layer_norm_eps", "mlp_activation", "pixel_mean", "pixel_std")
 _METADATA_FILE = os.path.join("metadata", "metadata")
 
 
@@ -58,6 +59,11 @@ def _effective(model: Mapping[str, Any]) -> dict[str, Any]:
   except ValueError:  # not a valid variant: compare the fields as written
     values.update({k: model.get(k) for k in ("variant", "width", "depth", "num_heads", "mlp_dim",
                                               "patch_size")})
+  try:  # configs saved before the backbone fields existed read as the ViT defaults
+    values.update(models.backbone_options(model))
+  except ValueError:
+    values.update({k: model.get(k) for k in ("backbone", "proj_dim", "layer_norm_eps",
+                                              "mlp_activation", "pixel_mean", "pixel_std")})
   values["num_classes"] = model.get("num_classes")
   values["image_size"] = model.get("image_size")
   if name != "vit":

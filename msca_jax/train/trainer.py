@@ -513,7 +513,7 @@ def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
   loaded = initialise.initial_params(init, abstract_params)
   if loaded is None:
     raise UserError(f"nothing to evaluate: {exp.workdir} has no finished checkpoint and "
-                    "config.init names no weights (set --config.init.checkpoint or vit_npz)")
+                    "config.init names no weights (set --config.init.weights or --config.init.checkpoint)")
   params, report = loaded
   _log("evaluating %s", report.summary())
   param_shardings = mesh_lib.tree_shardings(abstract_params, exp.mesh, exp.rules)

@@ -115,3 +115,14 @@ def test_layer_decay_gives_each_block_its_rate(setup):
 def test_bad_values_name_the_field(field, value):
   with pytest.raises(ValueError, match=rf"^config\.train\.{field} = "):
     optim.check_config(train_cfg(**{field: value}))
+
+
+def test_clip_backbone_params_have_layers():
+  # CLIP's pre_norm sits with the embeddings and its proj with the head: a linear probe on CLIP
+  # trains the head on the projected features, the rest frozen.
+  model = helpers.small_model(depth=2, backbone="clip", proj_dim=16)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), helpers.random_clip()))["params"]
+  layers = _flat(optim.param_layers(nn.unbox(params)))
+  assert layers["Transformer/pre_norm/scale"] == 0 and layers["proj/kernel"] == 3
+  trained = _flat(optim.trainable_mask(nn.unbox(params), "head"))
+  assert [k for k, v in trained.items() if v] == ["head/bias", "head/kernel"]
