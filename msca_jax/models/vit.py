@@ -157,8 +157,14 @@ class Attention(nn.Module):
 
     # Frames are independent attention problems: fold time into the batch.
     q, k, v = (y.reshape(batch * frames, tokens, self.num_heads, head_dim) for y in (q, k, v))
-    if train and self.attention_dropout_rate > 0.0:
-      out = self._attention_with_dropout(q, k, v)
+    # A caller that makes 'intermediates' mutable asks for the probabilities; otherwise this
+    # lowers to exactly the fused attention below (tests/models/test_attention_maps.py).
+    capture = self.is_mutable_collection("intermediates")
+    if capture or (train and self.attention_dropout_rate > 0.0):
+      out, weights = self._explicit_attention(q, k, v, train)
+      if capture:
+        self.sow("intermediates", "attention",
+                 weights.reshape(batch, frames, self.num_heads, tokens, tokens))
     else:
       implementation = attention_implementation(self.attention_impl, jax.default_backend(),
                                                 q.dtype, head_dim)
@@ -170,12 +176,15 @@ class Attention(nn.Module):
         kernel_init=_init(xavier((0, 1), (2,)), ("heads", "kv", "embed")),
         bias_init=_init(nn.initializers.zeros, ("embed",)))(out)
 
-  def _attention_with_dropout(self, q, k, v):
-    # jax.nn.dot_product_attention has no dropout, so this path is unfused.
+  def _explicit_attention(self, q, k, v, train: bool):
+    """(output, float32 probabilities (B*T, heads, q, k) before dropout): the unfused form,
+    for attention dropout (which jax.nn.dot_product_attention lacks) and for capture."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits * q.shape[-1] ** -0.5, axis=-1)
-    weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=False)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    dropped = weights
+    if train and self.attention_dropout_rate > 0.0:
+      dropped = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=False)
+    return jnp.einsum("bhqk,bkhd->bqhd", dropped.astype(v.dtype), v), weights
 
 
 class EncoderBlock(nn.Module):
