@@ -1,4 +1,4 @@
-r"""Classifies one video file with a trained model: the top-k classes and their probabilities.
+r"""Classifies videos with a trained model: the top-k classes and their probabilities.
 
     python -m msca_jax.predict --config=configs/msca_kv.py:demo --checkpoint=/tmp/msca_kv_demo \
         --video=clip.mp4 [--top_k=5] [--views=test|val] [--labels=labels.txt]
@@ -585,7 +585,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
   flags.DEFINE_string("checkpoint", None, "Training workdir, one checkpoint step of it, or a params "
                       "directory (pretrained.save_params, tools.convert_torch).",
                       flag_values=flag_values)
-  flags.DEFINE_string("video", None, "The video file to classify.", flag_values=flag_values)
+  flags.DEFINE_string("video", None, "The video file to classify, a folder of videos (searched "
+                      "recursively) or a list file (.txt, one path per line).",
+                      flag_values=flag_values)
   flags.DEFINE_integer("top_k", 5, "How many classes to list.", flag_values=flag_values)
   flags.DEFINE_enum("views", "test", list(VIEWS), "test: config.data.eval_clips x eval_crops; "
                     "val: config.data.val_clips x val_crops.", flag_values=flag_values)
