@@ -100,35 +100,43 @@ def test_flags_are_defined_only_when_asked():
   assert compare.__name__ not in flags.FLAGS.flags_by_module_dict()   # importing it defined none
 
 
-def test_study_runs_every_seed_once_and_resumes(tiny_runs, monkeypatch):
-  workdir = str(tiny_runs)
+def test_study_runs_every_seed_once_and_reads_finished_runs(tmp_path, monkeypatch):
+  # The study's bookkeeping around the trainer (whose exact resume tests/train/test_trainer.py
+  # proves): each (entry, seed) runs once in its own workdir with its own config, a finished run
+  # is read back, a run without its result runs again, another config's result is refused.
+  workdir = str(tmp_path / "study")
   os.makedirs(workdir)
   calls = []
+
+  def fake_run(config, run_dir, mode):
+    moved = config.model.shift_div if config.model.name == "msca" else None
+    calls.append((run_dir, config.train.seed, config.train.num_steps, moved, mode))
+    os.makedirs(run_dir, exist_ok=True)   # the trainer makes its workdir
+    top1 = 0.1 * (config.train.seed + 1)
+    return {"step": config.train.num_steps,
+            "test": {"test/top1": top1, "test/top5": 1.0, "test/within_pair_accuracy": 0.5}}
+
   from msca_jax.train import trainer   # study imports it when it runs
-  real_run = trainer.run
-  monkeypatch.setattr(trainer, "run", lambda c, d, m: calls.append(d) or real_run(c, d, m))
-  # One variant: the other entries differ only in the config they hand the same code (CI time).
-  results = compare.study(workdir, ["msca_kv"], seeds=[0, 1], steps=2)
-  assert len(calls) == 2 and {r["seed"] for r in results["msca_kv"]} == {0, 1}
-  for runs in results.values():
-    assert all(r["steps"] == 2 and 0 <= r["top1"] <= r["top5"] <= 1 for r in runs)
-  assert [r["config"]["train"]["seed"] for r in results["msca_kv"]] == [0, 1]
+  monkeypatch.setattr(trainer, "run", fake_run)
+  results = compare.study(workdir, ["vit", "msca_kv_heads2"], seeds=[0, 1], steps=2)
+  assert calls == [(os.path.join(workdir, name, f"seed_{seed}"), seed, 2, div, "train_and_evaluate")
+                   for name, div in (("vit", None), ("msca_kv_heads2", 2)) for seed in (0, 1)]
+  assert [r["top1"] for r in results["msca_kv_heads2"]] == pytest.approx([0.1, 0.2])
+  assert [r["config"]["train"]["seed"] for r in results["vit"]] == [0, 1]
   paths = compare.write_study(workdir, results)
   with open(paths["png"], "rb") as f:
     assert f.read(4) == b"\x89PNG"
   with open(paths["md"]) as f:
     assert f.readline().startswith("| model | seeds | steps | top-1 (%)")
 
-  # A finished run is read again, not trained; one without its result (interrupted after the
-  # last checkpoint) resumes there and ends with the same metrics.
-  os.remove(os.path.join(workdir, "msca_kv", "seed_1", "result.json"))
+  os.remove(os.path.join(workdir, "vit", "seed_1", "result.json"))
   calls.clear()
-  again = compare.study(workdir, ["msca_kv"], seeds=[0, 1], steps=2)
-  assert calls == [os.path.join(workdir, "msca_kv", "seed_1")]
-  assert again["msca_kv"][1]["top1"] == results["msca_kv"][1]["top1"]
-  assert again["msca_kv"][0] == results["msca_kv"][0]
-  with pytest.raises(UserError, match="msca_kv/seed_0 holds a finished run of another config"):
-    compare.study(workdir, ["msca_kv"], seeds=[0], steps=3)
+  again = compare.study(workdir, ["vit", "msca_kv_heads2"], seeds=[0, 1], steps=2)
+  assert [c[0] for c in calls] == [os.path.join(workdir, "vit", "seed_1")]
+  assert again["msca_kv_heads2"] == results["msca_kv_heads2"] and again["vit"][0] == results["vit"][0]
+  assert again["vit"][1]["top1"] == results["vit"][1]["top1"]
+  with pytest.raises(UserError, match="vit/seed_0 holds a finished run of another config"):
+    compare.study(workdir, ["vit"], seeds=[0], steps=3)
 
 
 def test_study_statistics_and_entries():
