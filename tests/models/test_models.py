@@ -1,5 +1,7 @@
 """Properties every variant must have (docs/model.md), with and without jit."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -19,6 +21,17 @@ HEAD_AXIS = [v for v in TEMPORAL if not v[0].endswith("_patch")]
 EAGER = [v for v in TEMPORAL if v[0] in ("tokenshift", "msca_kv", "msca_qkv_patch")]
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_apply(overrides: tuple):
+  model = helpers.small_model(**dict(overrides))
+  return lambda p, x: model.apply({"params": p}, x)
+
+
+def _apply_fn(**overrides):
+  """One function object per model: jax.jit reuses its compilations across tests (CI time)."""
+  return _cached_apply(tuple(sorted(overrides.items())))
+
+
 class VariantPropertiesTest(chex.TestCase):
 
   def setUp(self):
@@ -27,8 +40,7 @@ class VariantPropertiesTest(chex.TestCase):
     self.params = helpers.init_params(helpers.small_model(), self.clip)
 
   def _logits(self, clip, **overrides):
-    model = helpers.small_model(**overrides)
-    return self.variant(lambda p, x: model.apply({"params": p}, x))(self.params, clip)
+    return self.variant(_apply_fn(**overrides))(self.params, clip)
 
   def _fold_zero_equals_vit(self, overrides):
     # More shift groups than heads (MSCA) or channels (TokenShift): nothing moves.
