@@ -123,7 +123,7 @@ def test_a_damaged_latest_step_falls_back_to_the_newest_intact_one(how, saved, t
 
   checkpointer = ckpt_lib.Checkpointer(directory, save_interval_steps=10)
   try:
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="absl"):
       assert checkpointer.latest_intact_step() == 10
     warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
     assert f"checkpoint step 20 in {directory} is damaged: {damaged_file}" in warning and why in warning
@@ -283,7 +283,7 @@ def test_the_trainer_resumes_past_a_damaged_step_exactly(tmp_path, caplog):
   want = initialise.read_checkpoint_params(os.path.join(checkpoints, "10"))
   damaged_file, _ = _damage(os.path.join(checkpoints, "10"), "bit flip")
 
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):   # an in-process tool may have set WARNING
     result = trainer.run(tiny_config(**SHORT), workdir, "train")
   messages = [r.getMessage() for r in caplog.records]
   assert any(f"checkpoint step 10 in {checkpoints} is damaged: {damaged_file}" in m for m in messages)
