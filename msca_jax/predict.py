@@ -743,18 +743,25 @@ def _run_windows(config, params, path, window_seconds, hop_seconds, flag_values,
   return 0
 
 
+def start_program(flag_values: flags.FlagValues) -> None:
+  """What every program that reads a checkpoint for inference does first (predict, visualize,
+  extract_features, export): TensorFlow kept off the accelerators, absl at WARNING unless
+  --verbosity says otherwise, and orbax's warnings about read-only managers and missing metadata
+  files (which reading a checkpoint causes) filtered out."""
+  # Imported here so that --help answers without loading JAX and TensorFlow.
+  _tensorflow()
+  if not flag_values["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  logging.get_absl_logger().addFilter(
+      lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
+
+
 def main(argv: Sequence[str]) -> int:
   """The program: 0 with a prediction; 2 (one line on stderr) for a mistake in the inputs."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _check_required(flags.FLAGS)
-  # Imported here so that --help answers without loading JAX and TensorFlow.
-  _tensorflow()
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  # Reading a checkpoint makes orbax warn about read-only managers and missing metadata files.
-  logging.get_absl_logger().addFilter(
-      lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
+  start_program(flags.FLAGS)
   # run's failures are all about the inputs: the exit status every program gives a user error.
   return cli.EXIT_USER_ERROR if run(flags.FLAGS) else 0
 

@@ -40,7 +40,7 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags  # pylint: disable=unused-import
 
 from msca_jax import cli, predict
@@ -293,11 +293,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  predict._tensorflow()  # pylint: disable=protected-access
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  logging.get_absl_logger().addFilter(
-      lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
+  predict.start_program(flags.FLAGS)
   return run(flags.FLAGS)
 
 

@@ -34,7 +34,7 @@ if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from msca_jax import cli, predict
@@ -295,9 +295,7 @@ def main(argv: Sequence[str]) -> int:
   if (fv.split is None) == (fv.videos is None):
     raise app.UsageError("give exactly one of --split and --videos")
   from msca_jax import pretrained, progress
-  predict._tensorflow()  # pylint: disable=protected-access  # keep TensorFlow off the accelerators
-  if not fv["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  predict.start_program(fv)
   progress.quiet_library_logs()
   config = fv.config
   try:
