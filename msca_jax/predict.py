@@ -705,7 +705,7 @@ def _run_many(config, params, paths, flag_values, names, decode, out, fail) -> i
                   min(flag_values.top_k, len(names)))
   bad = [(p, s) for p, s, _ in rows if s != "ok"]
   for p, s in bad:
-    print(f"predict: skipped {p}: {s}", file=sys.stderr)
+    print(f"predict: skipped {p}: {s.removeprefix(p + ': ')}", file=sys.stderr)
   print(f"videos     {len(rows) - len(bad)} of {len(rows)} classified, {len(bad)} skipped; "
         f"decoded at {decode.describe()}", file=out)
   print(f"views      {describe_protocol(config.data, flag_values.views)} "

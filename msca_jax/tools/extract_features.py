@@ -224,7 +224,7 @@ def extract(config, params, output_dir: str, *, split: str | None = None,
           if row.status == "ok":
             frames.append(feats[i])
           else:
-            report(f"extract_features: skipped {row.key}: {row.status}")
+            report(f"extract_features: skipped {row.key}: {row.status.removeprefix(row.key + ': ')}")
         bar.update(len(batch_rows))
       if rows:
         _write_shard(output_dir, shard, rows, frames, per_frame, width, shape)
@@ -236,8 +236,9 @@ def extract(config, params, output_dir: str, *, split: str | None = None,
       index_rows.append((r["key"], label if label >= 0 else "",
                          names[label] if 0 <= label < len(names) else "", r["status"],
                          s if r["status"] == "ok" else "", r["offset"]))
-      if r["status"] != "ok":
-        skipped[r["status"]] = skipped.get(r["status"], 0) + 1
+      if r["status"] != "ok":   # counted by reason: the status without its path and details
+        reason = r["status"].removeprefix(r["key"] + ": ").split(" (")[0]
+        skipped[reason] = skipped.get(reason, 0) + 1
   with open(os.path.join(output_dir, "index.csv.tmp"), "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f)
     writer.writerow(INDEX_COLUMNS)
