@@ -573,18 +573,24 @@ def plot_timeline(path: str, rows, names: Sequence[str], title: str = "",
 # The command line.
 
 
-def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
-                 argv: Sequence[str] | None = None) -> flags.FlagValues:
-  """Defines the flags; only when run as a program, so importing this module defines nothing.
-
-  `argv` is where --config.FIELD overrides are looked for (default: sys.argv).
-  """
+def define_model_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
+  """--config and --checkpoint, the model every inference program (predict, visualize, export,
+  extract_features) loads; `argv` is where --config.FIELD overrides are looked for."""
   config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.",
                                   flag_values=flag_values,
                                   sys_argv=list(argv) if argv is not None else None)
   flags.DEFINE_string("checkpoint", None, "Training workdir, one checkpoint step of it, or a params "
                       "directory (pretrained.save_params, tools.convert_torch).",
                       flag_values=flag_values)
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
+                 argv: Sequence[str] | None = None) -> flags.FlagValues:
+  """Defines the flags; only when run as a program, so importing this module defines nothing.
+
+  `argv` is where --config.FIELD overrides are looked for (default: sys.argv).
+  """
+  define_model_flags(flag_values, argv)
   flags.DEFINE_string("video", None, "The video file to classify, a folder of videos (searched "
                       "recursively) or a list file (.txt, one path per line).",
                       flag_values=flag_values)

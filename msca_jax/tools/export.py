@@ -41,7 +41,6 @@ if __name__ == "__main__":
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
-from ml_collections import config_flags  # pylint: disable=unused-import
 
 from msca_jax import cli, predict
 
@@ -229,12 +228,7 @@ def write(config, params, out: str, platforms: Sequence[str] = PLATFORMS,
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Sequence[str] | None = None) -> flags.FlagValues:
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.",
-                                  flag_values=flag_values,
-                                  sys_argv=list(argv) if argv is not None else None)
-  flags.DEFINE_string("checkpoint", None, "Training workdir, one checkpoint step of it, or a params "
-                      "directory (pretrained.save_params, tools.convert_torch).",
-                      flag_values=flag_values)
+  predict.define_model_flags(flag_values, argv)
   flags.DEFINE_string("out", None, "Directory for the artifacts.", flag_values=flag_values)
   flags.DEFINE_list("platforms", list(PLATFORMS), "jax.export / jax2tf platforms.",
                     flag_values=flag_values)

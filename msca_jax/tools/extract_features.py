@@ -35,7 +35,6 @@ if __name__ == "__main__":
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
-from ml_collections import config_flags
 
 from msca_jax import cli, predict
 from msca_jax.errors import UserError
@@ -266,10 +265,7 @@ def load(output_dir: str, what: str = "clips") -> tuple[np.ndarray, list[dict]]:
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.",
-                                  flag_values=flag_values)
-  flags.DEFINE_string("checkpoint", None, "Training workdir, one checkpoint step of it, or a params "
-                      "directory.", flag_values=flag_values)
+  predict.define_model_flags(flag_values)
   flags.DEFINE_string("output_dir", None, "Where the shards and the index go.",
                       flag_values=flag_values)
   flags.DEFINE_string("split", None, "A split of config.data, e.g. validation.",

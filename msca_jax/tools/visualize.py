@@ -41,7 +41,6 @@ if __name__ == "__main__":
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
-from ml_collections import config_flags
 
 from msca_jax import cli, predict
 
