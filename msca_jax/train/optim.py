@@ -238,8 +238,9 @@ def trainable_mask(params: Any, trainable: str = "all") -> Any:
   if blocks == 0:
     return jax.tree_util.tree_map_with_path(lambda path, _: _top_names(path)[:1] == ["head"],
                                             params, is_leaf=_is_box)
-  depth = model_depth(params)
-  first = 1 if blocks is None else depth + 1 - blocks   # the first trained layer
+  if blocks is None:
+    return jax.tree_util.tree_map(lambda _: True, params, is_leaf=_is_box)
+  first = model_depth(params) + 1 - blocks   # the first trained layer
   return jax.tree_util.tree_map(lambda layer: layer >= first, param_layers(params))
 
 

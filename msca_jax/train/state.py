@@ -67,11 +67,14 @@ def create(model, tx, clip: jax.ShapeDtypeStruct, mesh: Mesh, logical_rules,
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn: LossFn,
                     shardings: TrainState, mesh: Mesh, logical_rules,
-                    inputs: Callable[[dict], jax.Array] | None = None):
+                    inputs: Callable[[dict], jax.Array] | None = None, trainable: Any = None):
   """step(state, batch, rng) -> (state, metrics); the old state's buffers are donated.
 
   `inputs(batch)` gives the model's video (data/stream.py's `model_inputs`: where the views
   are finished on the device); by default batch['video'] as it is.
+  `trainable` (a tree of bools like the params, optim.trainable_mask) stops the gradient at the
+  frozen leaves, so their backward pass is never built: a linear probe costs a forward pass and
+  the head's gradient. Their gradients are zeros, which the optimiser ignores anyway.
   step.lower(state, batch, rng) lowers it ahead of time (a jax.stages.Lowered).
   """
   batch_sharding = NamedSharding(mesh, P(mesh_lib.BATCH_AXES))
@@ -81,6 +84,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, loss_fn:
     video = inputs(batch) if inputs is not None else batch["video"]
 
     def objective(params):
+      if trainable is not None:
+        params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
       logits = model.apply({"params": params}, video, train=True, rngs={"dropout": rng})
       loss, metrics = loss_fn(logits, batch)
       return loss, metrics

@@ -266,10 +266,14 @@ def make_train_step(config, model: nn.Module, tx, shardings, mesh: jax.sharding.
   """The trainer's jitted train step: config.train's loss (optim.training_loss) on the batches
   of config.data, views finished on the device when `window` is set (stream.training_window).
 
+  With `config.train.trainable` other than 'all' the frozen leaves get no backward pass.
   tools/benchmark.py times this very step.
   """
+  trainable = config.train.get("trainable", "all")
+  mask = None if trainable == "all" else optim.trainable_mask(shardings.params, trainable)
   return state_lib.make_train_step(model, tx, optim.training_loss(config.train), shardings, mesh,
-                                   rules, inputs=stream_lib.model_inputs(config.data, window))
+                                   rules, inputs=stream_lib.model_inputs(config.data, window),
+                                   trainable=mask)
 
 
 def _initial_state(exp: Experiment, shardings) -> state_lib.TrainState:

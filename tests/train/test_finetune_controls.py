@@ -11,7 +11,10 @@ import flax.linen as nn
 from flax import traverse_util
 
 from configs import common
+from msca_jax.tools import step_analysis
+from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim
+from msca_jax.train import state as state_lib
 from tests import helpers
 
 DEPTH = 3
@@ -108,6 +111,50 @@ def test_layer_decay_gives_each_block_its_rate(setup):
       block = int(name.split("/")[1].split("_")[1])
       want = decay ** (DEPTH - block)
     assert got == {round(want, 7)}, (name, got, want)
+
+
+def _train_step(trainable: str, masked: bool):
+  """The trainer's state and step on one device; masked: the step stops frozen gradients."""
+  model = helpers.small_model(depth=DEPTH)
+  cfg = train_cfg(trainable=trainable, weight_decay=0.01)
+  tx = optim.make_optimizer(cfg, steps_per_epoch=10)
+  mesh_cfg = mesh_lib.mesh_config()
+  mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:1])
+  rules = mesh_lib.rules(mesh_cfg)
+  clip = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jnp.float32)
+  state, shardings = state_lib.create(model, tx, clip, mesh, rules, jax.random.key(0))
+  mask = optim.trainable_mask(shardings.params, trainable) if masked else None
+  step = state_lib.make_train_step(model, tx, optim.training_loss(cfg), shardings, mesh, rules, trainable=mask)
+  batch = mesh_lib.global_batch({"video": np.asarray(helpers.random_clip()),
+                                 "label": np.array([1, 3], np.int32)}, mesh)
+  return state, step, batch
+
+
+def test_frozen_layers_get_no_backward_pass():
+  # The trainer passes trainable_mask to the step (trainer.make_train_step), which stops the
+  # gradient at frozen leaves: the program holds no backward pass for them (FLOPs), and the
+  # update is the one the full gradient gives through the optimiser's set_to_zero.
+  every = optim.trainable_mask(_train_step("all", masked=False)[0].params, "all")
+  assert all(jax.tree.leaves(every))
+  flops = {}
+  for trainable in ("all", "last:1", "head"):
+    state, step, batch = _train_step(trainable, masked=trainable != "all")
+    flops[trainable] = step_analysis.flops(step.lower(state, batch, jax.random.key(1)))
+  forward = flops["all"] / 3   # a backward pass costs about two forward passes
+  assert flops["head"] < 1.2 * forward < flops["last:1"] < flops["all"], flops
+
+  results = []
+  for masked in (True, False):
+    state, step, batch = _train_step("last:1", masked)
+    for _ in range(2):
+      state, metrics = step(state, batch, jax.random.key(1))
+    results.append((_flat(state.params), float(metrics["grad_norm"])))
+  (got, got_norm), (want, want_norm) = results
+  assert got.keys() == want.keys()
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
+  # The reported norm is the trained leaves' (the frozen ones' gradients are zeros).
+  assert 0 < got_norm < want_norm
 
 
 @pytest.mark.parametrize("field,value", [("trainable", "last:0"), ("trainable", "backbone"),
