@@ -46,6 +46,22 @@ def step_dir(directory: str) -> str:
       "msca_jax.tools.convert_torch, a training workdir, its checkpoints/ or one of its steps")
 
 
+def _older_intact_step(damaged: str) -> str:
+  """A hint naming the newest intact step before `damaged`: readers never pick another step
+  themselves (predictions from older weights must be asked for), nor move the damaged one."""
+  root, step = os.path.split(damaged)
+  older = sorted((int(name) for name in os.listdir(root) if name.isdigit() and int(name) < int(step)),
+                 reverse=True)
+  for candidate in older:
+    path = os.path.join(root, str(candidate))
+    try:
+      checkpoint.verify_step(path)
+    except checkpoint.DamagedCheckpointError:
+      continue
+    return f"; the newest intact step is {path}: name it to read that one"
+  return "; no older step is intact"
+
+
 def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   """{'Transformer/encoderblock_0/...': array} from one of our orbax checkpoints, as numpy.
 
@@ -56,7 +72,12 @@ def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"config.init.checkpoint: {directory} does not exist")
   found = step_dir(directory)
-  checkpoint.verify_step(found)  # raises DamagedCheckpointError if its files differ from the digests
+  try:
+    checkpoint.verify_step(found)
+  except checkpoint.DamagedCheckpointError as e:
+    if found == directory:   # the step was named: that step or nothing
+      raise
+    raise checkpoint.DamagedCheckpointError(e.path, e.file, e.why + _older_intact_step(found)) from None
   item = next(i for i in _PARAMS_ITEMS if os.path.isdir(os.path.join(found, i)))
   path = os.path.join(found, item)
   checkpointer = ocp.PyTreeCheckpointer()

@@ -169,8 +169,19 @@ def test_readers_verify_and_name_the_true_cause(saved, tmp_path, capsys):
   directory = _copy(saved, tmp_path)
   # config.init / evaluate mode read the latest step through initialise.
   damaged_file, _ = _damage(os.path.join(directory, "20"), "truncated")
-  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=re.escape(damaged_file)):
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=re.escape(damaged_file)) as error:
     initialise.read_checkpoint_params(directory)
+  intact = os.path.join(directory, "10")
+  assert str(error.value).endswith(f"the newest intact step is {intact}: name it to read that one")
+  assert initialise.read_checkpoint_params(intact).keys()   # named, the older step reads
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=r"20 is damaged: .*bytes[^;]*$"):
+    initialise.read_checkpoint_params(os.path.join(directory, "20"))   # named: no hint needed
+  _damage(intact, "bit flip")
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match="; no older step is intact$"):
+    initialise.read_checkpoint_params(directory)
+  shutil.rmtree(directory)
+  directory = _copy(saved, tmp_path)
+  damaged_file, _ = _damage(os.path.join(directory, "20"), "truncated")
 
   def cli(checkpoint):
     argv = ["predict", f"--config={CONFIG}:demo", "--config.model.depth=1",
