@@ -290,11 +290,6 @@ def view_logits(config, params, views: np.ndarray) -> np.ndarray:
   return np.asarray(_forward(model)({"params": params}, views), np.float32)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return e / e.sum(axis=-1, keepdims=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # Prediction.
 
@@ -315,7 +310,7 @@ def classify(config, params, video_path: str, views: str = "test", top_k: int = 
   names = list(names) if names is not None else class_names(config)[0]
   frames = decode_video(video_path, decode)
   logits = view_logits(config, params, eval_views(frames, config.data, views))
-  probabilities = _softmax(np.asarray(evaluate.average_views(logits[None]))[0])
+  probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])
   if len(names) != probabilities.shape[0]:
     raise PredictError(f"{len(names)} class names for a model with {probabilities.shape[0]} classes")
   order = np.argsort(-probabilities, kind="stable")[:top_k]
@@ -412,7 +407,7 @@ def batch_probabilities(config, params, views: np.ndarray) -> np.ndarray:
 
   num_views = views.shape[1]
   logits = view_logits(config, params, views.reshape((-1,) + views.shape[2:]))
-  return _softmax(np.asarray(evaluate.average_views(logits, num_views)))
+  return evaluate.softmax(np.asarray(evaluate.average_views(logits, num_views)))
 
 
 def _top(probabilities: np.ndarray, names: Sequence[str], top_k: int) -> list[tuple[int, str, float]]:

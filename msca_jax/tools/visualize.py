@@ -394,7 +394,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   except (OSError, predict.PredictError, dmvr.DataError) as e:
     return fail(str(e))
   logits, attention = attention_probabilities(config, params, views)
-  probabilities = predict._softmax(np.asarray(evaluate.average_views(logits[None]))[0])  # pylint: disable=protected-access
+  probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])
   order = np.argsort(-probabilities, kind="stable")[:flag_values.top_k]
   top = [(int(i), names[i], float(probabilities[i])) for i in order]
   details = [f"video {flag_values.video}: {len(frames)} frames decoded at {decode.describe()}",

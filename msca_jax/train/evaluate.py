@@ -51,7 +51,8 @@ def average_views(view_logits, num_views: int | None = None):
   return view_logits.astype(dtype).mean(axis=1)
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+  """Class probabilities on the host (numpy), for reports and predictions."""
   shifted = logits - logits.max(axis=-1, keepdims=True)
   e = np.exp(shifted)
   return e / e.sum(axis=-1, keepdims=True)
@@ -215,7 +216,7 @@ class EvalAccumulator:
     finite = np.all(np.isfinite(logits), axis=1)
     order = np.argsort(-np.where(finite[:, None], logits, 0.0), axis=1, kind="stable")
     top_classes = order[:, :self.top_k]
-    probs = _softmax(np.where(finite[:, None], logits, 0.0))
+    probs = softmax(np.where(finite[:, None], logits, 0.0))
     top_probs = np.take_along_axis(probs, top_classes, axis=1)
     # A non-finite output is no prediction: it counts as wrong and stays out of the confusion.
     top_classes = np.where(finite[:, None], top_classes, -1)
