@@ -42,6 +42,30 @@ def init_params(model, clip, seed: int = 0):
   return nn.unbox(model.init(jax.random.key(seed), clip)["params"])
 
 
+def random_config_params(config) -> dict:
+  """Random (seed 0) numpy params of config.model, as the inference tools' tests load them."""
+  model = models.build(config.model)
+  clip = np.zeros(models.clip_spec(config.model).shape, np.float32)
+  return jax.tree.map(np.asarray, nn.unbox(jax.jit(model.init)(jax.random.key(0), clip)["params"]))
+
+
+def saved_random_params(config, directory) -> tuple[dict, str]:
+  """(params, checkpoint): random params of config.model saved where the tools read a checkpoint."""
+  from msca_jax import pretrained
+  params = random_config_params(config)
+  return params, pretrained.save_params(str(directory), params)
+
+
+def moving_square_video(num_frames: int = 30, height: int = 48, width: int = 64, seed: int = 0):
+  """(T, H, W, 3) uint8 noise with a bright square moving right: frames and crops all differ."""
+  rng = np.random.default_rng(seed)
+  frames = rng.integers(0, 120, (num_frames, height, width, 3), dtype=np.uint8)
+  for t in range(num_frames):
+    x = 2 * t % (width - 12)
+    frames[t, 16:28, x:x + 12] = 230
+  return frames
+
+
 def reference_state_dict(seed: int = 0, grid=GRID) -> dict:
   """Random weights of the SMALL model in the reference PyTorch layout."""
   s = SMALL

@@ -12,10 +12,11 @@ from absl import app, flags
 from jax.sharding import Mesh
 
 from configs import msca_kv
-from msca_jax import models, predict, pretrained
+from msca_jax import models, predict
 from msca_jax.data import dmvr, pipeline, sources, synthetic, video
 from msca_jax.tools import prepare_videos
 from msca_jax.train import checkpoint, evaluate
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "msca_kv.py")
@@ -29,27 +30,14 @@ def _config(**data):
   return config
 
 
-def _moving_video(num_frames=30, height=48, width=64, seed=0):
-  """Noise with a bright square moving right: frames differ, and so do the crops."""
-  rng = np.random.default_rng(seed)
-  frames = rng.integers(0, 120, (num_frames, height, width, 3), dtype=np.uint8)
-  for t in range(num_frames):
-    x = 2 * t % (width - 12)
-    frames[t, 16:28, x:x + 12] = 230
-  return frames
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   """A saved depth-1 model and a real mp4."""
   tmp = tmp_path_factory.mktemp("predict")
   config = _config()
-  model = models.build(config.model)
-  clip = np.zeros(models.clip_spec(config.model).shape, np.float32)
-  params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), clip)["params"])
-  checkpoint = pretrained.save_params(str(tmp / "params"), params)
+  params, checkpoint = helpers.saved_random_params(config, tmp / "params")
   path = str(tmp / "clip.mp4")
-  video.write_video(path, _moving_video())
+  video.write_video(path, helpers.moving_square_video())
   return {"tmp": tmp, "checkpoint": checkpoint, "video": path}
 
 
@@ -224,7 +212,7 @@ def test_many_videos_run_batched_into_one_csv(setup, tmp_path, capsys):
   folder = tmp_path / "videos"
   (folder / "sub").mkdir(parents=True)
   os.link(setup["video"], folder / "a.mp4")
-  video.write_video(str(folder / "sub" / "b.mp4"), _moving_video(num_frames=12, seed=1))
+  video.write_video(str(folder / "sub" / "b.mp4"), helpers.moving_square_video(num_frames=12, seed=1))
   (folder / "c.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
   (folder / "notes.txt").write_text("not a video")
   output = tmp_path / "out" / "predictions.csv"
@@ -261,7 +249,7 @@ def test_sliding_windows_over_a_long_video(setup, tmp_path, capsys):
   config = _config()
   params = predict.load_params(config, setup["checkpoint"])
   long_video = str(tmp_path / "long.mp4")
-  video.write_video(long_video, _moving_video(num_frames=60, seed=2))   # 2.4 s at 25 fps
+  video.write_video(long_video, helpers.moving_square_video(num_frames=60, seed=2))   # 2.4 s at 25 fps
   decode = predict.decode_settings(config.data)
   frames = predict.decode_video(long_video, decode)
   windows = list(predict.window_frames(long_video, decode, 0.8, 0.4))

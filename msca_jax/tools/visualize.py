@@ -34,7 +34,7 @@ import dataclasses
 import html
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported

@@ -13,9 +13,10 @@ from absl import flags
 from jax import export as jax_export
 
 from configs import msca_kv
-from msca_jax import cli, models, pretrained
+from msca_jax import cli, models
 from msca_jax.data import augment, pipeline, synthetic
 from msca_jax.tools import export
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "msca_kv.py")
@@ -46,9 +47,7 @@ def exported(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("export")
   config = _config()
   model = models.build(config.model)
-  clip = np.zeros(models.clip_spec(config.model).shape, np.float32)
-  params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), clip)["params"])
-  checkpoint = pretrained.save_params(str(tmp / "params"), params)
+  params, checkpoint = helpers.saved_random_params(config, tmp / "params")
   assert _cli([f"--checkpoint={checkpoint}", f"--out={tmp / 'out'}"]) == 0
   return {"config": config, "model": model, "params": params, "out": tmp / "out"}
 

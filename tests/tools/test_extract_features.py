@@ -2,8 +2,6 @@
 
 import os
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
@@ -12,6 +10,7 @@ from msca_jax import models, predict
 from msca_jax.data import sources, stream, video
 from msca_jax.errors import UserError
 from msca_jax.tools import extract_features as ef
+from tests import helpers
 
 N = 22   # videos of the eval split: shards of 8, 8 and 6
 
@@ -33,8 +32,7 @@ def setup(tmp_path_factory):
   mp.setenv("MSCA_JAX_CACHE", str(tmp / "cache"))
   config = _config()
   model = models.build(config.model)
-  clip = np.zeros(models.clip_spec(config.model).shape, np.float32)
-  params = jax.tree.map(np.asarray, nn.unbox(jax.jit(model.init)(jax.random.key(0), clip)["params"]))
+  params = helpers.random_config_params(config)
   source = sources.make_source(config.data, config.data.eval_split)
   batch = next(iter(stream.EvalStream(source, config.data, batch_size=N, num_clips=2, num_crops=1)))
   views = batch.device["video"].reshape((-1,) + batch.device["video"].shape[2:])

@@ -11,7 +11,7 @@ from absl import flags
 from PIL import Image
 
 from configs import msca_kv
-from msca_jax import cli, models, pretrained
+from msca_jax import cli, models
 from msca_jax.data import synthetic, video
 from msca_jax.tools import visualize
 from tests import helpers
@@ -97,16 +97,9 @@ def saved(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("visualize")
   config = msca_kv.get_config("demo")
   config.model.depth = 1
-  model = models.build(config.model)
-  clip = np.zeros(models.clip_spec(config.model).shape, np.float32)
-  params = jax.tree.map(np.asarray, jax.jit(model.init)(jax.random.key(0), clip)["params"])
-  rng = np.random.default_rng(0)
-  frames = rng.integers(0, 120, (20, 48, 64, 3), dtype=np.uint8)
-  for t in range(20):
-    frames[t, 16:28, 2 * t:2 * t + 12] = 230
   path = str(tmp / "clip.mp4")
-  video.write_video(path, frames)
-  return {"checkpoint": pretrained.save_params(str(tmp / "params"), params), "video": path}
+  video.write_video(path, helpers.moving_square_video(num_frames=20))
+  return {"checkpoint": helpers.saved_random_params(config, tmp / "params")[1], "video": path}
 
 
 def _cli(argv, capsys):
