@@ -290,7 +290,7 @@ def convert(source: str, path: str, split: str, output: str, *, tfds_name: str =
                     records.description, records.decode.describe())
   os.makedirs(prepare_videos.parts_dir(output, split), exist_ok=True)
 
-  summary = Summary(split=split, output=output, num_shards=len(files),
+  summary = Summary(split=split, output=output, num_shards=len(files), unit="chunks",
                     failures_path=os.path.join(output, f"{split}.failures.tsv"))
   lock = threading.Lock()
   progress: Progress | None = None

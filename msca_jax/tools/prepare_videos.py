@@ -148,6 +148,7 @@ class Summary:
   # Paths the walk of the video tree did not take: link loops, links into the tree, files
   # reached twice (each is also a line of the log).
   walk_notes: list[str] = dataclasses.field(default_factory=list)
+  unit: str = "shards"   # what a unit of resumption is called: DMVR shards, frame-folder chunks
 
   @property
   def videos_failed(self) -> int:
@@ -159,16 +160,17 @@ class Summary:
 
   def format(self, max_failures: int = 10) -> str:
     """A human-readable report of the run."""
-    lines = [f"split {self.split!r}: {self.num_shards} shards in {self.output}"]
+    unit = self.unit
+    lines = [f"split {self.split!r}: {self.num_shards} {unit} in {self.output}"]
     per_video = f", {self.frames / self.videos_written:.1f} per video" if self.videos_written else ""
-    lines.append(f"  written       {self.videos_written} videos in {self.shards_written} shards: "
+    lines.append(f"  written       {self.videos_written} videos in {self.shards_written} {unit}: "
                  f"{self.frames} frames{per_video}, {_format_bytes(self.bytes)}, "
                  f"{self.seconds:.1f} s, {self.videos_per_s:.2f} videos/s")
     if self.shards_done_before:
       lines.append(f"  already done  {self.videos_done_before} videos in {self.shards_done_before} "
-                   "shards from an earlier run (kept)")
+                   f"{unit} from an earlier run (kept)")
     if self.shards_failed:
-      lines.append(f"  shard errors  {self.shards_failed} shards could not be written; rerun the "
+      lines.append(f"  {unit[:-1] + ' errors':13} {self.shards_failed} {unit} could not be written; rerun the "
                    "same command to retry them")
     if self.walk_notes:
       lines.append(f"  not walked    {len(self.walk_notes)} paths of the video tree (link loops, "
@@ -656,7 +658,8 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
   usable = {e.key: e for e in entries if not e.error}
   early_failures = [Failure(e.key, e.path or "", e.error) for e in entries if e.error]
 
-  summary = Summary(split=split, output=output, videos_total=len(entries), walk_notes=walk_notes)
+  summary = Summary(split=split, output=output, videos_total=len(entries), walk_notes=walk_notes,
+                    unit="chunks" if output_format == "frames" else "shards")
   failures_tsv = os.path.join(output, f"{split}.failures.tsv")
   if not usable:
     os.makedirs(output, exist_ok=True)

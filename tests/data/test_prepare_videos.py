@@ -188,7 +188,8 @@ def test_csv_bad_videos_are_reported_and_skipped(kinetics, fmt):
   else:
     assert summary.bytes == sum(map(len, frame_files(output).values()))
   text = summary.format()
-  assert "3 videos in 2 shards: 357 frames" in text and "failed        3 of 6 videos" in text
+  unit = "chunks" if fmt == "frames" else "shards"   # the units a rerun resumes by
+  assert f"3 videos in 2 {unit}: 357 frames" in text and "failed        3 of 6 videos" in text
   assert kinetics[fmt]["progress"].splitlines()[-1].startswith("train: 4/4 videos (100%)")
 
 
@@ -625,7 +626,7 @@ def test_two_workers_match_an_inline_run(tmp_path, fmt):
     summary = run(tmp_path / "v", tmp_path / "workers", short_side=32, num_shards=2, workers=2,
                   output_format=fmt, progress_stream=stream)
     stdout, progress = summary.format(), stream.getvalue()
-  assert "written       4 videos in 2 shards: 12 frames" in stdout
+  assert f"written       4 videos in 2 {'chunks' if fmt == 'frames' else 'shards'}: 12 frames" in stdout
   assert "failed        1 of 5 videos" in stdout and "c1/bad.mp4" in stdout
   assert "train: 5/5 videos (100%)" in progress  # the progress line's last state
   names = ["labels.txt", "train.failures.tsv"]

@@ -152,7 +152,7 @@ def test_bad_records_and_a_truncated_shard_are_reported_and_skipped(converted):
   assert rows[0] == ["key", "path", "reason"] and {r[0]: r[2] for r in rows[1:]} == reasons
   assert {r[0]: os.path.basename(r[1]) for r in rows[1:]}["v6"] == "train-00002-of-00004"
   text = summary.format()
-  assert "13 videos in 4 shards: 104 frames" in text and "failed        4 of 17 videos" in text
+  assert "13 videos in 4 chunks: 104 frames" in text and "failed        4 of 17 videos" in text
 
 
 def test_resume_redoes_only_a_deleted_part_in_the_same_folders(converted, tmp_path):
@@ -335,7 +335,7 @@ def test_cli_with_two_workers_matches_the_inline_conversion(converted, tmp_path)
   result = _cli("--source=dmvr", f"--path={converted['input']}", "--split=train",
                 f"--output={tmp_path / 'cli'}", "--workers=2")
   assert result.returncode == 0, result.stderr
-  assert "written       13 videos in 4 shards: 104 frames" in result.stdout
+  assert "written       13 videos in 4 chunks: 104 frames" in result.stdout
   assert "failed        4 of 17 videos" in result.stdout
   assert "train: 16/16 videos (100%)" in result.stderr
   assert frame_files(tmp_path / "cli") == frame_files(converted["output"])
