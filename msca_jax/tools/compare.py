@@ -40,7 +40,8 @@ from configs import label, load as load_variant
 from msca_jax import host_memory
 
 METRICS = ("top1", "top5", "pair_accuracy", "within_pair_accuracy")
-CHANCE = {"within_pair_accuracy": 0.5}
+# Accuracy by guessing on the synthetic dataset: 8 classes, in 4 time-reversed pairs.
+CHANCE = {"top1": 0.125, "within_pair_accuracy": 0.5}
 
 
 def demo_config(variant: str, num_epochs: int | None, seed: int):
@@ -123,6 +124,7 @@ STUDY = {
 }
 STUDY_LABELS = {"msca_kv": "MSCA-KV (1+1)", "msca_kv_heads2": "MSCA-KV (2+2)"}
 STUDY_METRICS = ("top1", "top5", "within_pair_accuracy")
+STUDY_PLOT_NAMES = {"top1": "top-1", "within_pair_accuracy": "right class within its pair"}
 
 
 def study_label(name: str) -> str:
@@ -244,13 +246,15 @@ def write_study(workdir: str, results: Mapping[str, Sequence[Mapping]]) -> dict[
                       [f"{row[x]:.6f}" for m in STUDY_METRICS for x in (m, f"{m}_std")])
   with open(paths["md"], "w") as f:
     f.write(format_study(summary, markdown=True) + "\n")
-  plot_study(paths["png"], summary)
+  plot_study(paths["png"], summary, results)
   return paths
 
 
 def plot_study(path: str, summary: Mapping[str, Mapping],
+               runs: Mapping[str, Sequence[Mapping]] | None = None,
                metrics: Sequence[str] = ("top1", "within_pair_accuracy")) -> None:
-  """One bar per entry and metric: the mean over seeds, with the standard deviation as error bar."""
+  """One bar per entry and metric: the mean over seeds, the standard deviation as error bar, and
+  each seed's value as a dot (with three seeds the spread says more than the bar)."""
   from msca_jax.train import evaluate
   names = list(summary)
   fig = evaluate.new_figure(max(6.0, 0.45 * len(names) * len(metrics) + 1.5), 4.5)
@@ -261,10 +265,16 @@ def plot_study(path: str, summary: Mapping[str, Mapping],
     means = [100 * summary[n][m] for n in names]
     stds = [0.0 if math.isnan(summary[n][f"{m}_std"]) else 100 * summary[n][f"{m}_std"]
             for n in names]
-    ax.bar(x - 0.4 + width * (i + 0.5), means, width * 0.95, yerr=stds, capsize=2,
-           label=m.replace("_", " "))
+    centres = x - 0.4 + width * (i + 0.5)
+    bars = ax.bar(centres, means, width * 0.95, yerr=stds, capsize=2, label=STUDY_PLOT_NAMES.get(m, m))
+    if runs:
+      for centre, name in zip(centres, names):
+        values = [100 * r[m] for r in runs.get(name, ()) if m in r]
+        ax.scatter(np.full(len(values), centre), values, s=9, color="black", zorder=3,
+                   label="one seed" if i == 0 and name == names[0] else None)
     if m in CHANCE:
-      ax.axhline(100 * CHANCE[m], color="grey", linestyle="dashed", linewidth=0.8)
+      ax.axhline(100 * CHANCE[m], color=bars.patches[0].get_facecolor(), linestyle="dashed",
+                 linewidth=0.8, label=f"chance, {STUDY_PLOT_NAMES.get(m, m)}")
   ax.set_xticks(x, labels=[study_label(n) for n in names], rotation=60, ha="right", fontsize=8)
   ax.set_ylabel("accuracy (%), mean ± std over seeds")
   ax.set_ylim(0, 105)
