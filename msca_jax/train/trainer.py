@@ -504,8 +504,12 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
 
 # ------------------------------------------------------------------------------------ evaluation only
 
-def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
-  """The test protocol on the workdir's latest parameters (or config.init's, if it has none)."""
+def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None) -> dict[str, Any]:
+  """The test protocol on the workdir's latest parameters (or config.init's, if it has none).
+
+  {'step', 'test': metrics, 'interrupted', 'exit_status'}. A signal (`stop`) ends the pass at the
+  next batch with nothing written: an evaluation has no state worth saving, a rerun starts it over.
+  """
   config = exp.config
   init, step = config.init, 0
   try:
@@ -525,14 +529,19 @@ def evaluate_checkpoint(exp: Experiment) -> dict[str, float]:
   shardings = state_lib.TrainState(step=None, params=param_shardings, opt_state=None)
   eval_step = state_lib.make_eval_step(exp.model, shardings, exp.mesh, exp.rules)
   accumulator = run_evaluation(exp, eval_step, params, num_clips=config.data.eval_clips,
-                               num_crops=config.data.eval_crops)
+                               num_crops=config.data.eval_crops, stop=stop)
+  if accumulator is None:
+    _log("stopped by %s during the evaluation: nothing written; rerun the same command to evaluate",
+         stop.signal_name or "a signal")
+    return {"step": step, "test": {}, "interrupted": True, "exit_status": stop.exit_status}
   writer = MetricsWriter(exp.workdir)
   try:
-    return report_evaluation(exp, accumulator, name="test", step=step,
+    test = report_evaluation(exp, accumulator, name="test", step=step,
                              num_clips=config.data.eval_clips, num_crops=config.data.eval_crops,
                              writer=writer, table=True)
   finally:
     writer.close()
+  return {"step": step, "test": test, "interrupted": False, "exit_status": 0}
 
 
 def _lock_workdir(workdir: str) -> workdir_lib.WorkdirLock | None:
@@ -558,9 +567,12 @@ def run(config, workdir: str, mode: str = "train_and_evaluate") -> dict[str, Any
   if mode not in MODES:
     raise UserError(f"--mode must be one of {MODES}, got {mode!r}")
   workdir_lib.check_workdir(workdir)
-  if mode == "evaluate":
-    return {"test": evaluate_checkpoint(build(config, workdir, train=False))}
   stop = _stop_signal()  # from here: a signal during start-up stops the run before its first step
+  if mode == "evaluate":
+    try:
+      return evaluate_checkpoint(build(config, workdir, train=False), stop)
+    finally:
+      stop.restore_handlers()
   lock = None
   try:
     lock = _lock_workdir(workdir)

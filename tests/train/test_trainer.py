@@ -383,11 +383,30 @@ def test_main_exits_3_on_a_nonfinite_loss(tmp_path):
 
 # ------------------------------------------------------------------------------------ 7. evaluate, init
 
+def test_a_signal_stops_evaluate_mode_with_nothing_written(run_a, tmp_path, monkeypatch, caplog):
+  workdir = _copy(run_a[0], tmp_path)
+  shutil.rmtree(os.path.join(workdir, "eval"))
+  evaluation = trainer.run_evaluation
+
+  def preempted(*args, **kwargs):   # SIGTERM arrives as the pass starts
+    os.kill(os.getpid(), signal.SIGTERM)
+    return evaluation(*args, **kwargs)
+
+  monkeypatch.setattr(trainer, "run_evaluation", preempted)
+  handler = signal.getsignal(signal.SIGTERM)
+  with caplog.at_level(logging.INFO, logger="absl"):
+    result = trainer.run(tiny_config(), workdir, "evaluate")
+  assert result["interrupted"] and result["exit_status"] == 143 and result["test"] == {}
+  assert not os.path.exists(os.path.join(workdir, "eval"))
+  assert "stopped by SIGTERM during the evaluation: nothing written" in caplog.text
+  assert signal.getsignal(signal.SIGTERM) is handler   # the process's own handler is back
+
+
 def test_evaluate_mode_gives_the_test_metrics_of_the_run(run_a, tmp_path):
   workdir = _copy(run_a[0], tmp_path)
   shutil.rmtree(os.path.join(workdir, "eval"))
   result = trainer.run(tiny_config(), workdir, "evaluate")
-  assert result == {"test": run_a[1]["test"]}
+  assert result == {"step": NUM_STEPS, "test": run_a[1]["test"], "interrupted": False, "exit_status": 0}
   with open(os.path.join(workdir, "eval", f"test_step{NUM_STEPS}", "validation_metrics.json")) as f:
     report = json.load(f)
   assert report["num_videos"] == EVAL_SIZE and report["protocol"]["step"] == NUM_STEPS
