@@ -13,6 +13,8 @@ as `predict` and evaluation prepare them. For N videos in a shard, V views, T fr
     OUTPUT_DIR/shard-00000.csv          the shard's videos: key, label, status, offset
     OUTPUT_DIR/index.csv                every video: key, label, label_name, status, shard, offset
     OUTPUT_DIR/features.json            what was extracted, from what, and the skip counts
+    OUTPUT_DIR/features.png             the clip features' first two principal components,
+                                        one colour per class: do the classes separate?
 
 The head is linear and the logits are averaged over frames and views, so the head applied to a
 clip average gives the video's evaluation logits. A shard is written whole (its .csv last); a
@@ -260,6 +262,45 @@ def load(output_dir: str, what: str = "clips") -> tuple[np.ndarray, list[dict]]:
           else np.zeros((0,))), rows
 
 
+def principal_components(features: np.ndarray, k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+  """(N, k) coordinates of the centred features on their first k principal axes, and the
+  fraction of the variance each axis explains."""
+  centred = features.astype(np.float64) - features.mean(axis=0)
+  _, singular, axes = np.linalg.svd(centred, full_matrices=False)
+  variance = singular ** 2
+  explained = variance[:k] / variance.sum() if variance.sum() > 0 else np.zeros(k)
+  return centred @ axes[:k].T, explained
+
+
+def plot_features(output_dir: str, path: str | None = None, max_legend: int = 20) -> str | None:
+  """features.png: every extracted video's clip features on their first two principal axes,
+  coloured by class (grey where the label is unknown). None when fewer than 3 videos."""
+  import matplotlib
+  from msca_jax.train import evaluate
+  clips, rows = load(output_dir, "clips")
+  if len(rows) < 3:
+    return None
+  coords, explained = principal_components(clips)
+  names = [r["label_name"] or "unlabelled" for r in rows]
+  classes = sorted(set(names))
+  fig = evaluate.new_figure(6.5, 5.0)
+  ax = fig.add_subplot()
+  colours = matplotlib.colormaps["tab20" if len(classes) > 10 else "tab10"]
+  for i, name in enumerate(classes):
+    chosen = np.array([n == name for n in names])
+    colour = "grey" if name == "unlabelled" else colours(i % colours.N)
+    ax.scatter(coords[chosen, 0], coords[chosen, 1], s=10, color=colour, alpha=0.8, label=name)
+  ax.set_xlabel(f"principal component 1 ({100 * explained[0]:.0f} % of the variance)")
+  ax.set_ylabel(f"principal component 2 ({100 * explained[1]:.0f} % of the variance)")
+  ax.set_title(f"clip features of {len(rows)} videos")
+  ax.grid(alpha=0.3)
+  if len(classes) <= max_legend:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+  path = path or os.path.join(output_dir, "features.png")
+  evaluate.save_figure(fig, path)
+  return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line.
 
@@ -311,6 +352,9 @@ def main(argv: Sequence[str]) -> int:
   print(f"features   per video {'(V, T, D) = ' + str(tuple(meta['view_shape'])) + ' and ' if meta['per_frame'] else ''}"
         f"the clip average (D,) = ({meta['view_shape'][-1]},); {meta['protocol']}")
   print(f"wrote      {meta['shards']} shards and {os.path.join(fv.output_dir, 'index.csv')}")
+  picture = plot_features(fv.output_dir)
+  if picture:
+    print(f"plot       {picture}")
   if meta["videos"] and not meta["extracted"]:
     raise UserError(f"none of the {meta['videos']} videos could be read")
   return 0

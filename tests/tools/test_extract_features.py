@@ -116,3 +116,22 @@ def test_files_with_a_bad_one(setup, tmp_path):
                              config.data)
   np.testing.assert_allclose(clips[1], ef.features(config, setup["params"], views[None])[0].mean((0, 1)),
                              atol=1e-5)
+
+
+def test_the_principal_components_picture(setup, tmp_path):
+  rng = np.random.default_rng(0)
+  # Points along one direction plus a little noise: the first axis explains nearly everything.
+  x = np.outer(rng.normal(size=50), rng.normal(size=16)) + 0.01 * rng.normal(size=(50, 16))
+  coords, explained = ef.principal_components(x)
+  assert coords.shape == (50, 2) and explained[0] > 0.99 and explained.sum() <= 1
+  np.testing.assert_allclose(coords.mean(axis=0), 0, atol=1e-9)
+  total = ((x - x.mean(0)) ** 2).sum()
+  np.testing.assert_allclose((coords ** 2).sum(axis=0) / total, explained, rtol=1e-9)
+
+  path = ef.plot_features(setup["out"], str(tmp_path / "features.png"))
+  with open(path, "rb") as f:
+    assert f.read(4) == b"\x89PNG"
+  empty = tmp_path / "two"   # fewer than 3 videos: no picture
+  empty.mkdir()
+  (empty / "index.csv").write_text(",".join(ef.INDEX_COLUMNS) + "\n")
+  assert ef.plot_features(str(empty)) is None
