@@ -113,8 +113,9 @@ def test_layer_decay_gives_each_block_its_rate(setup):
     assert got == {round(want, 7)}, (name, got, want)
 
 
-def _train_step(trainable: str, masked: bool):
-  """The trainer's state and step on one device; masked: the step stops frozen gradients."""
+def _train_step(trainable: str, masked: bool, concrete: bool = True):
+  """The trainer's state (abstract unless `concrete`) and step on one device; masked: the step
+  stops the gradient at frozen leaves."""
   model = helpers.small_model(depth=DEPTH)
   cfg = train_cfg(trainable=trainable, weight_decay=0.01)
   tx = optim.make_optimizer(cfg, steps_per_epoch=10)
@@ -122,9 +123,13 @@ def _train_step(trainable: str, masked: bool):
   mesh = mesh_lib.make_mesh(mesh_cfg, jax.devices()[:1])
   rules = mesh_lib.rules(mesh_cfg)
   clip = jax.ShapeDtypeStruct((2, 4, 32, 32, 3), jnp.float32)
-  state, shardings = state_lib.create(model, tx, clip, mesh, rules, jax.random.key(0))
+  if concrete:
+    state, shardings = state_lib.create(model, tx, clip, mesh, rules, jax.random.key(0))
+  else:
+    state, shardings = state_lib.abstract_state(model, tx, clip, mesh, rules)
   mask = optim.trainable_mask(shardings.params, trainable) if masked else None
-  step = state_lib.make_train_step(model, tx, optim.training_loss(cfg), shardings, mesh, rules, trainable=mask)
+  step = state_lib.make_train_step(model, tx, optim.training_loss(cfg), shardings, mesh, rules,
+                                   trainable=mask)
   batch = mesh_lib.global_batch({"video": np.asarray(helpers.random_clip()),
                                  "label": np.array([1, 3], np.int32)}, mesh)
   return state, step, batch
@@ -134,11 +139,11 @@ def test_frozen_layers_get_no_backward_pass():
   # The trainer passes trainable_mask to the step (trainer.make_train_step), which stops the
   # gradient at frozen leaves: the program holds no backward pass for them (FLOPs), and the
   # update is the one the full gradient gives through the optimiser's set_to_zero.
-  every = optim.trainable_mask(_train_step("all", masked=False)[0].params, "all")
+  every = optim.trainable_mask(_train_step("all", masked=False, concrete=False)[0].params, "all")
   assert all(jax.tree.leaves(every))
   flops = {}
   for trainable in ("all", "last:1", "head"):
-    state, step, batch = _train_step(trainable, masked=trainable != "all")
+    state, step, batch = _train_step(trainable, masked=trainable != "all", concrete=False)
     flops[trainable] = step_analysis.flops(step.lower(state, batch, jax.random.key(1)))
   forward = flops["all"] / 3   # a backward pass costs about two forward passes
   assert flops["head"] < 1.2 * forward < flops["last:1"] < flops["all"], flops
