@@ -234,6 +234,14 @@ def test_train_and_evaluate_writes_a_complete_workdir(run_a):
   assert report["metrics"]["top1"] == result["test"]["test/top1"]
 
 
+def test_validation_does_not_change_training(run_a, tmp_path):
+  # run_a validates at step 16; without it the same 30 steps must give the same parameters (no
+  # random numbers, batches or state taken from training by the evaluation).
+  trainer.run(tiny_config(**{"eval.every_epochs": 0}), str(tmp_path), "train")
+  assert not os.path.exists(os.path.join(tmp_path, "eval"))
+  _assert_same_params(tmp_path, run_a[0])
+
+
 # ------------------------------------------------------------------------------------ 2. meshes
 
 @pytest.mark.parametrize("shape", [
