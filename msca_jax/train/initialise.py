@@ -46,7 +46,7 @@ def step_dir(directory: str) -> str:
       "msca_jax.tools.convert_torch, a training workdir, its checkpoints/ or one of its steps")
 
 
-def _older_intact_step(damaged: str) -> str:
+def older_intact_step(damaged: str) -> str:
   """A hint naming the newest intact step before `damaged`: readers never pick another step
   themselves (predictions from older weights must be asked for), nor move the damaged one."""
   root, step = os.path.split(damaged)
@@ -77,7 +77,7 @@ def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   except checkpoint.DamagedCheckpointError as e:
     if found == directory:   # the step was named: that step or nothing
       raise
-    raise checkpoint.DamagedCheckpointError(e.path, e.file, e.why + _older_intact_step(found)) from None
+    raise checkpoint.DamagedCheckpointError(e.path, e.file, e.why + older_intact_step(found)) from None
   item = next(i for i in _PARAMS_ITEMS if os.path.isdir(os.path.join(found, i)))
   path = os.path.join(found, item)
   checkpointer = ocp.PyTreeCheckpointer()

@@ -518,7 +518,13 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
   except initialise.pretrained.WeightsError:
     _log("%s has no finished checkpoint: evaluating config.init's weights", exp.workdir)
   abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
-  loaded = initialise.initial_params(init, abstract_params)
+  try:
+    loaded = initialise.initial_params(init, abstract_params)
+  except ckpt_lib.DamagedCheckpointError as e:
+    if init is config.init:   # config.init's weights: as config.init reads them
+      raise
+    # The step, not the workdir, was read (no lock here: a trainer may publish a newer step).
+    raise ckpt_lib.DamagedCheckpointError(e.path, e.file, e.why + initialise.older_intact_step(e.path)) from None
   if loaded is None:
     raise UserError(f"nothing to evaluate: {exp.workdir} has no finished checkpoint and "
                     "config.init names no weights (set --config.init.weights or --config.init.checkpoint)")

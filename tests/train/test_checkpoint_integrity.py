@@ -293,6 +293,11 @@ def test_the_trainer_resumes_past_a_damaged_step_exactly(tmp_path, caplog):
   checkpoints = os.path.join(workdir, "checkpoints")
   want = initialise.read_checkpoint_params(os.path.join(checkpoints, "10"))
   damaged_file, _ = _damage(os.path.join(checkpoints, "10"), "bit flip")
+  # Evaluate mode reads, never moves: the damaged file and the step to name instead.
+  with pytest.raises(ckpt_lib.DamagedCheckpointError, match=re.escape(
+      f"{damaged_file} has other contents than were written (SHA-256 differs); the newest intact "
+      f"step is {os.path.join(checkpoints, '5')}: name it")):
+    trainer.run(tiny_config(**SHORT), workdir, "evaluate")
 
   with caplog.at_level(logging.INFO, logger="absl"):   # an in-process tool may have set WARNING
     result = trainer.run(tiny_config(**SHORT), workdir, "train")
