@@ -46,9 +46,14 @@ def step_dir(directory: str) -> str:
       "msca_jax.tools.convert_torch, a training workdir, its checkpoints/ or one of its steps")
 
 
-def older_intact_step(damaged: str) -> str:
-  """A hint naming the newest intact step before `damaged`: readers never pick another step
-  themselves (predictions from older weights must be asked for), nor move the damaged one."""
+def with_older_intact_step(error: checkpoint.DamagedCheckpointError) -> checkpoint.DamagedCheckpointError:
+  """The error of a damaged latest step, naming the newest intact step before it: readers never
+  pick another step themselves (predictions from older weights must be asked for), nor move it."""
+  return checkpoint.DamagedCheckpointError(error.path, error.file,
+                                           error.why + _older_intact_step(error.path))
+
+
+def _older_intact_step(damaged: str) -> str:
   root, step = os.path.split(damaged)
   older = sorted((int(name) for name in os.listdir(root) if name.isdigit() and int(name) < int(step)),
                  reverse=True)
@@ -77,7 +82,7 @@ def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   except checkpoint.DamagedCheckpointError as e:
     if found == directory:   # the step was named: that step or nothing
       raise
-    raise checkpoint.DamagedCheckpointError(e.path, e.file, e.why + older_intact_step(found)) from None
+    raise with_older_intact_step(e) from None
   item = next(i for i in _PARAMS_ITEMS if os.path.isdir(os.path.join(found, i)))
   path = os.path.join(found, item)
   checkpointer = ocp.PyTreeCheckpointer()

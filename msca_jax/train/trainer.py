@@ -524,7 +524,7 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
     if init is config.init:   # config.init's weights: as config.init reads them
       raise
     # The step, not the workdir, was read (no lock here: a trainer may publish a newer step).
-    raise ckpt_lib.DamagedCheckpointError(e.path, e.file, e.why + initialise.older_intact_step(e.path)) from None
+    raise initialise.with_older_intact_step(e) from None
   if loaded is None:
     raise UserError(f"nothing to evaluate: {exp.workdir} has no finished checkpoint and "
                     "config.init names no weights (set --config.init.weights or --config.init.checkpoint)")
