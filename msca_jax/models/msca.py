@@ -10,7 +10,7 @@ frame t+1 or t-1 instead of frame t (zeros outside the clip):
 
 Head axis (the paper, official MSCA-KV code): with fold = num_heads // shift_div,
 heads [0, fold) have s_h = +1 and the last fold heads s_h = -1.
-Patch axis (our interpretation, see README): every head, but patch tokens
+Patch axis (our interpretation, docs/interpretations.md): every head, but patch tokens
 interleaved on the patch index move (CLS never does).
 
 MSCA-KV, the paper's best variant, lets a few heads of frame t query the tokens

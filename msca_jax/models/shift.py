@@ -54,7 +54,7 @@ def temporal_shift(x: jnp.ndarray, offsets: np.ndarray, boundary: Boundary = "ze
     return x
   runs = _runs(x, offsets)
   if runs is None:
-    return _roll_and_select(x, offsets, boundary)
+    return roll_and_select(x, offsets, boundary)
   axis, pieces = runs
   parts = []
   for start, stop, step in pieces:
@@ -92,7 +92,7 @@ def _shift_frames(y: jnp.ndarray, step: int, boundary: Boundary) -> jnp.ndarray:
   return moved
 
 
-def _roll_and_select(x: jnp.ndarray, offsets: np.ndarray, boundary: Boundary) -> jnp.ndarray:
+def roll_and_select(x: jnp.ndarray, offsets: np.ndarray, boundary: Boundary) -> jnp.ndarray:
   """The general form: per direction, roll the whole activation and select the moving slices."""
   out = x
   for step in (FROM_NEXT, FROM_PREVIOUS):
@@ -123,7 +123,7 @@ def head_fold_offsets(num_heads: int, shift_div: int) -> np.ndarray:
 
 
 def patch_interleave_offsets(num_tokens: int, shift_div: int) -> np.ndarray:
-  """Patch-axis pattern (our interpretation, README "Interpretations").
+  """Patch-axis pattern (our interpretation, docs/interpretations.md).
 
   Token 0 is the CLS token and never moves; patch p = token p + 1 reads from
   t+1 when p % shift_div == 0 and from t-1 when p % shift_div == 1.

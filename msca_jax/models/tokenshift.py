@@ -20,4 +20,4 @@ def shift_cls_token(x: jnp.ndarray, *, shift_div: int, boundary: shift.Boundary)
   # fuses with the write-back into one kernel, as in the frame-wise ViT's step. The run form of
   # temporal_shift (for large activations such as MSCA's K and V) made XLA emit a kernel per run
   # here: 95 more kernels in the ViT-B/16 train step.
-  return x.at[:, :, 0].set(shift._roll_and_select(x[:, :, 0], pattern, boundary))
+  return x.at[:, :, 0].set(shift.roll_and_select(x[:, :, 0], pattern, boundary))

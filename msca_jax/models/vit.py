@@ -79,12 +79,12 @@ def _activation(name: str, x: jnp.ndarray) -> jnp.ndarray:
 def normalise_pixels(x: jnp.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> jnp.ndarray:
   """uint8 pixels, or floats in [-1, 1] (pixel / 127.5 - 1), -> (pixel / 255 - mean) / std.
 
-  The defaults (mean = std = 0.5) leave floats untouched and map uint8 exactly as before.
+  The defaults (mean = std = 0.5) leave floats untouched and map uint8 to [-1, 1].
   """
   mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
   if jnp.issubdtype(x.dtype, jnp.integer):
     scale, offset = 1.0 / (255.0 * std), mean / std
-    if np.all(scale == scale[0]) and np.all(offset == offset[0]):  # one constant: the old fused op
+    if np.all(scale == scale[0]) and np.all(offset == offset[0]):  # one constant: a single fused multiply-add
       return x.astype(jnp.float32) * float(scale[0]) - float(offset[0])
     return x.astype(jnp.float32) * scale.astype(np.float32) - offset.astype(np.float32)
   if np.all(mean == 0.5) and np.all(std == 0.5):

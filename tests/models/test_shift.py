@@ -29,7 +29,7 @@ def test_runs_and_roll_select_agree_bitwise(name, boundary):
   x = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
   w = jnp.asarray(rng.normal(size=SHAPE), jnp.float32)
   fast = lambda x: shift.temporal_shift(x, pattern, boundary)
-  general = lambda x: shift._roll_and_select(x, np.asarray(pattern), boundary)
+  general = lambda x: shift.roll_and_select(x, np.asarray(pattern), boundary)
   np.testing.assert_array_equal(np.asarray(fast(x)), np.asarray(general(x)))
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
   np.testing.assert_array_equal(np.asarray(grad(fast)), np.asarray(grad(general)))
