@@ -1,9 +1,7 @@
 """The paper's Kinetics-400 setting (docs/recipe.md), shared by every variant.
 
 Each variant file calls `get_config(...)` with its model fields; everything
-else (data, optimiser, evaluation) is defined once, here. Fields that the
-current trainer does not read yet are the recipe's values, kept so that later
-work extends this one place.
+else (data, optimiser, evaluation) is defined once, here.
 
 Config arguments (`--config=configs/msca_kv.py:ARG[,ARG...]`, applied left to right):
   (none)  ViT-B/16, 8x32 clips at 224 px, Kinetics-400, the paper's recipe.
