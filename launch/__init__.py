@@ -1,1 +1,1 @@
-"""Cluster launchers for msca_jax.main: Cloud TPU VMs (tpu_vm), SLURM (slurm), this machine (local)."""
+"""Cluster launchers for msca_jax.main: Cloud TPU VMs (tpu_vm), SLURM (slurm), the local host (local)."""

@@ -1,4 +1,4 @@
-r"""Runs N processes of msca_jax.main on this machine, as one multi-process JAX program.
+r"""Runs N processes of msca_jax.main on the local host, as one multi-process JAX program.
 
     python -m launch.local --num_processes=2 --devices_per_process=4 \
         --config=configs/msca_kv.py:demo --workdir=/tmp/msca_2proc -- --config.train.num_steps=20
@@ -208,7 +208,7 @@ def exit_status(outcome: Outcome) -> int:
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="python -m launch.local", allow_abbrev=False,
-      description="Run N processes of msca_jax.main on this machine (CPU, fake devices).",
+      description="Run N processes of msca_jax.main on the local host (CPU, fake devices).",
       epilog="Arguments after -- go to every process, e.g. -- --config.train.num_steps=20")
   common.add_main_flags(p)
   p.add_argument("--num_processes", type=int, default=2, help="processes to start (default 2)")

@@ -2,7 +2,7 @@
 
 XLA:CPU allocates a step's temporaries as one large block with the C library's malloc and frees
 it when the step ends. glibc serves a block that large with mmap and returns it with munmap, so
-every step touches fresh pages and pays a page fault for each (README, Measured, has the numbers).
+every step touches fresh pages and pays a page fault for each (docs/performance.md has the numbers).
 
 `keep_freed_memory` sets three glibc malloc options, the runtime equivalent of
 GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...:

@@ -172,7 +172,7 @@ def class_names(config, labels: str | None = None) -> tuple[list[str], str]:
   else:
     try:
       names, origin = _dataset_class_names(config.data)
-    except Exception as e:  # pylint: disable=broad-except  # data not on this machine: use indices
+    except Exception as e:  # pylint: disable=broad-except  # data not on this host: use indices
       reason = str(e).splitlines()[0] if str(e) else type(e).__name__
       return ([f"class {i}" for i in range(num_classes)],
               f"class indices: the dataset's class names are not available ({reason}); "

@@ -72,7 +72,7 @@ class KeepFreedMemoryTest(absltest.TestCase):
     self.assertEqual(result.stdout.strip(), "libtpu")
     cpu = subprocess.run([sys.executable, "-c", probe.replace("libtpu'", "nothing'")], env=env,
                          capture_output=True, text=True, check=True)
-    self.assertEqual(cpu.stdout.strip(), "")   # this machine: no plugin, the CPU
+    self.assertEqual(cpu.stdout.strip(), "")   # a host without an accelerator plugin, the CPU
 
   def test_bad_setting_names_the_variable(self):
     env = dict(os.environ, **{host_memory.ENV_VAR: "yes"})

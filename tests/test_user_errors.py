@@ -29,7 +29,9 @@ from msca_jax.tools import convert_torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "vit.py")
-LOG_LINE = re.compile(r"^[IWEF]\d{4} ")  # absl's log line prefix
+# absl's log line prefix, and the line absl's C++ logging prints before TensorFlow's first native
+# log line (TensorFlow 2.21 prints it on import whatever TF_CPP_MIN_LOG_LEVEL says).
+LOG_LINE = re.compile(r"^([IWEF]\d{4} |WARNING: All log messages before absl::InitializeLog\(\))")
 # torch's UnpicklingError text for a file with a code object (torch 2.x): the advice must not reach the user.
 TORCH_REFUSAL = (
     "Weights only load failed. In PyTorch 2.6, we changed the default value of the `weights_only` "

@@ -207,7 +207,7 @@ def summarize(results: Mapping[str, Sequence[Mapping]], metrics: Sequence[str] =
 
 
 def format_study(summary: Mapping[str, Mapping], markdown: bool = False) -> str:
-  """A table of mean ± std (in %) per entry; `markdown` for the README."""
+  """A table of mean ± std (in %) per entry; `markdown` for a docs page."""
   columns = ("model", "seeds", "steps", "top-1 (%)", "top-5 (%)", "within pair (%)")
 
   def cell(row, m):

@@ -1,4 +1,4 @@
-r"""The PyTorch reference of our models, and the time of its train step on this machine.
+r"""The PyTorch reference of our models, and the time of its train step on the host it runs on.
 
     python -m msca_jax.tools.torch_reference_benchmark                      # ViT-B/16 8x224, batch 1
     python -m msca_jax.tools.torch_reference_benchmark --variant=msca_kv --threads=2 --json=out.json

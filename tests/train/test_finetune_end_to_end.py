@@ -1,4 +1,4 @@
-"""The README's "Fine-tune on your own videos" commands in process, on a tiny folder of videos:
+"""docs/finetuning.md's commands in process, on a tiny folder of videos:
 prepare, fine-tune from other weights with a new head, evaluate, predict; then the same model
 evaluated on the three official splits of a UCF101 stand-in and their mean (tools.split_mean)."""
 

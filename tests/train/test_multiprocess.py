@@ -1,4 +1,4 @@
-"""Two JAX processes on this machine (coordinator on 127.0.0.1, 4 fake CPU devices each).
+"""Two JAX processes on one host (coordinator on 127.0.0.1, 4 fake CPU devices each).
 
 They train the demo model for a few steps, checkpoint and evaluate, and show that:
 - the losses equal a single-process run fed the same global batches;
