@@ -1,7 +1,7 @@
 """MSCA-Q: heads take Q from frames t-1 / t+1 (head axis)."""
 
-from configs import common
+from msca_jax import configs
 
 
 def get_config(arg=None):
-  return common.get_config("msca", arg, msca_targets="q")
+  return configs.get("msca_q", arg)

@@ -1,7 +1,7 @@
 """MSCA-QK: heads take QK from frames t-1 / t+1 (head axis)."""
 
-from configs import common
+from msca_jax import configs
 
 
 def get_config(arg=None):
-  return common.get_config("msca", arg, msca_targets="qk")
+  return configs.get("msca_qk", arg)

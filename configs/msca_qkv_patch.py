@@ -1,7 +1,7 @@
 """MSCA-QKV along the patch axis: interleaved patches take QKV from t-1 / t+1."""
 
-from configs import common
+from msca_jax import configs
 
 
 def get_config(arg=None):
-  return common.get_config("msca", arg, msca_targets="qkv", msca_axis="patch")
+  return configs.get("msca_qkv_patch", arg)

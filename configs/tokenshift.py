@@ -1,7 +1,7 @@
 """TokenShift ViT-B/16: C/4 of the CLS channels shifted each way in every block."""
 
-from configs import common
+from msca_jax import configs
 
 
 def get_config(arg=None):
-  return common.get_config("tokenshift", arg)
+  return configs.get("tokenshift", arg)

@@ -1,7 +1,7 @@
 """Frame-wise ViT-B/16 (the baseline without temporal modelling)."""
 
-from configs import common
+from msca_jax import configs
 
 
 def get_config(arg=None):
-  return common.get_config("vit", arg)
+  return configs.get("vit", arg)

@@ -89,9 +89,9 @@ def main(argv):
 
   progress.quiet_library_logs()
   initialise_distributed()
-  from configs import common
+  from msca_jax.configs import validation
   # Before anything is built: a mistake in the config is one line, not a traceback after the dump.
-  common.validate(_CONFIG.value, _MODE.value, _WORKDIR.value)
+  validation.validate(_CONFIG.value, _MODE.value, _WORKDIR.value)
   logging.info("config:\n%s", _CONFIG.value)
   try:
     result = trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)

@@ -65,8 +65,8 @@ def test_labels_and_unknown_variant():
   assert compare.label("vit") == "ViT" and compare.label("tokenshift") == "TokenShift"
   assert compare.label("msca_kv") == "MSCA-KV"
   assert compare.label("msca_q_patch") == "MSCA-Q (patch)"
-  assert compare.label is benchmark.label   # one table, in configs/
-  with pytest.raises(app.UsageError, match="--variants: no config file configs/nope.py"):
+  assert compare.label is benchmark.label   # one table, in msca_jax/configs
+  with pytest.raises(app.UsageError, match="--variants: unknown variant .nope.: expected one of vit, tokenshift, msca_q"):
     compare.demo_config("nope", None, 0)
 
 

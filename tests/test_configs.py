@@ -8,12 +8,12 @@ import textwrap
 
 import pytest
 
-from msca_jax import defaults, models
+from msca_jax import configs, defaults, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = sorted(os.path.splitext(os.path.basename(p))[0]
                   for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-                  if os.path.basename(p) not in ("__init__.py", "common.py"))
+                  if os.path.basename(p) != "__init__.py")
 
 
 def _load(variant, arg=None):
@@ -26,6 +26,31 @@ def test_every_variant_file_is_found():
   assert len(VARIANTS) == 16
 
 
+@pytest.mark.parametrize("arg", [None, "demo", "clip,ssv2"])
+def test_each_file_is_the_packages_variant(arg):
+  """configs/<variant>.py (a checkout's --config) and msca_jax.configs.get (an installed package)."""
+  assert set(VARIANTS) == set(configs.VARIANTS)
+  for variant in VARIANTS:
+    assert _load(variant, arg).to_dict() == configs.get(variant, arg).to_dict(), variant
+  assert configs.get("msca_q_patch").model.msca_axis == "patch"
+  assert configs.get("msca_qv").model.msca_targets == "qv"
+  with pytest.raises(ValueError, match="unknown variant 'msca_x'"):
+    configs.get("msca_x")
+
+
+def test_a_wheel_installs_only_msca_jax(tmp_path):
+  """configs/ and launch/ stay in the checkout: no top-level package beside other projects'."""
+  pytest.importorskip("setuptools")
+  out = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+      import setuptools, sys
+      sys.argv = ["setup.py", "-q", "build_py", "--build-lib", {str(tmp_path)!r}]
+      setuptools.setup()
+      """)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["msca_jax"]
+  assert os.path.exists(tmp_path / "msca_jax" / "configs" / "recipe.py")
+
+
 def test_loading_a_config_imports_neither_jax_nor_tensorflow():
   # A fresh process: this one has imported JAX already.
   code = textwrap.dedent(f"""
@@ -34,6 +59,8 @@ def test_loading_a_config_imports_neither_jax_nor_tensorflow():
         module = importlib.import_module("configs." + variant)
         module.get_config()
         module.get_config("demo")
+      import msca_jax.configs
+      msca_jax.configs.get("msca_kv", "clip,ssv2")
       heavy = sorted(m for m in ("jax", "jaxlib", "flax", "tensorflow") if m in sys.modules)
       assert not heavy, heavy
       print("ok", len({VARIANTS!r}))

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
-from configs import common
+from msca_jax.configs import recipe
 from msca_jax import models
 from msca_jax.data import pipeline, sources
 from msca_jax.train import mesh as mesh_lib
@@ -38,7 +38,7 @@ OTHER_MSCA = tuple(f"msca_{t}{axis}" for axis in ("", "_patch")
 
 def _config(variant: str, *, remat: bool, depth: int | None):
   name, targets, axis = _parse(variant)
-  config = common.get_config(name)
+  config = recipe.get_config(name)
   m = config.model
   if name == "msca":
     m.msca_targets, m.msca_axis = targets, axis

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common, msca_kv
+from configs import msca_kv
+
+from msca_jax.configs import recipe, validation
 from msca_jax import models, pretrained
 from msca_jax.errors import UserError
 from msca_jax.models import vit
@@ -27,7 +29,7 @@ from safetensors.numpy import save_file  # noqa: E402  (after the skips: a parit
 TOLERANCE = 1e-4
 S = helpers.SMALL
 CLIP_MODEL = dict(backbone="clip", layer_norm_eps=1e-5, mlp_activation="quick_gelu",
-                  pixel_mean=common.CLIP_PIXEL_MEAN, pixel_std=common.CLIP_PIXEL_STD)
+                  pixel_mean=recipe.CLIP_PIXEL_MEAN, pixel_std=recipe.CLIP_PIXEL_STD)
 PROJ_DIM = 16
 
 
@@ -149,7 +151,7 @@ def test_transformers_clip_pooler_output_and_projection(hf_clip, tmp_path):
   path = tmp_path / "model.safetensors"
   save_file(_numpy(with_projection), os.fspath(path))
   frames = _frames(seed=3)
-  pixels = _hf_pixels(frames, common.CLIP_PIXEL_MEAN, common.CLIP_PIXEL_STD)
+  pixels = _hf_pixels(frames, recipe.CLIP_PIXEL_MEAN, recipe.CLIP_PIXEL_STD)
   with torch.no_grad():
     pooled = tower(pixel_values=pixels).pooler_output.numpy()
     embeds = with_projection(pixel_values=pixels).image_embeds.numpy()
@@ -239,7 +241,7 @@ def test_clip_backbone_temporal_models_match_the_hand_shifted_reference(override
   params["head"] = {"kernel": sd["head.weight"].T, "bias": sd["head.bias"]}
 
   clip = np.asarray(helpers.random_clip(seed=9, batch=2, frames=4))  # floats in [-1, 1]
-  normalised = ((clip + 1) / 2 - np.array(common.CLIP_PIXEL_MEAN)) / np.array(common.CLIP_PIXEL_STD)
+  normalised = ((clip + 1) / 2 - np.array(recipe.CLIP_PIXEL_MEAN)) / np.array(recipe.CLIP_PIXEL_STD)
   o = dict(overrides)
   want = reference.forward(sd, normalised, num_heads=S["num_heads"], model=o.pop("name"), clip=True,
                            **o)
@@ -258,8 +260,8 @@ def test_default_pixel_mapping_is_unchanged():
   floats = np.asarray(helpers.random_clip())
   assert vit.normalise_pixels(floats, vit.DEFAULT_PIXEL_MEAN, vit.DEFAULT_PIXEL_STD) is floats
   # CLIP's statistics reach uint8 and [-1, 1] float inputs alike.
-  clip_u8 = vit.normalise_pixels(frames, common.CLIP_PIXEL_MEAN, common.CLIP_PIXEL_STD)
-  clip_f = vit.normalise_pixels(old, common.CLIP_PIXEL_MEAN, common.CLIP_PIXEL_STD)
+  clip_u8 = vit.normalise_pixels(frames, recipe.CLIP_PIXEL_MEAN, recipe.CLIP_PIXEL_STD)
+  clip_f = vit.normalise_pixels(old, recipe.CLIP_PIXEL_MEAN, recipe.CLIP_PIXEL_STD)
   np.testing.assert_allclose(clip_u8, clip_f, atol=1e-5)
 
 
@@ -267,7 +269,7 @@ def test_clip_config_argument_combines_and_old_configs_read_as_vit():
   config = msca_kv.get_config("clip,demo")
   m = config.model
   assert (m.backbone, m.proj_dim, m.layer_norm_eps, m.mlp_activation) == ("clip", 512, 1e-5, "quick_gelu")
-  assert tuple(m.pixel_mean) == common.CLIP_PIXEL_MEAN and config.data.pixel_std is not None
+  assert tuple(m.pixel_mean) == recipe.CLIP_PIXEL_MEAN and config.data.pixel_std is not None
   config.data.pixel_std = (0.3, 0.3, 0.3)  # the data field is the model's
   assert tuple(m.pixel_std) == (0.3, 0.3, 0.3)
   model = models.build(m)
@@ -292,17 +294,17 @@ def test_init_weights_is_validated(tmp_path):
   config = msca_kv.get_config("demo")
   config.init.weights = os.fspath(tmp_path / "nowhere.safetensors")
   with pytest.raises(UserError, match="config.init.weights = .*nowhere.safetensors.*no such file"):
-    common._check_init(config.init)
+    validation._check_init(config.init)
   (tmp_path / "w.safetensors").write_bytes(b"x")
   config.init.weights = os.fspath(tmp_path / "w.safetensors")
   config.init.vit_npz = os.fspath(tmp_path / "w.safetensors")
   with pytest.raises(UserError, match="set one of weights, vit_npz, checkpoint, not weights and vit_npz"):
-    common._check_init(config.init)
+    validation._check_init(config.init)
   config.init.vit_npz = ""
   (tmp_path / "w.ckpt").write_bytes(b"x")
   config.init.weights = os.fspath(tmp_path / "w.ckpt")
   with pytest.raises(UserError, match=r"expected a file ending in \.npz, \.safetensors, \.bin"):
-    common._check_init(config.init)
+    validation._check_init(config.init)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,7 +1,7 @@
 """User errors at the command line: one line on stderr naming the field or file, exit status 2.
 
 Everything here fails before JAX compiles anything: the flags, the config validation
-(configs.common.validate) and the refusal of unusable files. Bugs keep their tracebacks.
+(msca_jax.configs.validation.validate) and the refusal of unusable files. Bugs keep their tracebacks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import pytest
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import common, msca_kv, vit
+from configs import msca_kv, vit
+
+from msca_jax.configs import validation
 from msca_jax import cli, pretrained
 from msca_jax.data import dmvr, frames, synthetic
 from msca_jax.errors import UserError
@@ -152,8 +154,8 @@ def _demo(**overrides):
 
 
 def test_the_demo_config_passes_and_writes_no_data(cache):
-  common.validate(_demo())
-  common.validate(_demo(), "evaluate")
+  validation.validate(_demo())
+  validation.validate(_demo(), "evaluate")
   assert os.listdir(cache / "synthetic") == []
 
 
@@ -175,7 +177,7 @@ def test_the_demo_config_passes_and_writes_no_data(cache):
 ])
 def test_config_mistakes_name_the_field(cache, overrides, message):
   with pytest.raises(UserError) as error:
-    common.validate(_demo(**overrides))
+    validation.validate(_demo(**overrides))
   assert message in str(error.value) and "\n" not in str(error.value)
 
 
@@ -188,30 +190,30 @@ def test_missing_splits_are_named(tmp_path, cache):
              "config.data.eval_split to a split that has one, or config.data.eval_list to the list file)")
   for mode in ("evaluate", "train_and_evaluate"):
     with pytest.raises(UserError, match=re.escape(message)):
-      common.validate(config, mode)
+      validation.validate(config, mode)
   config.data.eval_list = str(root / "val_list.txt")
   with pytest.raises(UserError, match=re.escape(f"config.data.eval_list = '{root}/val_list.txt': no such file")):
-    common.validate(config, "evaluate")
+    validation.validate(config, "evaluate")
   config = _demo(**{"data.source": "frames", "data.path": str(root), "data.eval_split": "train"})
   with pytest.raises(UserError, match="config.data.train_split = 'trian': no video list"):
-    common.validate(_demo(**{"data.source": "frames", "data.path": str(root), "data.eval_split": "train",
+    validation.validate(_demo(**{"data.source": "frames", "data.path": str(root), "data.eval_split": "train",
                              "data.train_split": "trian"}))
-  common.validate(config)  # both splits read train.txt: nothing missing
+  validation.validate(config)  # both splits read train.txt: nothing missing
 
   shards_dir = tmp_path / "shards"
   shards_dir.mkdir()
   with pytest.raises(UserError, match="config.data.eval_split = 'validation': no shards for split "
                                       "'validation' in"):
-    common.validate(_demo(**{"data.source": "dmvr", "data.path": str(shards_dir)}), "evaluate")
+    validation.validate(_demo(**{"data.source": "dmvr", "data.path": str(shards_dir)}), "evaluate")
 
 
 def test_evaluate_needs_weights(tmp_path, cache):
   with pytest.raises(UserError, match=re.escape(
       f"--mode=evaluate: {tmp_path} has no finished checkpoint, and config.init names no weights")):
-    common.validate(_demo(), "evaluate", str(tmp_path))
-  common.validate(_demo(), "train_and_evaluate", str(tmp_path))  # training writes them
+    validation.validate(_demo(), "evaluate", str(tmp_path))
+  validation.validate(_demo(), "train_and_evaluate", str(tmp_path))  # training writes them
   (tmp_path / "weights.npz").write_bytes(b"")
-  common.validate(_demo(**{"init.vit_npz": str(tmp_path / "weights.npz")}), "evaluate", str(tmp_path))
+  validation.validate(_demo(**{"init.vit_npz": str(tmp_path / "weights.npz")}), "evaluate", str(tmp_path))
 
 
 def test_npz_with_objects_is_refused_without_numpys_advice(tmp_path):
@@ -234,7 +236,7 @@ def test_unwritable_synthetic_cache_names_the_directory_and_the_variable(tmp_pat
   blocked = _blocked_directory(tmp_path)
   monkeypatch.setenv("MSCA_JAX_CACHE", blocked)
   with pytest.raises(UserError) as error:
-    common.validate(_demo())
+    validation.validate(_demo())
   assert str(error.value).startswith(f"cannot write the synthetic dataset to {blocked}/synthetic (")
   assert str(error.value).endswith("set MSCA_JAX_CACHE (or config.data.synthetic.dir) to a writable "
                                    "directory")
@@ -242,9 +244,9 @@ def test_unwritable_synthetic_cache_names_the_directory_and_the_variable(tmp_pat
   monkeypatch.delenv("MSCA_JAX_CACHE")
   monkeypatch.setenv("HOME", blocked)
   with pytest.raises(UserError, match=re.escape(f"to {blocked}/.cache/msca_jax/synthetic (")):
-    common.validate(_demo())
+    validation.validate(_demo())
   with pytest.raises(UserError, match="set config.data.synthetic.dir to a writable directory"):
-    common.validate(_demo(**{"data.synthetic.dir": blocked}))
+    validation.validate(_demo(**{"data.synthetic.dir": blocked}))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -258,9 +260,9 @@ def test_read_only_cache_with_the_dataset_in_it_is_fine(cache):
                              | {"version": synthetic.VERSION}))
   os.chmod(root, 0o555)
   try:
-    common.validate(config)
+    validation.validate(config)
     with pytest.raises(UserError, match=f"cannot write the synthetic dataset to {root} "):
-      common.validate(_demo(**{"data.synthetic.seed": 1}))
+      validation.validate(_demo(**{"data.synthetic.seed": 1}))
   finally:
     os.chmod(root, 0o755)
 

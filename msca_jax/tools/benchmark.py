@@ -58,7 +58,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from configs import label, load as load_variant
+from msca_jax.configs import get as load_variant, label
 from msca_jax import host_memory, models, progress
 from msca_jax.data import pipeline, sources
 from msca_jax.tools import step_analysis

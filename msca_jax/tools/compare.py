@@ -36,7 +36,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from configs import label, load as load_variant
+from msca_jax.configs import get as load_variant, label
 from msca_jax import host_memory
 
 METRICS = ("top1", "top5", "pair_accuracy", "within_pair_accuracy")

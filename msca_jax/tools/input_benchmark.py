@@ -17,7 +17,7 @@ and the same JPEG bytes are stored in both layouts: frame folders (one file per 
      recipe's 4096 records;
   4. clips/s and host CPU per clip with every core and with one, from a warm and from a cold page
      cache (the data files evicted with posix_fadvise(POSIX_FADV_DONTNEED)), for the recipe's
-     pipeline (config.data as common.get_config('vit') sets it: uint8 clips, the views finished
+     pipeline (config.data as recipe.get_config('vit') sets it: uint8 clips, the views finished
      where config.data.augment_on says); once with the views finished on the host in uint8 and in
      float32, to show what each choice costs; and where one clip's time goes, stage by stage;
   5. the host cores it takes to feed one accelerator at a given train-step rate (README's computed
@@ -67,7 +67,7 @@ README_ACCELERATORS = (("H100 SXM", 580.0), ("TPU v5p", 270.0), ("TPU v4", 160.0
 
 KINETICS_FRAME = (256, 340)          # (height, width): short side 256, as prepared Kinetics
 KINETICS_KB_PER_FRAME = 30.0         # at 340x256, JPEG quality 90
-RECIPE_SHUFFLE_BUFFER = 4096         # configs/common.py: config.data.shuffle_buffer
+RECIPE_SHUFFLE_BUFFER = 4096         # msca_jax/configs/recipe.py: config.data.shuffle_buffer
 KINETICS_RECORD_MB = 7.5             # 250 frames x 30 KB: one prepared-Kinetics DMVR record
 LAYOUTS = ("frames", "dmvr")
 SPLIT = "train"
@@ -300,11 +300,11 @@ class Clip:
 def data_config(layout: str, stand_in: StandIn, clip: Clip, *, dtype: str = "uint8",
                 shuffle_buffer: int = 16, list_videos: int | None = None,
                 augment_on: str | None = None):
-  """config.data of the recipe (common.get_config('vit').data) reading the stand-in data;
+  """config.data of the recipe (recipe.get_config('vit').data) reading the stand-in data;
   `augment_on` overrides config.data.augment_on where the pipeline has it."""
-  from configs import common  # noqa: PLC0415  (imports JAX: only where a config is built)
+  from msca_jax.configs import recipe  # noqa: PLC0415  (imports JAX: only where a config is built)
 
-  data = common.get_config("vit").data
+  data = recipe.get_config("vit").data
   data.num_frames, data.stride, data.image_size = clip.num_frames, clip.stride, clip.image_size
   if clip.image_size != 224:  # the recipe's ranges, scaled to a small test crop
     data.train_short_side_range = (clip.image_size, clip.image_size * 330 // 224)

@@ -2,7 +2,7 @@
 
 The recipe: SGD momentum 0.9, no weight decay, lr 0.1 per 420 clips (42 clips x 10 accumulated
 micro-batches), x0.1 at epochs 10 and 15 of 18, gradient clipping at global norm 1.0, label
-smoothing 0.1. Everything is read from `config.train` (configs/common.py).
+smoothing 0.1. Everything is read from `config.train` (msca_jax/configs/recipe.py).
 
 Fine-tuning controls (docs/datasets.md): `config.train.trainable` picks the parameters that learn
 ('all'; 'head', a linear probe of the head alone; 'last:K', the last K blocks, the final norm

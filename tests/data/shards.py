@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from configs import common
+from msca_jax.configs import recipe
 from msca_jax.data import dmvr
 
 CLASSES = ("a", "b", "c")
@@ -56,7 +56,7 @@ def data_config(path: str, **overrides):
   Training views are finished in tf.data (augment_on='host'), so that batches hold the clips
   themselves; the device path is compared with this one in tests/data/test_device_augment.py.
   """
-  data = common.get_config("vit", "demo").data
+  data = recipe.get_config("vit", "demo").data
   data.source, data.path = "dmvr", path
   data.augment_on = "host"
   data.num_frames = 4

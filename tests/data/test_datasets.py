@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from configs import common
+from msca_jax.configs import recipe, validation
 from msca_jax.data import datasets, frames, sources, video
 from msca_jax.data.errors import DataError
 from msca_jax.errors import UserError
@@ -145,11 +145,11 @@ def test_ssv2_bad_validation_entries_are_reported_skipped_and_counted(prepared):
 def test_ssv2_keeps_every_frame_and_the_recipe_refuses_flips(prepared):
   _, _, output, _, _ = prepared["ssv2"]
   assert set(read_frame_counts(output, "train")) == {5}
-  config = common.get_config("msca", "ssv2")
+  config = recipe.get_config("msca", "ssv2")
   assert config.data.flip_prob == 0.0 and config.data.sampling == "uniform"
   config.data.flip_prob = 0.5
   with pytest.raises(UserError, match=r"^config\.data\.flip_prob = 0\.5: expected 0 for Something"):
-    common._check_flips(config.data)
+    validation._check_flips(config.data)
 
 
 def read_frame_counts(output, split):
@@ -189,7 +189,7 @@ def test_hmdb51_every_split_takes_1_as_train_2_as_test_and_skips_0(prepared, n):
 
 def test_prepared_splits_give_batches(prepared):
   _, _, output, _, _ = prepared["hmdb51"]
-  config = common.get_config("vit", "hmdb51")
+  config = recipe.get_config("vit", "hmdb51")
   config.data.path = str(output)
   config.data.eval_split = "test2"
   source = sources.make_source(config.data, "test2")
@@ -230,7 +230,7 @@ def test_command_line_prepares_hmdb51(tmp_path):
 
 def test_recipes_combine_with_variants_but_not_with_demo_or_each_other():
   for variant in ("vit", "tokenshift", "msca_kv"):
-    from configs import load
+    from msca_jax.configs import get as load
     config = load(variant, "ucf101")
     assert (config.model.num_classes, config.data.eval_split, config.train.layer_decay) == (101, "test1", 0.7)
   assert load("msca_kv", "k400").to_dict() == load("msca_kv").to_dict()

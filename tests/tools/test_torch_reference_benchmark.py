@@ -19,7 +19,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from configs import common  # noqa: E402
+from msca_jax.configs import recipe  # noqa: E402
 from msca_jax import models, pretrained  # noqa: E402
 from msca_jax.tools import torch_reference_benchmark as trb  # noqa: E402
 from msca_jax.train import optim  # noqa: E402
@@ -113,7 +113,7 @@ def test_train_step_matches_our_recipe():
   state_dict, clip = _state_dict(), _clip()
   labels = np.array([1, 3])
   model, params = _flax("msca_kv", 4, state_dict)
-  train_cfg = common.get_config("msca").train
+  train_cfg = recipe.get_config("msca").train
   train_cfg.update(batch_size=2, base_batch_size=2, grad_accum_steps=1, base_lr=lr)
   tx = optim.make_optimizer(train_cfg, steps_per_epoch=100)
   opt_state = tx.init(params)

@@ -10,7 +10,7 @@ import pytest
 import flax.linen as nn
 from flax import traverse_util
 
-from configs import common
+from msca_jax.configs import recipe
 from msca_jax.tools import step_analysis
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim
@@ -21,7 +21,7 @@ DEPTH = 3
 
 
 def train_cfg(**overrides) -> ml_collections.ConfigDict:
-  cfg = common.get_config("vit").train
+  cfg = recipe.get_config("vit").train
   cfg.update(dict(base_lr=0.1, base_batch_size=2, batch_size=2, grad_accum_steps=1,
                   num_epochs=10, lr_decay_epochs=(), weight_decay=0.0), **overrides)
   return cfg

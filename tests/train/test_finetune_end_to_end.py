@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from configs import common, msca_kv
+from configs import msca_kv
+
+from msca_jax.configs import validation
 from msca_jax import predict, pretrained
 from msca_jax.tools import prepare_videos, split_mean
 from msca_jax.train import trainer
@@ -60,10 +62,10 @@ def run(tmp_path_factory):
   config = tiny_config(**{"data.path": str(root / "data"), "data.train_split": "train",
                           "data.eval_split": "validation", "model.num_classes": len(CLASSES),
                           "init.checkpoint": init, "init.load_head": False})
-  common.validate(config, "train", str(root / "run"))
+  validation.validate(config, "train", str(root / "run"))
   trainer.run(config, str(root / "run"), "train")
   # 3. evaluate: the test protocol on the validation split.
-  common.validate(config, "evaluate", str(root / "run"))
+  validation.validate(config, "evaluate", str(root / "run"))
   result = trainer.run(config, str(root / "run"), "evaluate")
   return root, config, params, result
 
@@ -99,7 +101,7 @@ def test_three_official_splits_and_their_mean(run):
                            "model.num_classes": 2,
                            "init.checkpoint": str(root / "run" / "checkpoints" / "2")})
     workdir = str(root / f"ucf_split{n}")
-    common.validate(split, "evaluate", workdir)
+    validation.validate(split, "evaluate", workdir)
     trainer.run(split, workdir, "evaluate")
     workdirs.append(workdir)
   reports, mean = split_mean.split_mean(workdirs)

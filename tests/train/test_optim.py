@@ -11,19 +11,19 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common
+from msca_jax.configs import recipe
 from msca_jax.train import optim
 from tests import helpers
 
 
 def _paper(**overrides):
-  train = common.get_config("vit").train
+  train = recipe.get_config("vit").train
   train.update(overrides)
   return train
 
 
 def _demo(**overrides):
-  train = common.get_config("vit", "demo").train
+  train = recipe.get_config("vit", "demo").train
   train.update(overrides)
   return train
 
