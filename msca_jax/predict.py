@@ -49,6 +49,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from msca_jax import cli
+from msca_jax.data.errors import DataError
+from msca_jax.data.decode import DecodeSettings
 
 VIEWS = ("test", "val")
 
@@ -64,7 +66,7 @@ class Prediction:
   probabilities: np.ndarray            # (num_classes,) softmax of the view-averaged logits
   view_logits: np.ndarray              # (views, num_classes)
   num_frames_decoded: int
-  decode: Any                          # sources.DecodeSettings
+  decode: Any                          # DecodeSettings
   protocol: str
 
 
@@ -166,7 +168,7 @@ def class_names(config, labels: str | None = None) -> tuple[list[str], str]:
   if labels:
     try:
       names = dmvr.read_labels(labels) if os.path.isdir(labels) else dmvr.read_class_list(labels)
-    except dmvr.DataError as e:
+    except DataError as e:
       raise PredictError(f"--labels: {e}") from None
     origin = f"from {labels}"
   else:
@@ -654,7 +656,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     protocol = describe_protocol(data, flag_values.views)
     decode = decode_settings(data, flag_values.short_side, flag_values.jpeg_quality)
     names, names_origin = class_names(config, flag_values.labels)
-  except (PredictError, dmvr.DataError) as e:
+  except (PredictError, DataError) as e:
     return fail(str(e))
   unchecked = None
   try:
@@ -676,7 +678,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     result = classify(config, params, path, flag_values.views, flag_values.top_k, names, decode)
   except video.VideoError as e:
     return fail(f"--video: {e}")
-  except (PredictError, dmvr.DataError) as e:
+  except (PredictError, DataError) as e:
     return fail(str(e))
 
   seconds = result.num_frames_decoded / decode.fps if decode.fps else float("nan")

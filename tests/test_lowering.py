@@ -24,9 +24,10 @@ from jax import export
 
 from msca_jax.configs import recipe
 from msca_jax import models
-from msca_jax.data import pipeline, sources
+from msca_jax.data import pipeline
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim, state as state_lib, trainer
+from msca_jax.data.decode import DecodeSettings
 
 PLATFORMS = ("tpu", "cuda")
 BATCH = 8          # one clip per fake CPU device (tests/conftest.py), data parallel
@@ -68,7 +69,7 @@ def _abstract_run(config):
 
 def _train_export(config) -> export.Exported:
   mesh, rules, model, tx, abstract, shardings = _abstract_run(config)
-  window = (pipeline.device_window(config.data, sources.DecodeSettings().short_side)
+  window = (pipeline.device_window(config.data, DecodeSettings().short_side)
             if pipeline.augments_on_device(config.data) else None)
   step = trainer.make_train_step(config, model, tx, shardings, mesh, rules, window)
   batch = {f.name: jax.ShapeDtypeStruct((BATCH,) + f.shape, jnp.dtype(f.dtype))

@@ -25,9 +25,10 @@ from configs import msca_kv, vit
 
 from msca_jax.configs import validation
 from msca_jax import cli, pretrained
-from msca_jax.data import dmvr, frames, synthetic
+from msca_jax.data import frames, synthetic
 from msca_jax.errors import UserError
 from msca_jax.tools import convert_torch
+from msca_jax.data.errors import DataError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "vit.py")
@@ -118,7 +119,7 @@ def test_guard_maps_only_user_errors(capsys):
       raise error
     return cli.guard(main)
 
-  for error in (UserError("config.x: expected y\nsecond line"), dmvr.DataError("data file f"),
+  for error in (UserError("config.x: expected y\nsecond line"), DataError("data file f"),
                 app.UsageError("--workdir is required")):
     with pytest.raises(SystemExit) as exit_info:
       failing(error)(["prog"])

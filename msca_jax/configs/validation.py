@@ -14,6 +14,7 @@ import ml_collections
 
 from msca_jax.data import synthetic
 from msca_jax.errors import UserError
+from msca_jax.data.errors import DataError
 
 _SPLIT_FIELDS = {"train": ("train_split", "train_list"), "eval": ("eval_split", "eval_list")}
 
@@ -105,7 +106,7 @@ def _check_data(d: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
     elif d.source == "dmvr":
       try:
         dmvr.list_shards(d.path, split)
-      except dmvr.DataError as e:
+      except DataError as e:
         raise UserError(f"config.data.{split_field} = {split!r}: {e}") from e
 
 

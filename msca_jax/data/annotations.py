@@ -12,7 +12,7 @@ import os
 from typing import Iterable, Sequence
 
 from msca_jax.data import textlist
-from msca_jax.data.dmvr import DataError
+from msca_jax.data.errors import DataError
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".flv", ".mpg", ".mpeg", ".3gp")
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")

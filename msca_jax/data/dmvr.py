@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import tensorflow as tf
 
 from msca_jax.data import textlist
-from msca_jax.data.errors import DataError  # re-exported: callers name it dmvr.DataError
+from msca_jax.data.errors import DataError
 
 FRAMES_KEY = "image/encoded"
 LABEL_KEY = "clip/label/index"

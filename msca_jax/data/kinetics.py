@@ -51,8 +51,8 @@ from absl import app, flags, logging
 import tensorflow_datasets as tfds
 
 from msca_jax.data import annotations, video
-from msca_jax.data.dmvr import DataError
-from msca_jax.data.sources import DecodeSettings
+from msca_jax.data.errors import DataError
+from msca_jax.data.decode import DecodeSettings
 
 # Split name -> accepted CSV file names, in order of preference.
 CSV_NAMES = {
@@ -95,7 +95,7 @@ class KineticsConfig(tfds.core.BuilderConfig):
     fps: frame rate every video is resampled to (0 keeps the decoded frames as they are).
     short_side: the shorter image side after resizing, in pixels (0 keeps the size).
     jpeg_quality: quality of the per-frame JPEGs, 0-100 (the project's default,
-      sources.DecodeSettings, as prepare_videos; lower values save disk space).
+      msca_jax.data.decode.DecodeSettings, as prepare_videos; lower values save disk space).
   """
   num_classes: int = 400
   fps: float = 25.0

@@ -28,44 +28,14 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import dmvr, errors, frames
+from msca_jax.data import dmvr, errors, frames, synthetic
+from msca_jax.data.decode import DecodeSettings
 from msca_jax.data.errors import DataError
 
 SOURCES = ("frames", "synthetic", "dmvr", "tfds")
 # A sequential stream's element index is epoch * EPOCH_STRIDE + record-in-epoch, so a saved
 # position says which epoch to start and how far into it, with no count of the files needed.
 EPOCH_STRIDE = 1 << 32
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeSettings:
-  """How video files were turned into stored frames, recorded when a dataset is prepared.
-
-  `predict` decodes a new video with the settings of the data the model was trained on; the
-  preparation tools take their defaults from here, so there is one set of defaults.
-  """
-  fps: float = 25.0           # the 8x32 recipe's stride assumes 25 fps
-  short_side: int = 256
-  jpeg_quality: int = 90
-  max_frames: int = 0         # 0: every frame
-  origin: str = "the preparation defaults"
-
-  def describe(self) -> str:
-    side = f"short side {self.short_side}" if self.short_side else "original size"
-    text = f"{self.fps:g} fps, {side}, JPEG quality {self.jpeg_quality}"
-    if self.max_frames:
-      text += f", at most {self.max_frames} frames"
-    return f"{text} ({self.origin})" if self.origin else text
-
-  def as_json(self) -> dict:
-    return {"fps": self.fps, "short_side": self.short_side, "jpeg_quality": self.jpeg_quality,
-            "max_frames": self.max_frames}
-
-  @classmethod
-  def from_json(cls, values: dict, origin: str) -> "DecodeSettings":
-    return cls(fps=float(values.get("fps", cls.fps)), short_side=int(values["short_side"]),
-               jpeg_quality=int(values["jpeg_quality"]),
-               max_frames=int(values.get("max_frames", 0)), origin=origin)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -382,7 +352,6 @@ def _sniff_decode(root: str, videos: frames.VideoList, data) -> DecodeSettings:
 def make_source(data, split: str, *, num_classes: int | None = None) -> Source:
   """The Source that config.data describes, for one split."""
   if data.source == "synthetic":
-    from msca_jax.data import synthetic
     return frame_source(data, split, root=synthetic.ensure_dataset(data.synthetic))
   if data.source == "frames":
     return frame_source(data, split, num_classes=num_classes)
@@ -401,7 +370,6 @@ def decode_settings(data) -> DecodeSettings:
   """How the frames of config.data's dataset were made, read from what its preparation recorded
   (without opening the dataset itself): the settings a new video must be decoded with."""
   if data.source == "synthetic":
-    from msca_jax.data import synthetic
     return DecodeSettings(short_side=int(data.synthetic.size), jpeg_quality=synthetic.JPEG_QUALITY,
                           origin="as the synthetic dataset stores frames")
   if not data.path:

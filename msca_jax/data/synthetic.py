@@ -25,6 +25,9 @@ import uuid
 
 import numpy as np
 
+from msca_jax.data.decode import DecodeSettings
+from msca_jax.data.errors import DataError
+
 VERSION = 1           # bump when rendering changes, so stale caches are not reused
 JPEG_QUALITY = 95  # of the stored frames (msca_jax.predict decodes new videos alike)
 EVAL_INDEX_OFFSET = 10**9  # evaluation clips come from a disjoint part of the index space
@@ -157,11 +160,10 @@ def ensure_dataset(cfg) -> str:
   """
   import tensorflow as tf
   from msca_jax.data import dmvr, frames
-  from msca_jax.data.sources import DecodeSettings
 
   for field in ("train_size", "eval_size", "video_frames", "size"):
     if int(cfg[field]) < 1:
-      raise dmvr.DataError(f"config.data.synthetic.{field} must be >= 1, got {cfg[field]}")
+      raise DataError(f"config.data.synthetic.{field} must be >= 1, got {cfg[field]}")
   name = (f"seed{cfg.seed}-train{cfg.train_size}-eval{cfg.eval_size}-{cfg.video_frames}x{cfg.size}px"
           f"-frames-v{VERSION}")
   directory = os.path.join(cache_root(cfg.dir), name)

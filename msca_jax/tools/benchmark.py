@@ -60,11 +60,12 @@ from ml_collections import config_flags
 
 from msca_jax.configs import get as load_variant, label
 from msca_jax import host_memory, models, progress
-from msca_jax.data import pipeline, sources
+from msca_jax.data import pipeline
 from msca_jax.tools import step_analysis
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim, trainer
 from msca_jax.train import state as state_lib
+from msca_jax.data.decode import DecodeSettings
 
 # The learning-rate schedule needs an epoch length; it changes no cost of the step.
 STEPS_PER_EPOCH = 1000
@@ -157,7 +158,7 @@ def _training_window(config) -> int | None:
   data = config.data
   if not pipeline.augments_on_device(data):
     return None
-  return pipeline.device_window(data, sources.DecodeSettings().short_side)
+  return pipeline.device_window(data, DecodeSettings().short_side)
 
 
 def random_batch(config, fields: Sequence[pipeline.Field], batch: int, mesh, seed: int) -> dict:

@@ -43,6 +43,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
 
 from msca_jax import cli, predict
+from msca_jax.data.errors import DataError
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 FORMATS = ("jax", "tf")
@@ -245,7 +246,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     raise app.UsageError("--config, --checkpoint and --out are required, e.g. "
                          "--config=configs/msca_kv.py:demo --checkpoint=WORKDIR --out=DIR")
   from msca_jax import pretrained
-  from msca_jax.data import dmvr
+
 
   out = out or sys.stdout
   config = flag_values.config
@@ -272,7 +273,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     params = predict.load_params(config, flag_values.checkpoint)
   except pretrained.WeightsError as e:
     return fail(f"--checkpoint does not fit the model of --config: {e}")
-  except (OSError, predict.PredictError, dmvr.DataError) as e:
+  except (OSError, predict.PredictError, DataError) as e:
     return fail(str(e))
   try:
     written = write(config, params, flag_values.out, flag_values.platforms, flag_values.formats,

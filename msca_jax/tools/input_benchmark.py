@@ -54,6 +54,7 @@ import tensorflow as tf
 from msca_jax import host_memory
 from msca_jax.data import augment, dmvr, frames, pipeline, sampling, sources
 from msca_jax.tools.host_measure import cpu_seconds as _cpu_s, io_counters, num_cores, one_core, single_core
+from msca_jax.data.decode import DecodeSettings
 
 # The previous tool's measurement of the old pipeline on this 2-core machine: DMVR stand-in shards,
 # float32 clips, batch 16, 8x224 at stride 32 (README, Measured).
@@ -242,7 +243,7 @@ def _write_stand_in(tmp: str, num_videos: int, frames_per_video: int, height: in
   dmvr.write_shards(dmvr_root, SPLIT, records(), num_shards=min(8, num_videos))
   frames.write_list(frames.list_path(frames_root, SPLIT),
                     [(_folder(i), frames_per_video, i % num_classes) for i in range(num_videos)])
-  settings = sources.DecodeSettings(fps=fps, short_side=min(height, width),
+  settings = DecodeSettings(fps=fps, short_side=min(height, width),
                                     jpeg_quality=jpeg_quality).as_json()
   frames.write_manifest(frames_root, SPLIT, settings)
   dmvr.write_labels(frames_root, class_names)
@@ -263,7 +264,7 @@ def _write_dmvr_manifest(dmvr_root: str, fps: float, height: int, width: int,
   """SPLIT.manifest.json beside the shards: the frames' settings, read by sources.dmvr_source."""
   path = os.path.join(dmvr_root, f"{SPLIT}.manifest.json")
   if not os.path.exists(path):
-    settings = sources.DecodeSettings(fps=fps, short_side=min(height, width),
+    settings = DecodeSettings(fps=fps, short_side=min(height, width),
                                       jpeg_quality=jpeg_quality).as_json()
     with open(path + ".tmp", "w") as f:
       json.dump({"version": 1, "layout": "dmvr", "settings": settings}, f, indent=1)

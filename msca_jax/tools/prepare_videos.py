@@ -75,16 +75,16 @@ import av
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import annotations, datasets, dmvr, frames, sources, video
+from msca_jax.data import annotations, datasets, dmvr, frames, video
 from msca_jax.progress import Progress
+from msca_jax.data.errors import DataError
+from msca_jax.data.decode import DecodeSettings
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _MANIFEST_VERSION = 1
 # TFRecord framing per record: 8-byte length, 4-byte length CRC, 4-byte data CRC.
 _RECORD_OVERHEAD = 16
-
-DataError = dmvr.DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,6 @@ class Failure:
 
 
 # Everything, besides the inputs, that changes the frames written; its defaults are the project's.
-Settings = sources.DecodeSettings
 FORMATS = ("frames", "dmvr")
 
 
@@ -114,7 +113,7 @@ class _ShardTask:
   index: int
   path: str                  # the DMVR shard, or the frame layout's list part of this chunk
   items: tuple[_Item, ...]
-  settings: Settings
+  settings: DecodeSettings
   output: str = ""
   split: str = ""
   folders: tuple[str, ...] = ()   # frame layout: each item's folder under the output
@@ -288,12 +287,12 @@ def _resize(image: np.ndarray, short_side: int) -> np.ndarray:
                         interpolation="BICUBIC").to_ndarray()
 
 
-def _video_frames(path: str, settings: Settings) -> list[bytes]:
+def _video_frames(path: str, settings: DecodeSettings) -> list[bytes]:
   return video.jpeg_frames(path, settings.fps, settings.short_side, settings.jpeg_quality,
                            settings.max_frames, max_aspect=video.MAX_ASPECT_RATIO)
 
 
-def _folder_frames(path: str, settings: Settings) -> list[bytes]:
+def _folder_frames(path: str, settings: DecodeSettings) -> list[bytes]:
   """A folder's images in name order; JPEGs already at the right size are copied byte for byte."""
   names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
   if not names:
@@ -375,7 +374,7 @@ def _init_worker(progress_queue) -> None:
   _progress_queue = progress_queue
 
 
-def _item_frames(item: _Item, settings: Settings) -> list[bytes]:
+def _item_frames(item: _Item, settings: DecodeSettings) -> list[bytes]:
   read = _folder_frames if item.frame_folder else _video_frames
   jpegs = read(item.path, settings)
   if not jpegs:
@@ -615,8 +614,8 @@ def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: Progress,
 
 
 def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
-            video_root: str | None = None, fps: float = Settings.fps,
-            short_side: int = Settings.short_side, jpeg_quality: int = Settings.jpeg_quality,
+            video_root: str | None = None, fps: float = DecodeSettings.fps,
+            short_side: int = DecodeSettings.short_side, jpeg_quality: int = DecodeSettings.jpeg_quality,
             num_shards: int = 0, videos_per_shard: int = 128,
             workers: int = 0, seed: int = 0, max_frames: int = 0,
             output_format: str = "frames", progress_stream=None,
@@ -640,7 +639,7 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     raise DataError(f"--format must be one of {FORMATS}, got {output_format!r}")
   if not split or os.sep in split or not re.fullmatch(r"[\w.\-]+", split):
     raise DataError(f"--split {split!r} must be a plain name such as 'train' or 'validation'")
-  settings = Settings(fps=float(fps), short_side=int(short_side), jpeg_quality=int(jpeg_quality),
+  settings = DecodeSettings(fps=float(fps), short_side=int(short_side), jpeg_quality=int(jpeg_quality),
                       max_frames=int(max_frames))
 
   walk_notes: list[str] = []
@@ -792,7 +791,7 @@ def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output:
     raise DataError("--dataset prepares frame folders: leave --format at 'frames'")
   if kwargs.get("fps") is None:
     # SSv2 is about 12 fps: resampling it to 25 would only store every frame twice.
-    kwargs["fps"] = 0.0 if dataset == "ssv2" else Settings.fps
+    kwargs["fps"] = 0.0 if dataset == "ssv2" else DecodeSettings.fps
   classes, splits = datasets.read_official(dataset, annotations_dir, video_root)
   if dataset == "ssv2":
     summaries = [prepare(os.path.join(annotations_dir, datasets.SSV2_FILES[split]), output, split,
@@ -866,11 +865,11 @@ def _define_flags() -> None:
                       "rows). Default: the sorted label names found, with a warning.")
   flags.DEFINE_string("video_root", None, "Where the CSV's videos / the list's frame folders are "
                       "(searched recursively for CSVs). Default: the list file's directory.")
-  flags.DEFINE_float("fps", Settings.fps, "Resample videos to this frame rate (0 keeps every frame; "
+  flags.DEFINE_float("fps", DecodeSettings.fps, "Resample videos to this frame rate (0 keeps every frame; "
                      "--dataset=ssv2 keeps every frame unless --fps is given).")
-  flags.DEFINE_integer("short_side", Settings.short_side, "Resize so the shorter side has this "
+  flags.DEFINE_integer("short_side", DecodeSettings.short_side, "Resize so the shorter side has this "
                        "many pixels (0 keeps the size).")
-  flags.DEFINE_integer("jpeg_quality", Settings.jpeg_quality, "JPEG quality of the stored frames (1-100).")
+  flags.DEFINE_integer("jpeg_quality", DecodeSettings.jpeg_quality, "JPEG quality of the stored frames (1-100).")
   flags.DEFINE_integer("num_shards", 0, "Number of shards, or of chunks of frame folders (the "
                        "unit of resumption; default: from --videos_per_shard).")
   flags.DEFINE_integer("videos_per_shard", 128, "Videos per shard or chunk when --num_shards is "

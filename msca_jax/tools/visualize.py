@@ -43,6 +43,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
 
 from msca_jax import cli, predict
+from msca_jax.data.errors import DataError
 
 GREY = 96  # the colour of a key that is a zero vector (outside the clip)
 
@@ -361,7 +362,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   stderr) for a mistake in the inputs."""
   _check_required(flag_values)
   from msca_jax import pretrained
-  from msca_jax.data import dmvr, video
+  from msca_jax.data import video
   from msca_jax.train import evaluate
 
   out = out or sys.stdout
@@ -391,7 +392,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     return fail(f"--video: {e}")
   except pretrained.WeightsError as e:
     return fail(f"--checkpoint does not fit the model of --config: {e}")
-  except (OSError, predict.PredictError, dmvr.DataError) as e:
+  except (OSError, predict.PredictError, DataError) as e:
     return fail(str(e))
   logits, attention = attention_probabilities(config, params, views)
   probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])

@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from msca_jax.data import dmvr, frames
-from msca_jax.data.sources import DecodeSettings
+from msca_jax.data.decode import DecodeSettings
 from tests.data import shards
 
 CLASSES = shards.CLASSES

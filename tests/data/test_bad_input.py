@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from msca_jax.data import dmvr, pipeline, sources
+from msca_jax.data.errors import DataError
 from tests.data import shards
 
 REASON = {name: i + 1 for i, name in enumerate(pipeline.SKIP_REASONS)}
@@ -104,31 +105,31 @@ def test_a_video_shorter_than_the_clip_is_used_not_skipped(tmp_path):
 
 
 def test_missing_and_empty_inputs_fail_at_start_up(tmp_path):
-  with pytest.raises(dmvr.DataError, match="does not exist"):
+  with pytest.raises(DataError, match="does not exist"):
     sources.dmvr_source(str(tmp_path / "nowhere"), "train")
   os.makedirs(tmp_path / "empty")
-  with pytest.raises(dmvr.DataError, match="no shards for split 'train'"):
+  with pytest.raises(DataError, match="no shards for split 'train'"):
     sources.dmvr_source(str(tmp_path / "empty"), "train")
   paths = shards.write(str(tmp_path / "d"), "train", num_videos=6, num_shards=3)
   os.remove(paths[1])
-  with pytest.raises(dmvr.DataError, match=r"1 of 3 shards missing \(first: train-00001-of-00003\)"):
+  with pytest.raises(DataError, match=r"1 of 3 shards missing \(first: train-00001-of-00003\)"):
     sources.dmvr_source(str(tmp_path / "d"), "train")
   # Deleted after the listing: the pipeline says which file.
   paths = shards.write(str(tmp_path / "e"), "train", num_videos=6, num_shards=3)
   source = sources.dmvr_source(str(tmp_path / "e"), "train")
   os.remove(paths[2])
-  with pytest.raises(dmvr.DataError, match="train-00002-of-00003 does not exist"):
+  with pytest.raises(DataError, match="train-00002-of-00003 does not exist"):
     pipeline.train_dataset(source, shards.data_config(str(tmp_path / "e")), batch_size=2, seed=0)
   shards.write(str(tmp_path / "f"), "train", num_videos=2, num_shards=1)
   os.remove(tmp_path / "f" / dmvr.LABELS_FILE)
-  with pytest.raises(dmvr.DataError, match="no label map"):
+  with pytest.raises(DataError, match="no label map"):
     sources.dmvr_source(str(tmp_path / "f"), "train")
 
 
 def test_mixed_shard_counts_are_refused(tmp_path):
   shards.write(str(tmp_path), "train", num_videos=4, num_shards=2)
   shards.write(str(tmp_path), "train", num_videos=4, num_shards=4)
-  with pytest.raises(dmvr.DataError, match="mixes shard counts"):
+  with pytest.raises(DataError, match="mixes shard counts"):
     sources.dmvr_source(str(tmp_path), "train")
 
 
@@ -143,20 +144,20 @@ def test_mixed_shard_counts_are_refused(tmp_path):
 def test_configuration_mistakes_fail_at_start_up(tmp_path, field, value, message):
   shards.write(str(tmp_path), "train", num_videos=2, num_shards=1)
   data = shards.data_config(str(tmp_path), **{field: value})
-  with pytest.raises(dmvr.DataError, match=message):
+  with pytest.raises(DataError, match=message):
     pipeline.train_dataset(sources.dmvr_source(str(tmp_path), "train"), data, batch_size=2, seed=0)
 
 
 def test_make_source_names_bad_fields(tmp_path):
   data = shards.data_config("")
-  with pytest.raises(dmvr.DataError, match="config.data.path"):
+  with pytest.raises(DataError, match="config.data.path"):
     sources.make_source(data, "train")
   data.source = "frames"
-  with pytest.raises(dmvr.DataError, match="config.data.path must name the frame-folder root"):
+  with pytest.raises(DataError, match="config.data.path must name the frame-folder root"):
     sources.make_source(data, "train")
   data.path = str(tmp_path)
-  with pytest.raises(dmvr.DataError, match=f"video list {tmp_path}/train.txt does not exist"):
+  with pytest.raises(DataError, match=f"video list {tmp_path}/train.txt does not exist"):
     sources.make_source(data, "train")
   data.source = "imagenet"
-  with pytest.raises(dmvr.DataError, match="config.data.source"):
+  with pytest.raises(DataError, match="config.data.source"):
     sources.make_source(data, "train")

@@ -11,7 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from msca_jax.data import kinetics, video
-from msca_jax.data.dmvr import DataError
+from msca_jax.data.errors import DataError
 
 HEADER = "label,youtube_id,time_start,time_end,split\n"
 # Sorted, "abseiling" is class 0 although train.csv names "riding a bike" first.

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from msca_jax.data import dmvr, pipeline, sources, video
+from msca_jax.data.errors import DataError
 from tests.data import shards
 
 
@@ -117,7 +118,7 @@ def test_hosts_read_disjoint_files_that_cover_the_data(dataset_dir):
     seen.append({k for b in batches for k, m in zip(b["key"], b["mask"]) if m})
   assert all(not (a & b) for a, b in itertools.combinations(seen, 2))
   assert set().union(*seen) == {f"v{i}".encode() for i in range(13)}
-  with pytest.raises(dmvr.DataError, match="3 shard files cannot be split over 4 processes"):
+  with pytest.raises(DataError, match="3 shard files cannot be split over 4 processes"):
     pipeline.eval_dataset(source, data, batch_size=4, num_clips=1, num_crops=1, process_index=0,
                           process_count=4)
 

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from msca_jax.data import annotations, dmvr, frames, sources, textlist
+from msca_jax.data.errors import DataError
 from tests.data import frame_folders as ff
 from tests.data.test_prepare_videos import make_clip, read_split, run
 
@@ -149,13 +150,13 @@ def test_class_lists_and_labels_files_read_alike(tmp_path):
 def test_a_repeated_or_undecodable_class_name_is_an_error_naming_its_line(tmp_path):
   path = tmp_path / "c.txt"
   path.write_bytes(b"\xef\xbb\xbfabseiling\r\njuggling\r\n\r\nabseiling \r\n")
-  with pytest.raises(dmvr.DataError, match=r"c\.txt line 4: class 'abseiling' repeats line 1"):
+  with pytest.raises(DataError, match=r"c\.txt line 4: class 'abseiling' repeats line 1"):
     dmvr.read_class_list(str(path))
   (tmp_path / "labels.txt").write_bytes(b"a\nb\na\n")
-  with pytest.raises(dmvr.DataError, match=r"labels\.txt line 3: class 'a' repeats line 1"):
+  with pytest.raises(DataError, match=r"labels\.txt line 3: class 'a' repeats line 1"):
     dmvr.read_labels(str(tmp_path))
   path.write_bytes(b"abseiling\njuggl\xe9ing\n")   # Latin-1
-  with pytest.raises(dmvr.DataError, match=r"c\.txt line 2: not UTF-8 text"):
+  with pytest.raises(DataError, match=r"c\.txt line 2: not UTF-8 text"):
     dmvr.read_class_list(str(path))
 
 

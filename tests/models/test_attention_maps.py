@@ -12,10 +12,11 @@ import pytest
 
 from configs import msca_kv
 from msca_jax import models
-from msca_jax.data import pipeline, sources
+from msca_jax.data import pipeline
 from msca_jax.models import msca, vit
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim, state as state_lib, trainer
+from msca_jax.data.decode import DecodeSettings
 from tests import helpers
 
 
@@ -103,7 +104,7 @@ def _lowered_steps(config) -> tuple[str, str]:
   tx = optim.make_optimizer(config.train, steps_per_epoch=10)
   abstract, shardings = state_lib.abstract_state(model, tx, models.clip_spec(config.model), mesh,
                                                  rules)
-  window = (pipeline.device_window(config.data, sources.DecodeSettings().short_side)
+  window = (pipeline.device_window(config.data, DecodeSettings().short_side)
             if pipeline.augments_on_device(config.data) else None)
   train = trainer.make_train_step(config, model, tx, shardings, mesh, rules, window)
   evaluate = state_lib.make_eval_step(model, shardings, mesh, rules)

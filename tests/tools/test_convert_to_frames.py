@@ -15,6 +15,7 @@ import pytest
 
 from msca_jax.data import dmvr, frames, pipeline, sources
 from msca_jax.tools import convert_to_frames, prepare_videos
+from msca_jax.data.errors import DataError
 from tests.data import shards
 from tests.data.test_prepare_videos import make_clip
 
@@ -184,10 +185,10 @@ def test_resume_redoes_only_a_deleted_part_in_the_same_folders(converted, tmp_pa
   # Another source into the same output is refused; so is an output without its manifest.
   other = tmp_path / "other"
   shards.write(str(other), "train", num_videos=3, num_shards=1)
-  with pytest.raises(dmvr.DataError, match=r"different inputs or settings.*converted_from"):
+  with pytest.raises(DataError, match=r"different inputs or settings.*converted_from"):
     convert(other, output)
   os.remove(output / "train.manifest.json")
-  with pytest.raises(dmvr.DataError, match=r"files of split 'train' .* no train\.manifest\.json"):
+  with pytest.raises(DataError, match=r"files of split 'train' .* no train\.manifest\.json"):
     convert(converted["input"], output)
 
 
@@ -318,7 +319,7 @@ def test_a_tfds_dataset_converts_with_its_video_ids_and_settings(tmp_path):
   manifest = json.loads(_read(output / "train.manifest.json"))
   assert manifest["settings"]["short_side"] == tiny.SHORT_SIDE
   assert manifest["converted_from"]["tfds_name"] == name
-  with pytest.raises(dmvr.DataError, match=r"has no split 'test'"):
+  with pytest.raises(DataError, match=r"has no split 'test'"):
     convert_to_frames.convert("tfds", data_dir, "test", str(tmp_path / "out2"), tfds_name=name)
 
 
@@ -351,10 +352,10 @@ def test_bad_path_or_split_is_one_clear_line(converted, tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       f"convert_to_frames: error: data directory {tmp_path / 'nowhere'} does not exist")
   assert "Traceback" not in result.stderr
-  with pytest.raises(dmvr.DataError, match=r"no shards for split 'validation'"):
+  with pytest.raises(DataError, match=r"no shards for split 'validation'"):
     convert_to_frames.convert("dmvr", str(converted["input"]), "validation", str(tmp_path / "out"))
-  with pytest.raises(dmvr.DataError, match=r"--split 'a b' must be a plain name"):
+  with pytest.raises(DataError, match=r"--split 'a b' must be a plain name"):
     convert_to_frames.convert("dmvr", str(converted["input"]), "a b", str(tmp_path / "out"))
-  with pytest.raises(dmvr.DataError, match=r"is the --path directory"):
+  with pytest.raises(DataError, match=r"is the --path directory"):
     convert_to_frames.convert("dmvr", str(converted["input"]), "train", str(converted["input"]))
   assert not os.path.exists(tmp_path / "out")
