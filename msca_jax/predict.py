@@ -11,520 +11,36 @@ status is 0 unless none could be read. A long video: --window_seconds=W [--hop_s
 it as a stream and classifies each W-second window (each sampled as a whole video would be) into
 a CSV (start_s, end_s, status, label_i, prob_i) and a timeline plot beside it (.png).
 
-The video goes through exactly what evaluation does with a prepared video:
-  1. decoding as the data was prepared: PyAV, resampled to config.data.fps, resized to the short
-     side and stored as JPEGs at the quality the dataset used (read from the DMVR manifest or the
-     TFDS metadata of config.data.path when present, else the preparation tools' defaults;
-     --short_side / --jpeg_quality override);
+The video goes through what evaluation does with a prepared video (msca_jax/inference.py):
+  1. decoding as the training data was prepared: PyAV, resampled to its fps, resized to its short
+     side and stored as JPEGs at its quality, as the checkpoint recorded them (else as the
+     dataset of --config recorded them, else the preparation tools' defaults); --short_side /
+     --jpeg_quality override;
   2. the evaluation views: config.data.eval_clips x eval_crops ('test', the default) or
      val_clips x val_crops ('val'), sampled and cropped by the pipeline's own functions;
   3. the model on every view, logits averaged over views (`evaluate.average_views`), softmax.
 
 --checkpoint is a training workdir (its latest checkpoint), its checkpoints/ or one step of it, or
-a params directory (`pretrained.save_params`, `tools.convert_torch`). Class names come from the
-config's dataset (labels.txt of config.data.path, the TFDS label names, or the synthetic classes);
---labels (a file with one name per line, or a directory holding labels.txt) replaces them, and
-without either the classes are shown by index.
-
-From Python:
-
-    params = predict.load_params(config, "/tmp/msca_kv_demo")
-    for index, name, prob in predict.predict(config, params, "clip.mp4"):
-      print(index, name, prob)
+a params directory (`pretrained.save_params`, `tools.convert_torch`). Class names are the ones the
+checkpoint was trained with (else those of --config's dataset); --labels (a file with one name per
+line, or a directory holding labels.txt) replaces them, and without any the classes are shown by
+index. A mistake in the inputs is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 if __name__ == "__main__":
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is first imported
 
 import numpy as np  # pylint: disable=g-import-not-at-top
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from msca_jax import cli
+from msca_jax import cli, inference
 from msca_jax.data.errors import DataError
-from msca_jax.data.decode import DecodeSettings
-
-VIEWS = ("test", "val")
-
-
-class PredictError(ValueError):
-  """A prediction input (video, checkpoint, labels, config) that cannot be used; one line."""
-
-
-@dataclasses.dataclass
-class Prediction:
-  """Everything `classify` found for one video."""
-  top: list[tuple[int, str, float]]    # (class index, name, probability), most probable first
-  probabilities: np.ndarray            # (num_classes,) softmax of the view-averaged logits
-  view_logits: np.ndarray              # (views, num_classes)
-  num_frames_decoded: int
-  decode: Any                          # DecodeSettings
-  protocol: str
-
-
-# ---------------------------------------------------------------------------------------------
-# What the model saw: decoding, views, class names.
-
-
-def decode_settings(data, short_side: int | None = None, jpeg_quality: int | None = None):
-  """How the data of `config.data` was prepared (sources.decode_settings), so that a new video is
-  decoded the same way; `short_side` / `jpeg_quality` override the recorded values."""
-  from msca_jax.data import sources
-
-  settings = sources.decode_settings(data)
-  overridden = {}
-  if short_side is not None:
-    overridden["short_side"] = int(short_side)
-  if jpeg_quality is not None:
-    overridden["jpeg_quality"] = int(jpeg_quality)
-  if overridden:
-    names = " and ".join(k.replace("_", " ").replace("jpeg", "JPEG") for k in overridden)
-    settings = dataclasses.replace(settings, **overridden,
-                                   origin=f"{names} as given, the rest {settings.origin}")
-  if settings.short_side < 0 or not 1 <= settings.jpeg_quality <= 100:
-    raise PredictError(f"short side must be >= 0 and JPEG quality in [1, 100], got "
-                       f"{settings.short_side} and {settings.jpeg_quality}")
-  if float(settings.fps) != float(data.fps):
-    settings = dataclasses.replace(settings, fps=float(data.fps), origin=(
-        f"{settings.origin}; WARNING: the data was prepared at {settings.fps:g} fps but "
-        f"config.data.fps is {float(data.fps):g}, which is used"))
-  return settings
-
-
-def _tensorflow():
-  """TensorFlow, kept off the accelerators: it only decodes here, and they belong to JAX."""
-  import tensorflow as tf
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # TensorFlow was already initialised by the caller: leave it as it is
-    pass
-  return tf
-
-
-def decode_video(path: str, settings) -> list[bytes]:
-  """The video's frames as JPEG bytes, as the preparation tools would store them."""
-  from msca_jax.data import video
-
-  _tensorflow()
-  frames = video.jpeg_frames(path, fps=settings.fps, short_side=settings.short_side,
-                             quality=settings.jpeg_quality, max_frames=settings.max_frames)
-  if not frames:
-    raise video.VideoError(f"{path}: no frames")
-  return frames
-
-
-def view_counts(data, views: str = "test") -> tuple[int, int]:
-  """(clips, crops) of a protocol: 'test' is config.data.eval_*, 'val' is config.data.val_*."""
-  if views == "test":
-    return int(data.eval_clips), int(data.eval_crops)
-  if views == "val":
-    return int(data.val_clips), int(data.val_crops)
-  raise PredictError(f"views must be one of {VIEWS}, got {views!r}")
-
-
-def describe_protocol(data, views: str = "test") -> str:
-  """E.g. '2 views (2 clips x 1 crop), 8 frames at stride 1'."""
-  clips, crops = view_counts(data, views)
-  plural = lambda n, word: f"{n} {word}{'' if n == 1 else 's'}"
-  sampled = (f"{data.num_frames} frames at stride {data.stride}" if data.sampling == "dense"
-             else f"{data.num_frames} frames, {data.sampling} sampling")
-  return (f"{plural(clips * crops, 'view')} ({plural(clips, 'clip')} x {plural(crops, 'crop')}), "
-          f"{sampled}, {data.image_size} px crops of short side {data.eval_short_side}")
-
-
-def eval_views(frames: Sequence[bytes], data, views: str = "test") -> np.ndarray:
-  """(clips * crops, T, S, S, 3) views of JPEG frames: one video through the evaluation stream."""
-  from msca_jax.data import pipeline, sources, stream
-
-  _tensorflow()
-  pipeline.check_config(data)
-  num_clips, num_crops = view_counts(data, views)
-  source = sources.MemorySource([list(frames)], class_names=["?"])
-  batch = next(iter(stream.EvalStream(source, data, batch_size=1, num_clips=num_clips,
-                                      num_crops=num_crops)))
-  if batch.host["error"][0]:
-    raise PredictError(f"the video's frames could not be decoded ({pipeline.SKIP_REASONS[batch.host['error'][0] - 1]})")
-  return batch.device["video"][0]
-
-
-def class_names(config, labels: str | None = None) -> tuple[list[str], str]:
-  """(names, where they came from) for config.model.num_classes classes.
-
-  `labels` (a file with one name per line or 'index,name' rows, or a directory with labels.txt)
-  wins; else the config's dataset; if that cannot be read, 'class 0', 'class 1', ... with the
-  reason. A list of another length than the model's classes is an error.
-  """
-  from msca_jax.data import dmvr
-
-  num_classes = int(config.model.num_classes)
-  if labels:
-    try:
-      names = dmvr.read_labels(labels) if os.path.isdir(labels) else dmvr.read_class_list(labels)
-    except DataError as e:
-      raise PredictError(f"--labels: {e}") from None
-    origin = f"from {labels}"
-  else:
-    try:
-      names, origin = _dataset_class_names(config.data)
-    except Exception as e:  # pylint: disable=broad-except  # data not on this host: use indices
-      reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-      return ([f"class {i}" for i in range(num_classes)],
-              f"class indices: the dataset's class names are not available ({reason}); "
-              "pass --labels")
-  if len(names) != num_classes:
-    raise PredictError(f"{origin.removeprefix('from ')}: {len(names)} class names, but the model "
-                       f"has {num_classes} classes (config.model.num_classes)")
-  return list(names), origin
-
-
-def _dataset_class_names(data) -> tuple[list[str], str]:
-  from msca_jax.data import dmvr, sources
-
-  if data.source == "synthetic":
-    # The same list ensure_shards writes to labels.txt, without writing the dataset to find it.
-    from msca_jax.data import synthetic
-    return list(synthetic.CLASSES), "the synthetic dataset"
-  if data.source == "dmvr" and data.path:
-    # Only labels.txt is needed, not the shards themselves.
-    return dmvr.read_labels(data.path), f"from {os.path.join(data.path, dmvr.LABELS_FILE)}"
-  source = sources.make_source(data, data.eval_split)
-  return list(source.class_names), f"from {source.description}"
-
-
-# ---------------------------------------------------------------------------------------------
-# The model.
-
-
-def abstract_params(model_config) -> Any:
-  """The model's params as shapes (boxed with logical axes), allocating nothing."""
-  import jax
-  from msca_jax import models
-
-  model = models.build(model_config)
-  return jax.eval_shape(model.init, jax.random.key(0), models.clip_spec(model_config))["params"]
-
-
-def load_params(config, checkpoint_dir: str, with_report: bool = False, check: bool = True):
-  """Unboxed numpy params of config.model from a checkpoint directory (see the module docstring).
-
-  Raises FileNotFoundError for a missing directory or one without a checkpoint, OSError for a
-  damaged checkpoint, PredictError for a checkpoint of another model (`check_model`, unless not
-  `check`) and pretrained.WeightsError when it does not fit the model; messages name the directory.
-  """
-  import flax.linen as nn
-  from msca_jax import pretrained
-  from msca_jax.train import checkpoint as ckpt_lib
-  from msca_jax.train import initialise
-
-  directory = os.path.abspath(checkpoint_dir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint {checkpoint_dir}: no such directory (expected a training "
-                            "workdir, one of its checkpoint steps, or a params directory)")
-  try:
-    initialise.step_dir(directory)
-  except pretrained.WeightsError:
-    raise ckpt_lib.NoCheckpointError(
-        f"checkpoint {checkpoint_dir}: no finished checkpoint there (expected a training workdir, "
-        "its checkpoints/ or one step of it, or a params directory written by "
-        "pretrained.save_params / tools.convert_torch)") from None
-  if check:
-    unchecked = check_model(config, directory, checkpoint_dir)
-    if unchecked:
-      logging.warning("%s", unchecked)
-  template = abstract_params(config.model)
-  init = {"vit_npz": "", "checkpoint": directory, "load_head": True}
-  try:
-    params, report = initialise.initial_params(init, template)
-  except (pretrained.WeightsError, OSError):  # OSError: missing, damaged (the digests say which)
-    raise
-  except Exception as e:  # pylint: disable=broad-except  # orbax on a directory it cannot read
-    first = str(e).splitlines()[0] if str(e) else ""
-    raise pretrained.WeightsError(f"checkpoint {checkpoint_dir}: cannot be read as an orbax "
-                                  f"checkpoint ({type(e).__name__}: {first})") from e
-  params = nn.unbox(params)
-  return (params, report) if with_report else params
-
-
-def check_model(config, directory: str, name: str | None = None) -> str | None:
-  """Raises PredictError when the checkpoint's saved model config is another model than config's.
-
-  The frame size may differ (the position embeddings are resized, and the output says so). Returns
-  a warning when the checkpoint saved no config to compare with, else None.
-  """
-  from msca_jax import pretrained
-  from msca_jax.train import initialise, saved_config
-
-  name = name or directory
-  try:
-    saved = saved_config.read_model_config(initialise.step_dir(directory))
-  except pretrained.WeightsError:  # no checkpoint there: load_params says so
-    return None
-  if saved is None:
-    return f"{name} holds no saved config: not checked to be a checkpoint of --config's model"
-  diffs = saved_config.differences(saved, config.model, allowed=("image_size",))
-  if diffs:
-    raise PredictError(f"--checkpoint {name} is another model than --config: "
-                       f"{saved_config.describe(diffs, given_as='--config')}; pass the config it "
-                       "was trained with")
-  return None
-
-
-@functools.lru_cache(maxsize=8)
-def _forward(model):
-  import jax
-  return jax.jit(model.apply)
-
-
-def view_logits(config, params, views: np.ndarray) -> np.ndarray:
-  """(V, C) float32 logits of config.model on (V, T, S, S, 3) views."""
-  from msca_jax import models
-
-  model = models.build(config.model)
-  return np.asarray(_forward(model)({"params": params}, views), np.float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Prediction.
-
-
-def classify(config, params, video_path: str, views: str = "test", top_k: int = 5,
-             names: Sequence[str] | None = None, decode=None) -> Prediction:
-  """Decodes, builds the evaluation views, runs the model and ranks the classes.
-
-  `names` defaults to `class_names(config)[0]`; `decode` to `decode_settings(config.data)`.
-  Raises video.VideoError for a missing or undecodable video.
-  """
-  from msca_jax.train import evaluate
-
-  if top_k < 1:
-    raise PredictError(f"top_k must be at least 1, got {top_k}")
-  view_counts(config.data, views)
-  decode = decode or decode_settings(config.data)
-  names = list(names) if names is not None else class_names(config)[0]
-  frames = decode_video(video_path, decode)
-  logits = view_logits(config, params, eval_views(frames, config.data, views))
-  probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])
-  if len(names) != probabilities.shape[0]:
-    raise PredictError(f"{len(names)} class names for a model with {probabilities.shape[0]} classes")
-  order = np.argsort(-probabilities, kind="stable")[:top_k]
-  top = [(int(i), names[i], float(probabilities[i])) for i in order]
-  return Prediction(top=top, probabilities=probabilities, view_logits=logits,
-                    num_frames_decoded=len(frames), decode=decode,
-                    protocol=describe_protocol(config.data, views))
-
-
-def predict(config, params, video_path: str, views: str = "test", top_k: int = 5,
-            names: Sequence[str] | None = None) -> list[tuple[int, str, float]]:
-  """[(class index, name, probability)] of the `top_k` most probable classes, best first."""
-  return classify(config, params, video_path, views, top_k, names).top
-
-
-# ---------------------------------------------------------------------------------------------
-# Many videos, and windows of a long one.
-
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
-LIST_EXTENSIONS = (".txt", ".lst", ".list")
-
-
-def is_video_list(path: str) -> bool:
-  """A folder, or a text file with one video path per line (by its extension)."""
-  return os.path.isdir(path) or (os.path.isfile(path) and path.lower().endswith(LIST_EXTENSIONS))
-
-
-def list_videos(path: str) -> list[str]:
-  """The videos `path` names: itself, the video files under a folder (sorted, recursive), or the
-  lines of a list file (relative paths are relative to the list; '#' starts a comment)."""
-  if os.path.isdir(path):
-    found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-                   if name.lower().endswith(VIDEO_EXTENSIONS))
-    if not found:
-      raise PredictError(f"--video {path}: no video files in this folder (expected "
-                         f"{', '.join(VIDEO_EXTENSIONS)})")
-    return found
-  if not os.path.isfile(path):
-    raise PredictError(f"--video {path}: no such file or folder")
-  if not path.lower().endswith(LIST_EXTENSIONS):
-    return [path]
-  base = os.path.dirname(os.path.abspath(path))
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = [line.split("#", 1)[0].strip() for line in f]
-  found = [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line]
-  if not found:
-    raise PredictError(f"--video {path}: the list names no videos (expected one path per line)")
-  return found
-
-
-def view_batches(videos, data, views: str, batch_size: int):
-  """Yields (keys, statuses, views (batch_size, V, T, S, S, 3)) for `videos`, (key, load) pairs.
-
-  `load()` returns a video's JPEG frames or raises video.VideoError; such a video, or one the
-  pipeline skips, gets its reason as status (else 'ok') and a row of zeros. Only one batch of
-  videos is decoded at a time.
-  """
-  from msca_jax.data import video
-
-  chunk = []
-  for key, load in videos:
-    try:
-      chunk.append((key, load(), "ok"))
-    except video.VideoError as e:
-      chunk.append((key, [], str(e)))
-    if len(chunk) == batch_size:
-      yield _chunk_views(chunk, data, views, batch_size)
-      chunk = []
-  if chunk:
-    yield _chunk_views(chunk, data, views, batch_size)
-
-
-def _chunk_views(chunk, data, views: str, batch_size: int):
-  from msca_jax.data import pipeline, sources, stream
-
-  _tensorflow()
-  num_clips, num_crops = view_counts(data, views)
-  source = sources.MemorySource([frames for _, frames, _ in chunk], class_names=["?"])
-  batch = next(iter(stream.EvalStream(source, data, batch_size=batch_size, num_clips=num_clips,
-                                      num_crops=num_crops)))
-  statuses = [status for _, _, status in chunk]
-  order = batch.host["index"][:len(chunk)]
-  if list(order) != list(range(len(chunk))):
-    raise AssertionError(f"the evaluation stream reordered the videos: {list(order)}")
-  for i, error in enumerate(batch.host["error"][:len(chunk)]):
-    if error and statuses[i] == "ok":
-      statuses[i] = pipeline.SKIP_REASONS[error - 1]
-  return [key for key, _, _ in chunk], statuses, batch.device["video"]
-
-
-def batch_probabilities(config, params, views: np.ndarray) -> np.ndarray:
-  """(B, C) softmax of the view-averaged logits of (B, V, T, S, S, 3) views."""
-  from msca_jax.train import evaluate
-
-  num_views = views.shape[1]
-  logits = view_logits(config, params, views.reshape((-1,) + views.shape[2:]))
-  return evaluate.softmax(np.asarray(evaluate.average_views(logits, num_views)))
-
-
-def _top(probabilities: np.ndarray, names: Sequence[str], top_k: int) -> list[tuple[int, str, float]]:
-  order = np.argsort(-probabilities, kind="stable")[:top_k]
-  return [(int(i), names[i], float(probabilities[i])) for i in order]
-
-
-def classify_many(config, params, paths: Sequence[str], views: str = "test", top_k: int = 5,
-                  names: Sequence[str] | None = None, decode=None, batch_size: int | None = None,
-                  progress_stream=None) -> list[tuple[str, str, list[tuple[int, str, float]]]]:
-  """[(path, status, top)] for every path, in order; status is 'ok' or why it was skipped.
-
-  Batches of `batch_size` videos (default config.eval.batch_size) share one model call; a
-  progress line with rate and ETA goes to `progress_stream` (default stderr).
-  """
-  from msca_jax import progress
-
-  decode = decode or decode_settings(config.data)
-  names = list(names) if names is not None else class_names(config)[0]
-  batch_size = int(batch_size or config.eval.batch_size)
-  if batch_size < 1:
-    raise PredictError(f"batch size must be at least 1, got {batch_size}")
-  loaders = ((p, functools.partial(decode_video, p, decode)) for p in paths)
-  rows = []
-  with progress.Progress(total=len(paths), unit="videos", desc="predict",
-                         stream=progress_stream) as bar:
-    for keys, statuses, batch in view_batches(loaders, config.data, views, batch_size):
-      probabilities = batch_probabilities(config, params, batch)
-      for i, (key, status) in enumerate(zip(keys, statuses)):
-        rows.append((key, status, _top(probabilities[i], names, top_k) if status == "ok" else []))
-      bar.update(len(keys), failed=sum(r[1] != "ok" for r in rows))
-  return rows
-
-
-def video_duration(path: str) -> float | None:
-  """The container's duration in seconds, when it records one (for the progress total)."""
-  import av
-  try:
-    with av.open(path) as container:
-      stream = container.streams.video[0] if container.streams.video else None
-      if stream is not None and stream.duration and stream.time_base:
-        return float(stream.duration * stream.time_base)
-      return container.duration / 1e6 if container.duration else None
-  except (av.error.FFmpegError, OSError, UnicodeDecodeError):
-    return None
-
-
-def window_frames(path: str, decode, window_seconds: float, hop_seconds: float):
-  """Yields (start_s, end_s, JPEG frames) of windows `window_seconds` long every `hop_seconds`.
-
-  The video is decoded as a stream at decode.fps (the rate the model's data had), so a window of
-  W seconds holds round(W * fps) frames and times are the video's own; only the current window's
-  frames are kept, as JPEG bytes. Only whole windows are taken, except that a video shorter than
-  one window gives one window over all of it. Raises video.VideoError for an unreadable video.
-  """
-  import collections
-  from msca_jax.data import video
-
-  tf = _tensorflow()
-  if window_seconds <= 0 or hop_seconds <= 0:
-    raise PredictError(f"--window_seconds and --hop_seconds must be positive, got "
-                       f"{window_seconds:g} and {hop_seconds:g}")
-  fps = float(decode.fps)
-  length = max(1, round(window_seconds * fps))
-  hop = max(1, round(hop_seconds * fps))
-  buffer = collections.deque()  # (frame index, JPEG) of frames at or after the current start
-  start, emitted, index = 0, 0, -1
-  decoded = video.iter_frames(path, fps, decode.short_side)
-  try:
-    for index, frame in enumerate(decoded):
-      if index >= start:
-        buffer.append((index, tf.io.encode_jpeg(frame, quality=decode.jpeg_quality).numpy()))
-      if index == start + length - 1:
-        yield start / fps, (start + length) / fps, [jpeg for _, jpeg in buffer]
-        emitted += 1
-        start += hop
-        while buffer and buffer[0][0] < start:
-          buffer.popleft()
-  finally:
-    decoded.close()
-  if index < 0:
-    raise video.VideoError(f"{path}: no frames")
-  if not emitted:
-    yield 0.0, (index + 1) / fps, [jpeg for _, jpeg in buffer]
-
-
-def classify_windows(config, params, path: str, window_seconds: float, hop_seconds: float,
-                     views: str = "test", top_k: int = 5, names: Sequence[str] | None = None,
-                     decode=None, batch_size: int | None = None, progress_stream=None):
-  """[(start_s, end_s, status, top, probabilities)] of the sliding windows of one video."""
-  from msca_jax import progress
-
-  if window_seconds <= 0 or hop_seconds <= 0:
-    raise PredictError(f"--window_seconds and --hop_seconds must be positive, got "
-                       f"{window_seconds:g} and {hop_seconds:g}")
-  decode = decode or decode_settings(config.data)
-  names = list(names) if names is not None else class_names(config)[0]
-  batch_size = int(batch_size or config.eval.batch_size)
-  duration = video_duration(path)
-  total = (max(1, int((duration - window_seconds) // hop_seconds) + 1) if duration else None)
-  spans = []
-
-  def windows():
-    for start, end, frames in window_frames(path, decode, window_seconds, hop_seconds):
-      spans.append((start, end))
-      yield len(spans) - 1, lambda frames=frames: frames
-
-  rows = []
-  with progress.Progress(total=total, unit="windows", desc="predict", stream=progress_stream) as bar:
-    for keys, statuses, batch in view_batches(windows(), config.data, views, batch_size):
-      probabilities = batch_probabilities(config, params, batch)
-      for i, (key, status) in enumerate(zip(keys, statuses)):
-        top = _top(probabilities[i], names, top_k) if status == "ok" else []
-        rows.append((*spans[key], status, top, probabilities[i]))
-      bar.update(len(keys))
-  return rows
 
 
 def write_top_k_csv(path: str, first_columns: Sequence[str], rows, top_k: int) -> None:
@@ -565,20 +81,6 @@ def plot_timeline(path: str, rows, names: Sequence[str], title: str = "",
   evaluate.save_figure(fig, path)
 
 
-# ---------------------------------------------------------------------------------------------
-# The command line.
-
-
-def define_model_flags(flag_values: flags.FlagValues, argv: Sequence[str] | None = None) -> None:
-  """--config and --checkpoint, the model every inference program (predict, visualize, export,
-  extract_features) loads; `argv` is where --config.FIELD overrides are looked for."""
-  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.",
-                                  flag_values=flag_values,
-                                  sys_argv=list(argv) if argv is not None else None)
-  flags.DEFINE_string("checkpoint", None, "Training workdir, one checkpoint step of it, or a params "
-                      "directory (pretrained.save_params, tools.convert_torch).",
-                      flag_values=flag_values)
-
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Sequence[str] | None = None) -> flags.FlagValues:
@@ -586,19 +88,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
 
   `argv` is where --config.FIELD overrides are looked for (default: sys.argv).
   """
-  define_model_flags(flag_values, argv)
-  flags.DEFINE_string("video", None, "The video file to classify, a folder of videos (searched "
-                      "recursively) or a list file (.txt, one path per line).",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("top_k", 5, "How many classes to list.", flag_values=flag_values)
-  flags.DEFINE_enum("views", "test", list(VIEWS), "test: config.data.eval_clips x eval_crops; "
-                    "val: config.data.val_clips x val_crops.", flag_values=flag_values)
-  flags.DEFINE_string("labels", None, "Class names, one per line (or a directory with labels.txt); "
-                      "default: the config's dataset.", flag_values=flag_values)
-  flags.DEFINE_integer("short_side", None, "Decode to this short side (default: as the dataset "
-                       "was prepared).", flag_values=flag_values)
-  flags.DEFINE_integer("jpeg_quality", None, "JPEG quality of the decoded frames (default: as the "
-                       "dataset was prepared).", flag_values=flag_values)
+  inference.define_model_flags(flag_values, argv)
+  inference.define_video_flags(flag_values)
   flags.DEFINE_integer("batch_size", None, "Videos (or windows) per model call when there are many "
                        "(default: config.eval.batch_size).", flag_values=flag_values)
   flags.DEFINE_string("output", None, "CSV to write for a folder or list of videos (default "
@@ -618,156 +109,118 @@ def _check_required(flag_values: flags.FlagValues) -> None:
 
 
 def run(flag_values: flags.FlagValues, out=None) -> int:
-  """The command: prints the prediction to `out` (stdout); errors go to stderr, returning 1."""
+  """The command: prints the prediction to `out` (stdout); a mistake in the inputs is one line on
+  stderr and cli.EXIT_USER_ERROR."""
   _check_required(flag_values)
-  from msca_jax import models, pretrained
-  from msca_jax.data import dmvr, video
+  from msca_jax.data import video
 
-  out = out or sys.stdout
-  config = flag_values.config
-
-  def fail(message: str) -> int:
-    print(f"predict: error: {message}", file=sys.stderr)
-    return 1
-
-  path = flag_values.video
-  if flag_values.top_k < 1:
-    raise app.UsageError(f"--top_k must be at least 1, got {flag_values.top_k}")
-  if flag_values.batch_size is not None and flag_values.batch_size < 1:
-    raise app.UsageError(f"--batch_size must be at least 1, got {flag_values.batch_size}")
-  windows = flag_values.window_seconds is not None
-  if flag_values.hop_seconds is not None and not windows:
+  fv, out = flag_values, out or sys.stdout
+  if fv.top_k < 1:
+    raise app.UsageError(f"--top_k must be at least 1, got {fv.top_k}")
+  if fv.batch_size is not None and fv.batch_size < 1:
+    raise app.UsageError(f"--batch_size must be at least 1, got {fv.batch_size}")
+  windows = fv.window_seconds is not None
+  if fv.hop_seconds is not None and not windows:
     raise app.UsageError("--hop_seconds needs --window_seconds")
-  hop = flag_values.hop_seconds if flag_values.hop_seconds is not None else flag_values.window_seconds
-  if windows and (flag_values.window_seconds <= 0 or hop <= 0):
+  hop = fv.hop_seconds if fv.hop_seconds is not None else fv.window_seconds
+  if windows and (fv.window_seconds <= 0 or hop <= 0):
     raise app.UsageError(f"--window_seconds and --hop_seconds must be positive, got "
-                         f"{flag_values.window_seconds:g} and {hop:g}")
-  many = is_video_list(path)
-  if windows and many:
-    return fail(f"--video {path}: --window_seconds takes one video file, not a folder or a list")
-  if not many and not os.path.isfile(path):
-    return fail(f"--video {path}: no such file")
+                         f"{fv.window_seconds:g} and {hop:g}")
   try:
-    paths = list_videos(path) if many else [path]
-  except PredictError as e:
-    return fail(str(e))
-  try:
-    data = config.data
-    protocol = describe_protocol(data, flag_values.views)
-    decode = decode_settings(data, flag_values.short_side, flag_values.jpeg_quality)
-    names, names_origin = class_names(config, flag_values.labels)
-  except (PredictError, DataError) as e:
-    return fail(str(e))
-  unchecked = None
-  try:
-    if os.path.isdir(flag_values.checkpoint):
-      unchecked = check_model(config, os.path.abspath(flag_values.checkpoint), flag_values.checkpoint)
-    params, report = load_params(config, flag_values.checkpoint, with_report=True, check=False)
-  except (OSError, PredictError) as e:  # no checkpoint there, a damaged one, or another model
-    return fail(str(e))
-  except pretrained.WeightsError as e:
-    arch = ", ".join(f"{k} {v}" for k, v in models.architecture(config.model).items())
-    return fail(f"--checkpoint does not fit the model of --config ({config.model.name}: {arch}, "
-                f"{config.model.num_classes} classes, {config.model.image_size} px frames): {e}")
-  if many:
-    return _run_many(config, params, paths, flag_values, names, decode, out, fail)
-  if windows:
-    return _run_windows(config, params, path, flag_values.window_seconds, hop, flag_values, names,
-                        decode, out, fail)
-  try:
-    result = classify(config, params, path, flag_values.views, flag_values.top_k, names, decode)
+    many = inference.is_video_list(fv.video)
+    if windows and many:
+      raise inference.InferenceError(f"--video {fv.video}: --window_seconds takes one video file, "
+                                     "not a folder or a list")
+    if not many and not os.path.isfile(fv.video):
+      raise inference.InferenceError(f"--video {fv.video}: no such file")
+    paths = inference.list_videos(fv.video) if many else [fv.video]
+    protocol = inference.describe_protocol(fv.config.data, fv.views)
+    model = inference.load_model(fv.config, fv.checkpoint, labels=fv.labels,
+                                 short_side=fv.short_side, jpeg_quality=fv.jpeg_quality)
+    if many:
+      _run_many(model, paths, fv, protocol, out)
+    elif windows:
+      _run_windows(model, fv.video, fv.window_seconds, hop, fv, protocol, out)
+    else:
+      _run_one(model, fv.video, fv, protocol, out)
   except video.VideoError as e:
-    return fail(f"--video: {e}")
-  except (PredictError, DataError) as e:
-    return fail(str(e))
+    return _fail(f"--video: {e}")
+  except (inference.InferenceError, DataError) as e:
+    return _fail(e)
+  return 0
 
+
+def _fail(message) -> int:
+  print(f"predict: error: {cli.one_line(message)}", file=sys.stderr)
+  return cli.EXIT_USER_ERROR
+
+
+def _run_one(model, path, fv, protocol, out) -> None:
+  decode, names = model.decode, model.names
+  result = inference.classify(model.config, model.params, path, fv.views, fv.top_k, names, decode)
   seconds = result.num_frames_decoded / decode.fps if decode.fps else float("nan")
   print(f"video      {path}: {result.num_frames_decoded} frames ({seconds:.2f} s), decoded at "
         f"{decode.describe()}", file=out)
-  print(f"views      {protocol} ({flag_values.views} protocol)", file=out)
-  print(f"weights    {report.source}: {len(report.loaded)} arrays", file=out)
-  if unchecked:
-    print(f"warning    {unchecked}", file=out)
-  if report.resized:
-    print(f"warning    resized to the config's frame size: {', '.join(report.resized)}", file=out)
-  print(f"classes    {len(names)}, {names_origin}", file=out)
+  print(f"views      {protocol} ({fv.views} protocol)", file=out)
+  print(f"weights    {model.report.source}: {len(model.report.loaded)} arrays", file=out)
+  if model.warning:
+    print(f"warning    {model.warning}", file=out)
+  if model.report.resized:
+    print(f"warning    resized to the config's frame size: {', '.join(model.report.resized)}",
+          file=out)
+  print(f"classes    {len(names)}, {model.names_origin}", file=out)
   print(f"top-{len(result.top)}", file=out)
   width = max(len(name) for _, name, _ in result.top)
   for rank, (index, name, prob) in enumerate(result.top, 1):
     print(f"  {rank}. {name:<{width}}  {prob:.4f}  (class {index})", file=out)
-  return 0
 
 
-def _run_many(config, params, paths, flag_values, names, decode, out, fail) -> int:
+def _run_many(model, paths, fv, protocol, out) -> None:
   """Every video of a folder or list into one CSV; bad ones are listed and skipped."""
-  output = flag_values.output or "predictions.csv"
-  rows = classify_many(config, params, paths, flag_values.views, flag_values.top_k, names, decode,
-                       flag_values.batch_size)
+  output = fv.output or "predictions.csv"
+  rows = inference.classify_many(model.config, model.params, paths, fv.views, fv.top_k,
+                                 model.names, model.decode, fv.batch_size)
   write_top_k_csv(output, ("path", "status"), [((p, s), top) for p, s, top in rows],
-                  min(flag_values.top_k, len(names)))
+                  min(fv.top_k, len(model.names)))
   bad = [(p, s) for p, s, _ in rows if s != "ok"]
   for p, s in bad:
     print(f"predict: skipped {p}: {s.removeprefix(p + ': ')}", file=sys.stderr)
   print(f"videos     {len(rows) - len(bad)} of {len(rows)} classified, {len(bad)} skipped; "
-        f"decoded at {decode.describe()}", file=out)
-  print(f"views      {describe_protocol(config.data, flag_values.views)} "
-        f"({flag_values.views} protocol)", file=out)
+        f"decoded at {model.decode.describe()}", file=out)
+  print(f"views      {protocol} ({fv.views} protocol)", file=out)
   print(f"wrote      {output}", file=out)
   if len(bad) == len(rows):
-    return fail(f"--video {flag_values.video}: none of the {len(rows)} videos could be read "
-                f"(first: {bad[0][0]}: {bad[0][1]})")
-  return 0
+    raise inference.InferenceError(f"--video {fv.video}: none of the {len(rows)} videos could be "
+                                   f"read (first: {bad[0][0]}: {bad[0][1]})")
 
 
-def _run_windows(config, params, path, window_seconds, hop_seconds, flag_values, names, decode,
-                 out, fail) -> int:
+def _run_windows(model, path, window_seconds, hop_seconds, fv, protocol, out) -> None:
   """Sliding windows over one video: a CSV of per-window top-k and a timeline plot."""
-  from msca_jax.data import video
-
-  output = flag_values.output or "windows.csv"
+  output = fv.output or "windows.csv"
   plot = os.path.splitext(output)[0] + ".png"
-  try:
-    rows = classify_windows(config, params, path, window_seconds, hop_seconds, flag_values.views,
-                            flag_values.top_k, names, decode, flag_values.batch_size)
-  except video.VideoError as e:
-    return fail(f"--video: {e}")
+  rows = inference.classify_windows(model.config, model.params, path, window_seconds, hop_seconds,
+                                    fv.views, fv.top_k, model.names, model.decode, fv.batch_size)
   write_top_k_csv(output, ("start_s", "end_s", "status"),
                   [((f"{a:.3f}", f"{b:.3f}", s), top) for a, b, s, top, _ in rows],
-                  min(flag_values.top_k, len(names)))
-  plot_timeline(plot, rows, names, title=os.path.basename(path))
+                  min(fv.top_k, len(model.names)))
+  plot_timeline(plot, rows, model.names, title=os.path.basename(path))
   print(f"video      {path}: {len(rows)} windows of {window_seconds:g} s every {hop_seconds:g} s, "
-        f"decoded at {decode.describe()}", file=out)
-  print(f"views      {describe_protocol(config.data, flag_values.views)} per window", file=out)
+        f"decoded at {model.decode.describe()}", file=out)
+  print(f"views      {protocol} per window", file=out)
   for start, end, status, top, _ in rows:
     best = f"{top[0][1]} {top[0][2]:.4f}" if top else status
     print(f"  {start:8.2f}-{end:8.2f} s  {best}", file=out)
   print(f"wrote      {output}, {plot}", file=out)
-  return 0
-
-
-def start_program(flag_values: flags.FlagValues) -> None:
-  """What every program that reads a checkpoint for inference does first (predict, visualize,
-  extract_features, export): TensorFlow kept off the accelerators, absl at WARNING unless
-  --verbosity says otherwise, and orbax's warnings about read-only managers and missing metadata
-  files (which reading a checkpoint causes) filtered out."""
-  # Imported here so that --help answers without loading JAX and TensorFlow.
-  _tensorflow()
-  if not flag_values["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  logging.get_absl_logger().addFilter(
-      lambda record: record.levelno >= logging.converter.STANDARD_ERROR or "/orbax/" not in record.pathname)
 
 
 def main(argv: Sequence[str]) -> int:
-  """The program: 0 with a prediction; 2 (one line on stderr) for a mistake in the inputs."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _check_required(flags.FLAGS)
-  start_program(flags.FLAGS)
-  # run's failures are all about the inputs: the exit status every program gives a user error.
-  return cli.EXIT_USER_ERROR if run(flags.FLAGS) else 0
+  inference.start_program(flags.FLAGS)
+  return run(flags.FLAGS)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, user_errors=(PredictError,))
+  cli.run(main)

@@ -12,7 +12,7 @@ from absl import app, flags
 from jax.sharding import Mesh
 
 from configs import msca_kv
-from msca_jax import models, predict
+from msca_jax import cli, inference, models, predict
 from msca_jax.data import dmvr, pipeline, sources, synthetic, video
 from msca_jax.tools import prepare_videos
 from msca_jax.train import checkpoint, evaluate
@@ -43,29 +43,29 @@ def setup(tmp_path_factory):
 
 def test_top_k_of_a_saved_checkpoint(setup):
   config = _config()
-  params = predict.load_params(config, setup["checkpoint"])
-  top = predict.predict(config, params, setup["video"], top_k=5)
+  params = inference.load_params(config, setup["checkpoint"])
+  top = inference.predict(config, params, setup["video"], top_k=5)
   assert len(top) == 5
   probs = [p for _, _, p in top]
   assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
   assert all(name == synthetic.CLASSES[i] for i, name, _ in top)
   assert len({i for i, _, _ in top}) == 5
 
-  result = predict.classify(config, params, setup["video"], top_k=50)
+  result = inference.classify(config, params, setup["video"], top_k=50)
   assert len(result.top) == 8                       # k is at most the number of classes
   np.testing.assert_allclose(result.probabilities.sum(), 1.0, rtol=1e-5)
   assert result.view_logits.shape == (2, 8)         # demo test protocol: 2 clips x 1 crop
   assert result.num_frames_decoded == 30
   assert result.protocol.startswith("2 views (2 clips x 1 crop), 8 frames at stride 1")
   # One step of the checkpoint directory loads the same params.
-  step = predict.load_params(config, os.path.join(setup["checkpoint"], "0"))
+  step = inference.load_params(config, os.path.join(setup["checkpoint"], "0"))
   jax.tree.map(np.testing.assert_array_equal, step, params)
 
 
 def test_params_from_a_training_workdir(setup, tmp_path):
   """The trainer's checkpoints hold the whole train state; predict takes its params."""
   config = _config()
-  params = predict.load_params(config, setup["checkpoint"])
+  params = inference.load_params(config, setup["checkpoint"])
   state = {"step": np.int32(7), "params": params,
            "opt_state": {"mu": jax.tree.map(lambda x: np.ones_like(x), params)}}
   saver = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), save_interval_steps=1,
@@ -74,7 +74,7 @@ def test_params_from_a_training_workdir(setup, tmp_path):
   saver.save(7, state, checkpoint.streams_array(pipeline.StreamState(), mesh), {}, force=True)
   saver.close()
   for directory in (tmp_path, tmp_path / "checkpoints", tmp_path / "checkpoints" / "7"):
-    loaded = predict.load_params(config, str(directory))
+    loaded = inference.load_params(config, str(directory))
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
@@ -92,7 +92,7 @@ def test_prediction_is_the_eval_pipeline_on_the_prepared_video(setup, tmp_path):
   config = _config(source="frames", path=prepared, stride=2, eval_clips=2, eval_crops=3,
                    eval_short_side=36)
   data = config.data
-  params = predict.load_params(config, setup["checkpoint"])
+  params = inference.load_params(config, setup["checkpoint"])
 
   ds = pipeline.eval_dataset(sources.make_source(data, data.eval_split), data, batch_size=1,
                              num_clips=2, num_crops=3)
@@ -102,39 +102,39 @@ def test_prediction_is_the_eval_pipeline_on_the_prepared_video(setup, tmp_path):
   logits = jax.jit(model.apply)({"params": params}, batch["video"][0])   # (views, C)
   expected = jax.nn.softmax(evaluate.average_views(np.asarray(logits)[None]))[0]
 
-  result = predict.classify(config, params, setup["video"], top_k=3)
+  result = inference.classify(config, params, setup["video"], top_k=3)
   assert (result.decode.short_side, result.decode.jpeg_quality) == (40, 80)
   assert "manifest" in result.decode.origin
   assert result.protocol.startswith("6 views (2 clips x 3 crops), 8 frames at stride 2")
-  frames = predict.decode_video(setup["video"], result.decode)
-  np.testing.assert_array_equal(predict.eval_views(frames, data), batch["video"][0])
+  frames = inference.decode_video(setup["video"], result.decode)
+  np.testing.assert_array_equal(inference.eval_views(frames, data), batch["video"][0])
   np.testing.assert_allclose(result.view_logits, logits, atol=1e-5)
   np.testing.assert_allclose(result.probabilities, expected, atol=1e-5)
   assert [name for _, name, _ in result.top] == [synthetic.CLASSES[i] for i in
                                                  np.argsort(-np.asarray(expected))[:3]]
   data_at_10 = _config(source="frames", path=prepared, fps=10).data
   assert "WARNING: the data was prepared at 25 fps but config.data.fps is 10" in \
-      predict.decode_settings(data_at_10).origin
+      inference.decode_settings(data_at_10).origin
   # The check is not vacuous: decoding as prepare_videos' defaults does gives other views.
-  default = predict.decode_settings(_config().data, short_side=256, jpeg_quality=90)
-  other = predict.eval_views(predict.decode_video(setup["video"], default), data)
+  default = inference.decode_settings(_config().data, short_side=256, jpeg_quality=90)
+  other = inference.eval_views(inference.decode_video(setup["video"], default), data)
   assert np.abs(other.astype(int) - batch["video"][0].astype(int)).max() > 2
 
 
 def test_class_names_fall_back_to_labels_then_indices(tmp_path):
   config = _config()
-  assert predict.class_names(config) == (list(synthetic.CLASSES), "the synthetic dataset")
+  assert inference.class_names(config) == (list(synthetic.CLASSES), "the synthetic dataset")
   missing = _config(source="dmvr", path=str(tmp_path / "nowhere"))
-  names, origin = predict.class_names(missing)
+  names, origin = inference.class_names(missing)
   assert names == [f"class {i}" for i in range(8)]
   assert "class indices" in origin and "labels.txt" in origin and "--labels" in origin
   labels = tmp_path / "labels.txt"
   labels.write_text("".join(f"c{i}\n" for i in range(8)))
-  assert predict.class_names(missing, str(labels))[0] == [f"c{i}" for i in range(8)]
-  assert predict.class_names(missing, str(tmp_path))[0] == [f"c{i}" for i in range(8)]  # a dir
+  assert inference.class_names(missing, str(labels))[0] == [f"c{i}" for i in range(8)]
+  assert inference.class_names(missing, str(tmp_path))[0] == [f"c{i}" for i in range(8)]  # a dir
   dmvr.write_labels(str(tmp_path / "three"), ["a", "b", "c"])
-  with pytest.raises(predict.PredictError, match="3 class names, but the model has 8 classes"):
-    predict.class_names(config, str(tmp_path / "three"))
+  with pytest.raises(inference.InferenceError, match="3 class names, but the model has 8 classes"):
+    inference.class_names(config, str(tmp_path / "three"))
 
 
 def _cli(argv, capsys):
@@ -184,7 +184,7 @@ def test_cli_errors_are_one_line_and_name_the_input(setup, tmp_path, capsys):
   (tmp_path / "bad.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
   for argv, message in cases:
     status, out, err = _cli(argv, capsys)
-    assert status == 1 and not out, (argv, out)
+    assert status == cli.EXIT_USER_ERROR and not out, (argv, out)
     assert err.startswith("predict: error: ") and message in err and err.count("\n") == 1, err
   status, _, err = _cli([f"--checkpoint={checkpoint}", f"--video={clip}", "--config.model.depth=2"],
                         capsys)
@@ -224,10 +224,10 @@ def test_many_videos_run_batched_into_one_csv(setup, tmp_path, capsys):
   assert [r["path"] for r in rows] == [f"{folder}/a.mp4", f"{folder}/c.mp4", f"{folder}/sub/b.mp4"]
   assert rows[1]["status"].startswith(f"{folder}/c.mp4") and rows[1]["label_1"] == ""
   config = _config()
-  params = predict.load_params(config, setup["checkpoint"])
+  params = inference.load_params(config, setup["checkpoint"])
   for row in (rows[0], rows[2]):   # batched with others and padded, yet each as predicted alone
     assert row["status"] == "ok"
-    alone = predict.classify(config, params, row["path"], top_k=3).top
+    alone = inference.classify(config, params, row["path"], top_k=3).top
     assert [row[f"label_{i}"] for i in (1, 2, 3)] == [name for _, name, _ in alone]
     np.testing.assert_allclose([float(row[f"prob_{i}"]) for i in (1, 2, 3)],
                                [p for _, _, p in alone], atol=1e-5)
@@ -237,29 +237,29 @@ def test_many_videos_run_batched_into_one_csv(setup, tmp_path, capsys):
   listed.write_text("# bad ones\nvideos/c.mp4\n\nvideos/missing.mp4\n")
   status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={listed}",
                            f"--output={tmp_path}/bad.csv"], capsys)
-  assert status == 1
+  assert status == cli.EXIT_USER_ERROR
   assert "none of the 2 videos could be read" in err.splitlines()[-1]
   assert [r["status"] for r in _read_csv(tmp_path / "bad.csv")][1].endswith("no such file")
   (tmp_path / "empty").mkdir()
   status, _, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={tmp_path}/empty"], capsys)
-  assert status == 1 and "no video files in this folder" in err and err.count("\n") == 1
+  assert status == cli.EXIT_USER_ERROR and "no video files in this folder" in err and err.count("\n") == 1
 
 
 def test_sliding_windows_over_a_long_video(setup, tmp_path, capsys):
   config = _config()
-  params = predict.load_params(config, setup["checkpoint"])
+  params = inference.load_params(config, setup["checkpoint"])
   long_video = str(tmp_path / "long.mp4")
   video.write_video(long_video, helpers.moving_square_video(num_frames=60, seed=2))   # 2.4 s at 25 fps
-  decode = predict.decode_settings(config.data)
-  frames = predict.decode_video(long_video, decode)
-  windows = list(predict.window_frames(long_video, decode, 0.8, 0.4))
+  decode = inference.decode_settings(config.data)
+  frames = inference.decode_video(long_video, decode)
+  windows = list(inference.window_frames(long_video, decode, 0.8, 0.4))
   assert [(a, b) for a, b, _ in windows] == [(s / 25, (s + 20) / 25) for s in (0, 10, 20, 30, 40)]
   for start, _, got in windows:   # the streamed frames are the whole video's, cut
     s = round(start * 25)
     assert got == frames[s:s + 20]
-  gaps = list(predict.window_frames(long_video, decode, 0.4, 1.0))   # hop longer than the window
+  gaps = list(inference.window_frames(long_video, decode, 0.4, 1.0))   # hop longer than the window
   assert [round(a * 25) for a, _, _ in gaps] == [0, 25, 50]
-  assert [b for _, b, _ in predict.window_frames(long_video, decode, 10.0, 1.0)] == [2.4]
+  assert [b for _, b, _ in inference.window_frames(long_video, decode, 10.0, 1.0)] == [2.4]
 
   output = tmp_path / "win.csv"
   status, out, err = _cli([f"--checkpoint={setup['checkpoint']}", f"--video={long_video}",
@@ -270,8 +270,8 @@ def test_sliding_windows_over_a_long_video(setup, tmp_path, capsys):
   assert [(r["start_s"], r["end_s"]) for r in rows] == [
       (f"{s / 25:.3f}", f"{(s + 20) / 25:.3f}") for s in (0, 10, 20, 30, 40)]
   for row, (_, _, got) in zip(rows, windows):
-    expected = predict.batch_probabilities(config, params,
-                                           predict.eval_views(got, config.data)[None])[0]
+    expected = inference.batch_probabilities(config, params,
+                                           inference.eval_views(got, config.data)[None])[0]
     assert row["status"] == "ok" and row["label_1"] == synthetic.CLASSES[int(np.argmax(expected))]
     np.testing.assert_allclose(float(row["prob_1"]), expected.max(), atol=1e-5)
   with open(tmp_path / "win.png", "rb") as f:

@@ -42,7 +42,7 @@ if __name__ == "__main__":
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
 
-from msca_jax import cli, predict
+from msca_jax import cli, inference
 from msca_jax.data.errors import DataError
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -167,7 +167,7 @@ def export_tf(config, params, path: str, platforms: Sequence[str] = PLATFORMS) -
   """A TensorFlow SavedModel at `path` whose `serve` (and 'serving_default') takes frames."""
   import jax
   from jax.experimental import jax2tf
-  tf = predict._tensorflow()  # pylint: disable=protected-access
+  tf = inference.host_tensorflow()
 
   serve = serving_function(config)
   frames_shape = f"({int(config.model.num_frames)}, height, width, 3)"
@@ -229,14 +229,14 @@ def write(config, params, out: str, platforms: Sequence[str] = PLATFORMS,
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Sequence[str] | None = None) -> flags.FlagValues:
-  predict.define_model_flags(flag_values, argv)
+  inference.define_model_flags(flag_values, argv)
   flags.DEFINE_string("out", None, "Directory for the artifacts.", flag_values=flag_values)
   flags.DEFINE_list("platforms", list(PLATFORMS), "jax.export / jax2tf platforms.",
                     flag_values=flag_values)
   flags.DEFINE_list("formats", list(FORMATS), "jax: jax.export artifact; tf: TF SavedModel.",
                     flag_values=flag_values)
-  flags.DEFINE_string("labels", None, "Class names for export.json (default: the config's "
-                      "dataset).", flag_values=flag_values)
+  flags.DEFINE_string("labels", None, "Class names for export.json (default: those the "
+                      "checkpoint was trained with, else the config's dataset).", flag_values=flag_values)
   return flag_values
 
 
@@ -245,9 +245,6 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   if flag_values.config is None or not flag_values.checkpoint or not flag_values.out:
     raise app.UsageError("--config, --checkpoint and --out are required, e.g. "
                          "--config=configs/msca_kv.py:demo --checkpoint=WORKDIR --out=DIR")
-  from msca_jax import pretrained
-
-
   out = out or sys.stdout
   config = flag_values.config
 
@@ -269,12 +266,10 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     return fail(f"config.data.eval_short_side {config.data.eval_short_side} is below the crop "
                 f"size config.data.image_size {config.data.image_size}")
   try:
-    names, _ = predict.class_names(config, flag_values.labels)
-    params = predict.load_params(config, flag_values.checkpoint)
-  except pretrained.WeightsError as e:
-    return fail(f"--checkpoint does not fit the model of --config: {e}")
-  except (OSError, predict.PredictError, DataError) as e:
+    model = inference.load_model(config, flag_values.checkpoint, labels=flag_values.labels)
+  except (inference.InferenceError, DataError) as e:
     return fail(str(e))
+  names, params = model.names, model.params
   try:
     written = write(config, params, flag_values.out, flag_values.platforms, flag_values.formats,
                     names, source=os.path.abspath(flag_values.checkpoint))
@@ -288,10 +283,10 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
 def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  predict.start_program(flags.FLAGS)
+  inference.start_program(flags.FLAGS)
   return run(flags.FLAGS)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, user_errors=(predict.PredictError,))
+  cli.run(main)

@@ -38,7 +38,7 @@ if __name__ == "__main__":
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
 
-from msca_jax import cli, predict
+from msca_jax import cli, inference
 from msca_jax.errors import UserError
 
 INDEX_COLUMNS = ("key", "label", "label_name", "status", "shard", "offset")
@@ -83,7 +83,7 @@ def _split_batches(source, data, views: str, batch_size: int, first: int) -> Ite
   """(rows, views) batches of a dataset split, from its video `first` on."""
   from msca_jax.data import pipeline, stream
 
-  num_clips, num_crops = predict.view_counts(data, views)
+  num_clips, num_crops = inference.view_counts(data, views)
   eval_stream = stream.EvalStream(_SkipFirst(source, first), data, batch_size=batch_size,
                                   num_clips=num_clips, num_crops=num_crops)
   for batch in eval_stream:
@@ -103,8 +103,8 @@ def _file_batches(paths: Sequence[str], data, views: str, batch_size: int, decod
   """(rows, views) batches of video files, shard by shard from `first_shard` on."""
   for start in range(first_shard * shard_size, len(paths), shard_size):
     chunk = list(enumerate(paths[start:start + shard_size], start))
-    loaders = ((i, functools.partial(predict.decode_video, p, decode)) for i, p in chunk)
-    for keys, statuses, batch in predict.view_batches(loaders, data, views, batch_size):
+    loaders = ((i, functools.partial(inference.decode_video, p, decode)) for i, p in chunk)
+    for keys, statuses, batch in inference.view_batches(loaders, data, views, batch_size):
       yield [Row(i, paths[i], -1, s) for i, s in zip(keys, statuses)], batch
 
 
@@ -176,7 +176,7 @@ def extract(config, params, output_dir: str, *, split: str | None = None,
   batch_size = int(batch_size or config.eval.batch_size)
   report = report or (lambda message: print(message, file=sys.stderr))
   data = config.data
-  clips, crops = predict.view_counts(data, views)
+  clips, crops = inference.view_counts(data, views)
   width = int(models.architecture(config.model)["width"])
   shape = (clips * crops, int(data.num_frames), width)
   if split is not None:
@@ -184,11 +184,11 @@ def extract(config, params, output_dir: str, *, split: str | None = None,
     total, names = sources.num_records(source), list(source.class_names)
     what = f"split {split!r} of {source.description}"
   else:
-    decode = decode or predict.decode_settings(data)
+    decode = decode or inference.decode_settings(data)
     total, names = len(paths), []
     what = f"{total} video files"
   meta = {"input": what, "videos": total, "views": views, "view_shape": list(shape),
-          "protocol": predict.describe_protocol(data, views), "shard_size": shard_size,
+          "protocol": inference.describe_protocol(data, views), "shard_size": shard_size,
           "per_frame": per_frame, "model": config.model.to_dict()}
   meta_path = os.path.join(output_dir, "features.json")
   os.makedirs(output_dir, exist_ok=True)
@@ -306,14 +306,14 @@ def plot_features(output_dir: str, path: str | None = None, max_legend: int = 20
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
-  predict.define_model_flags(flag_values)
+  inference.define_model_flags(flag_values)
   flags.DEFINE_string("output_dir", None, "Where the shards and the index go.",
                       flag_values=flag_values)
   flags.DEFINE_string("split", None, "A split of config.data, e.g. validation.",
                       flag_values=flag_values)
   flags.DEFINE_string("videos", None, "A video file, a folder of them, or a list file (.txt).",
                       flag_values=flag_values)
-  flags.DEFINE_enum("views", "test", list(predict.VIEWS), "test: config.data.eval_*; val: "
+  flags.DEFINE_enum("views", "test", list(inference.VIEWS), "test: config.data.eval_*; val: "
                     "config.data.val_*.", flag_values=flag_values)
   flags.DEFINE_integer("shard_size", 256, "Videos per shard.", flag_values=flag_values)
   flags.DEFINE_integer("batch_size", None, "Videos per model call (default config.eval.batch_size).",
@@ -332,20 +332,18 @@ def main(argv: Sequence[str]) -> int:
                          "required")
   if (fv.split is None) == (fv.videos is None):
     raise app.UsageError("give exactly one of --split and --videos")
-  from msca_jax import pretrained, progress
-  predict.start_program(fv)
+  from msca_jax import progress
+  inference.start_program(fv)
   progress.quiet_library_logs()
   config = fv.config
   try:
-    paths = predict.list_videos(fv.videos) if fv.videos is not None else None
-  except predict.PredictError as e:  # its messages name predict's --video flag
+    paths = inference.list_videos(fv.videos) if fv.videos is not None else None
+  except inference.InferenceError as e:  # its messages name predict's --video flag
     raise UserError(str(e).replace("--video ", "--videos ", 1)) from None
-  try:
-    params = predict.load_params(config, fv.checkpoint)
-  except (OSError, pretrained.WeightsError) as e:
-    raise UserError(f"--checkpoint: {e}") from None
-  meta = extract(config, params, fv.output_dir, split=fv.split, paths=paths, views=fv.views,
-                 shard_size=fv.shard_size, batch_size=fv.batch_size, per_frame=fv.per_frame)
+  model = inference.load_model(config, fv.checkpoint)  # decoded as its training data was
+  meta = extract(config, model.params, fv.output_dir, split=fv.split, paths=paths, views=fv.views,
+                 shard_size=fv.shard_size, batch_size=fv.batch_size, per_frame=fv.per_frame,
+                 decode=model.decode)
   skipped = sum(meta["skipped"].values())
   print(f"extracted  {meta['extracted']} of {meta['videos']} videos ({meta['input']}), "
         f"{skipped} skipped{' ' + json.dumps(meta['skipped']) if skipped else ''}")
@@ -362,4 +360,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, user_errors=(predict.PredictError,))
+  cli.run(main)

@@ -3,7 +3,7 @@ r"""Attention maps of one video: where each layer's and head's CLS token looks, 
     python -m msca_jax.tools.visualize --config=configs/msca_kv.py:demo --checkpoint=WORKDIR \
         --video=clip.mp4 --out=DIR [--views=test|val] [--view=0] [--frame=-1] [--tile=112]
 
-The video is decoded and cut into the evaluation views exactly as `msca_jax.predict` does; the
+The video is decoded and cut into the evaluation views exactly as `msca_jax.predict` does (msca_jax/inference.py); the
 model runs on every view (the top-5 is the view-averaged prediction) and the attention
 probabilities of view --view are drawn. DIR receives:
 
@@ -42,13 +42,13 @@ if __name__ == "__main__":
 import numpy as np  # pylint: disable=g-import-not-at-top
 from absl import app, flags
 
-from msca_jax import cli, predict
+from msca_jax import cli, inference
 from msca_jax.data.errors import DataError
 
 GREY = 96  # the colour of a key that is a zero vector (outside the clip)
 
 
-class VisualizeError(predict.PredictError):
+class VisualizeError(inference.InferenceError):
   """An input of the visualisation (a flag value, the output directory) that cannot be used."""
 
 
@@ -337,8 +337,9 @@ map is the CLS rows of all frames averaged, over each frame's patches.</p>
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS,
                  argv: Sequence[str] | None = None) -> flags.FlagValues:
-  """predict's flags, plus where to write and what to draw."""
-  predict.define_flags(flag_values, argv)
+  """The model and video flags of every inference program, plus where to write and what to draw."""
+  inference.define_model_flags(flag_values, argv)
+  inference.define_video_flags(flag_values)
   flags.DEFINE_string("out", None, "Directory for the images, the page and attention.npz.",
                       flag_values=flag_values)
   flags.DEFINE_integer("view", 0, "Which evaluation view to draw (clip-major: clip * crops + "
@@ -361,7 +362,6 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   """The command: writes the visualisation, prints where; returns EXIT_USER_ERROR (one line on
   stderr) for a mistake in the inputs."""
   _check_required(flag_values)
-  from msca_jax import pretrained
   from msca_jax.data import video
   from msca_jax.train import evaluate
 
@@ -379,27 +379,26 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
   if os.path.exists(flag_values.out) and not os.path.isdir(flag_values.out):
     return fail(f"--out {flag_values.out}: exists and is not a directory")
   try:
-    decode = predict.decode_settings(config.data, flag_values.short_side, flag_values.jpeg_quality)
-    names, _ = predict.class_names(config, flag_values.labels)
-    clips, crops = predict.view_counts(config.data, flag_values.views)
+    clips, crops = inference.view_counts(config.data, flag_values.views)
     if not 0 <= flag_values.view < clips * crops:
       raise VisualizeError(f"--view {flag_values.view}: the {flag_values.views} protocol has "
                            f"{clips * crops} views (expected 0..{clips * crops - 1})")
-    params = predict.load_params(config, flag_values.checkpoint)
-    frames = predict.decode_video(flag_values.video, decode)
-    views = predict.eval_views(frames, config.data, flag_values.views)
+    model = inference.load_model(config, flag_values.checkpoint, labels=flag_values.labels,
+                                 short_side=flag_values.short_side,
+                                 jpeg_quality=flag_values.jpeg_quality)
+    decode, names, params = model.decode, model.names, model.params
+    frames = inference.decode_video(flag_values.video, decode)
+    views = inference.eval_views(frames, config.data, flag_values.views)
   except video.VideoError as e:
     return fail(f"--video: {e}")
-  except pretrained.WeightsError as e:
-    return fail(f"--checkpoint does not fit the model of --config: {e}")
-  except (OSError, predict.PredictError, DataError) as e:
+  except (OSError, inference.InferenceError, DataError) as e:
     return fail(str(e))
   logits, attention = attention_probabilities(config, params, views)
   probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])
   order = np.argsort(-probabilities, kind="stable")[:flag_values.top_k]
   top = [(int(i), names[i], float(probabilities[i])) for i in order]
   details = [f"video {flag_values.video}: {len(frames)} frames decoded at {decode.describe()}",
-             f"views: {predict.describe_protocol(config.data, flag_values.views)}; drawn: view "
+             f"views: {inference.describe_protocol(config.data, flag_values.views)}; drawn: view "
              f"{flag_values.view}",
              f"checkpoint {flag_values.checkpoint}"]
   try:
@@ -421,10 +420,10 @@ def main(argv: Sequence[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _check_required(flags.FLAGS)
-  predict.start_program(flags.FLAGS)
+  inference.start_program(flags.FLAGS)
   return run(flags.FLAGS)
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, user_errors=(predict.PredictError,))
+  cli.run(main)

@@ -49,6 +49,20 @@ def read_model_config(step_directory: str) -> dict | None:
   return None
 
 
+def read_data_record(step_directory: str) -> dict | None:
+  """What a training checkpoint recorded of its data (trainer metadata 'data': decode settings,
+  class names, description), or None when it recorded none."""
+  path = os.path.join(step_directory, _METADATA_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      record = json.load(f).get("data")
+  except (ValueError, AttributeError):  # unreadable metadata is treated as absent
+    return None
+  return dict(record) if isinstance(record, Mapping) else None
+
+
 def _effective(model: Mapping[str, Any]) -> dict[str, Any]:
   """The MUST_MATCH values of a model config, as the model builder reads them."""
   get = lambda field, default=None: default if model.get(field) is None else model.get(field)

@@ -96,6 +96,15 @@ def _source(config, split: str) -> sources.Source:
   return source
 
 
+def data_record(source: sources.Source) -> dict | None:
+  """What inference needs of the training data when the data is not at hand (predict on another
+  host): how its videos were decoded, and its class names. Saved with every checkpoint."""
+  if source.decode is None:
+    return None
+  return {"decode": source.decode.as_json(), "class_names": list(source.class_names),
+          "description": source.description}
+
+
 def build(config, workdir: str, *, train: bool) -> Experiment:
   """Checks the config, builds the mesh, finds the data and logs what the run will do."""
   pipeline.check_config(config.data)
@@ -394,7 +403,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
   last_saved = latest
 
   metadata = {"config": config.to_json_best_effort(), "steps_per_epoch": exp.steps_per_epoch,
-              "total_steps": exp.total_steps}
+              "total_steps": exp.total_steps, "data": data_record(exp.train_source)}
   train_step = make_train_step(config, exp.model, exp.tx, shardings, mesh, exp.rules,
                                stream_lib.training_window(config.data, exp.train_source))
   eval_step = state_lib.make_eval_step(exp.model, shardings, mesh, exp.rules)

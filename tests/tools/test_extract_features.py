@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import msca_kv
-from msca_jax import models, predict
+from msca_jax import inference, models
 from msca_jax.data import sources, stream, video
 from msca_jax.errors import UserError
 from msca_jax.tools import extract_features as ef
@@ -105,14 +105,14 @@ def test_files_with_a_bad_one(setup, tmp_path):
   config = setup["config"]
   reported = []
   out = str(tmp_path / "out")
-  meta = ef.extract(config, setup["params"], out, paths=predict.list_videos(str(folder)),
+  meta = ef.extract(config, setup["params"], out, paths=inference.list_videos(str(folder)),
                     shard_size=2, batch_size=2, per_frame=False, report=reported.append)
   assert meta["extracted"] == 2 and sum(meta["skipped"].values()) == 1
   assert len(reported) == 1 and "b.mp4" in reported[0]
   clips, rows = ef.load(out)
   assert [os.path.basename(r["key"]) for r in rows] == ["a.mp4", "c.mp4"]
   assert not os.path.exists(os.path.join(out, "shard-00000.frames.npy"))
-  views = predict.eval_views(predict.decode_video(rows[1]["key"], predict.decode_settings(config.data)),
+  views = inference.eval_views(inference.decode_video(rows[1]["key"], inference.decode_settings(config.data)),
                              config.data)
   np.testing.assert_allclose(clips[1], ef.features(config, setup["params"], views[None])[0].mean((0, 1)),
                              atol=1e-5)

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 import pytest
 
-from msca_jax import predict
+from msca_jax import cli, predict
 from msca_jax.data.pipeline import StreamState
 from msca_jax.train import checkpoint as ckpt_lib
 from msca_jax.train import initialise
@@ -194,10 +194,10 @@ def test_readers_verify_and_name_the_true_cause(saved, tmp_path, capsys):
   (tmp_path / "clip.mp4").write_bytes(b"not read: the checkpoint fails first")
   (tmp_path / "empty").mkdir()
   status, err = cli(tmp_path / "empty")
-  assert status == 1 and err.count("\n") == 1, err
+  assert status == cli.EXIT_USER_ERROR and err.count("\n") == 1, err
   assert "no finished checkpoint there" in err and "does not fit" not in err, err
   status, err = cli(directory)
-  assert status == 1 and err.count("\n") == 1, err
+  assert status == cli.EXIT_USER_ERROR and err.count("\n") == 1, err
   assert f"is damaged: {damaged_file}" in err and "does not fit" not in err, err
 
 

@@ -5,6 +5,9 @@ evaluated on the three official splits of a UCF101 stand-in and their mean (tool
 import io
 import json
 import os
+import shlex
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +17,7 @@ from flax import traverse_util
 from configs import msca_kv
 
 from msca_jax.configs import validation
-from msca_jax import predict, pretrained
+from msca_jax import inference, pretrained
 from msca_jax.tools import prepare_videos, split_mean
 from msca_jax.train import trainer
 from tests import helpers
@@ -41,52 +44,90 @@ def tiny_config(**overrides):
   return config
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _doc_commands(path: str) -> list[str]:
+  """The shell commands of the first code block of a Markdown page, continuations joined."""
+  with open(path, encoding="utf-8") as f:
+    block = f.read().split("```\n", 2)[1]
+  lines = [line for line in block.replace("\\\n", " ").splitlines()
+           if line.strip() and not line.lstrip().startswith("#")]
+  return [" ".join(line.split()) for line in lines]
+
+
+def _run_command(command: str, replacements) -> str:
+  """Runs a documented command on the stand-in paths, with the tiny model sizes appended."""
+  for old, new in replacements:
+    command = command.replace(old, new)
+  argv = shlex.split(command)
+  assert argv[:2] == ["python", "-m"], command
+  argv[0] = sys.executable
+  if argv[2] in ("msca_jax.main", "msca_jax.predict"):
+    argv += [f"--config.{k}={v}" for k, v in TINY.items()]
+  result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)
+  assert result.returncode == 0, (argv, result.stdout[-2000:], result.stderr[-4000:])
+  return result.stdout
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+  """docs/finetuning.md's four steps, run as written on stand-in videos and paths."""
   root = tmp_path_factory.mktemp("finetune")
-  # 1. prepare: a folder of class folders per split (8 + 4 videos per class is the smallest
-  # batch of the 8 fake devices).
+  # The videos of step 1: a folder of class folders per split (8 + 4 videos per class is the
+  # smallest batch of the 8 fake devices).
   for split, count in (("train", 8), ("validation", 4)):
     for c, name in enumerate(CLASSES):
       for i in range(count):
         test_datasets.write_clip(str(root / "my_videos" / split / name / f"{i}.avi"),
                                  40 + 120 * c + 5 * i, "mpeg4", num_frames=6, fps=25.0)
-    prepare_videos.prepare(str(root / "my_videos" / split), str(root / "data"), split,
-                           short_side=32, workers=0, progress_stream=io.StringIO())
-  # Weights to start from, with a head for another label set (7 classes).
+  # The Kinetics weights of step 2 (a head for another label set: 7 classes).
   other = tiny_config(**{"model.num_classes": 7})
   model = trainer.models.build(other.model)
   params = helpers.init_params(model, helpers.random_clip(frames=4), seed=3)
-  init = pretrained.save_params(str(root / "init"), params)
-  # 2. train: from those weights, the head new (load_head=False).
-  config = tiny_config(**{"data.path": str(root / "data"), "data.train_split": "train",
-                          "data.eval_split": "validation", "model.num_classes": len(CLASSES),
-                          "init.checkpoint": init, "init.load_head": False})
-  validation.validate(config, "train", str(root / "run"))
-  trainer.run(config, str(root / "run"), "train")
-  # 3. evaluate: the test protocol on the validation split.
-  validation.validate(config, "evaluate", str(root / "run"))
-  result = trainer.run(config, str(root / "run"), "evaluate")
-  return root, config, params, result
+  pretrained.save_params(str(root / "k400"), params)
+  clip = root / "my_videos" / "validation" / CLASSES[1] / "0.avi"
+  replacements = [("my_videos/", f"{root}/my_videos/"), ("/data/mine", str(root / "data")), ("/runs/mine", str(root / "run")),
+                  ("/runs/k400_msca_kv", str(root / "k400")), ("num_classes=N", f"num_classes={len(CLASSES)}"),
+                  ("clip.mp4", str(clip))]
+  outputs = [_run_command(command, replacements)
+             for command in _doc_commands(os.path.join(ROOT, "docs", "finetuning.md"))]
+  config = tiny_config(**{"model.num_classes": len(CLASSES)})
+  return root, config, params, outputs
+
+
+def test_the_readme_fine_tunes_with_the_documented_command():
+  """The README's fine-tuning command is step 2 of docs/finetuning.md, which `run` runs."""
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  shown = [" ".join(block.replace("\\\n", " ").split()) for block in readme.split("\n\n")
+           if "msca_jax.main --config=configs/msca_kv.py:ucf101" in block]
+  assert len(shown) == 1 and shown[0] in _doc_commands(os.path.join(ROOT, "docs", "finetuning.md"))
 
 
 def test_train_evaluate_predict(run):
-  root, config, init_params, result = run
-  assert result["test"]["test/num_videos"] == 8
+  root, config, init_params, outputs = run
+  assert len(outputs) == 5  # prepare twice, train, evaluate, predict
   report = json.loads((root / "run" / "eval" / "test_step2" / "validation_metrics.json").read_text())
   assert report["num_videos"] == 8 and report["split"] == "validation"
   # trainable='last:1': block 0 and the embeddings are exactly the initial weights.
-  trained = traverse_util.flatten_dict(predict.load_params(config, str(root / "run")), sep="/")
+  trained = traverse_util.flatten_dict(inference.load_params(config, str(root / "run")), sep="/")
   start = traverse_util.flatten_dict(init_params, sep="/")
   for name, value in trained.items():
     if name.startswith(("Transformer/encoderblock_0/", "embedding/", "cls")):
       assert np.asarray(value).tobytes() == np.asarray(start[name]).tobytes(), name
   assert not np.array_equal(trained["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"],
                             start["Transformer/encoderblock_1/MlpBlock_3/Dense_0/kernel"])
-  # 4. predict one video file.
-  top = predict.predict(config, predict.load_params(config, str(root / "run")),
-                        str(root / "my_videos" / "validation" / CLASSES[1] / "0.avi"), top_k=2)
-  assert sorted(name for _, name, _ in top) == sorted(CLASSES)
+  # 4. predict: step 4 names no split, so the class names and the decoding are the ones the
+  # checkpoint recorded of its training data, not the :ucf101 recipe's test1 split.
+  predicted = outputs[-1]
+  manifest = json.loads((root / "data" / "train.manifest.json").read_text())
+  assert f"classes    2, recorded in checkpoint {root / 'run'}" in predicted, predicted
+  assert f"short side {manifest['settings']['short_side']}," in predicted, predicted
+  top = [line.split()[1] for line in predicted.splitlines() if line.startswith("  1. ")
+         or line.startswith("  2. ")]
+  assert sorted(top) == sorted(CLASSES)
 
 
 def test_three_official_splits_and_their_mean(run):

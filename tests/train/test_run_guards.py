@@ -20,7 +20,7 @@ import pytest
 from absl import flags
 
 from configs import msca_kv, tokenshift, vit
-from msca_jax import predict
+from msca_jax import cli, inference, predict
 from msca_jax.errors import UserError
 from msca_jax.train import saved_config, trainer
 from msca_jax.train import workdir as workdir_lib
@@ -112,18 +112,18 @@ def test_predict_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys
           f"--video={video}", *(f"--config.{k}={v}" for k, v in TINY.items())]
   flag_values = predict.define_flags(flags.FlagValues(), argv)
   flag_values(argv)
-  assert predict.run(flag_values) != 0
+  assert predict.run(flag_values) == cli.EXIT_USER_ERROR
   captured = capsys.readouterr()
   assert not captured.out and captured.err.count("\n") == 1, captured.err
   assert captured.err.startswith(f"predict: error: --checkpoint {trained} is another model than "
                                  "--config: config.model.name: 'msca' in the checkpoint, 'vit'")
-  with pytest.raises(predict.PredictError) as refused:
-    predict.load_params(tiny_config(vit), trained)
+  with pytest.raises(inference.InferenceError) as refused:
+    inference.load_params(tiny_config(vit), trained)
   assert "config.model.name: 'msca' in the checkpoint, 'vit' in the --config" in _one_line(refused)
-  with pytest.raises(predict.PredictError, match="msca_targets: 'kv' in the checkpoint, 'qkv'"):
-    predict.load_params(tiny_config(**{"model.msca_targets": "qkv"}), trained)
+  with pytest.raises(inference.InferenceError, match="msca_targets: 'kv' in the checkpoint, 'qkv'"):
+    inference.load_params(tiny_config(**{"model.msca_targets": "qkv"}), trained)
   # Another frame size is the same model: the position embeddings are resized.
-  _, report = predict.load_params(tiny_config(**{"model.image_size": 48}), trained, with_report=True)
+  _, report = inference.load_params(tiny_config(**{"model.image_size": 48}), trained, with_report=True)
   assert report.resized
 
 
