@@ -356,4 +356,5 @@ if __name__ == "__main__":
   from msca_jax.data import kinetics as _kinetics  # pylint: disable=import-self
   _kinetics.define_flags()
   flags.adopt_module_key_flags(_kinetics)  # so that --help lists them
-  app.run(_kinetics.main)
+  from msca_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(_kinetics.main)

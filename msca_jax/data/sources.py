@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable, Sequence
@@ -45,7 +46,7 @@ class RecordSource:
   files: tuple[str, ...]
   parse: Callable[[tf.Tensor], dict]        # serialised record -> {'frames', 'label', 'key'}
   class_names: tuple[str, ...]
-  num_records: int | None = None            # when the writer recorded it
+  recorded_count: int | None = None         # when the writer recorded it
   decode: DecodeSettings = DecodeSettings()
   frame_short_side: int = 0                 # of the stored frames (recorded, or measured); 0: unknown
 
@@ -54,6 +55,13 @@ class RecordSource:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @functools.cached_property
+  def num_records(self) -> int:
+    """Videos in the files: the writer's count, or the record headers counted once."""
+    if self.recorded_count is not None:
+      return self.recorded_count
+    return sum(count_records(self.files))
 
   def files_for_process(self, process_index: int, process_count: int) -> list[str]:
     return dmvr.files_for_process(self.files, process_index, process_count)
@@ -271,7 +279,7 @@ def tfds_source(name: str, data_dir: str, split: str) -> RecordSource:
   files = tuple(str(p) for p in split_info.filepaths)
   return RecordSource(description=f"TFDS {name} split {split!r} in {data_dir}", files=files,
                       parse=parse, class_names=tuple(features["label"].names),
-                      num_records=int(split_info.num_examples), decode=decode,
+                      recorded_count=int(split_info.num_examples), decode=decode,
                       frame_short_side=(decode.short_side if found and decode.short_side
                                         else _first_record_short_side(files, parse)))
 
@@ -350,7 +358,17 @@ def _sniff_decode(root: str, videos: frames.VideoList, data) -> DecodeSettings:
 
 
 def make_source(data, split: str, *, num_classes: int | None = None) -> Source:
-  """The Source that config.data describes, for one split."""
+  """The Source that config.data describes, for one split: what a run asks of its data (class
+  names, `num_records`, `decode`, `description`) is on it. With `num_classes` (the model's), a
+  dataset of another number of classes is an error."""
+  source = _make_source(data, split, num_classes)
+  if num_classes is not None and source.num_classes != num_classes:
+    raise DataError(f"config.model.num_classes = {num_classes}, but {source.description} has "
+                    f"{source.num_classes} classes")
+  return source
+
+
+def _make_source(data, split: str, num_classes: int | None) -> Source:
   if data.source == "synthetic":
     return frame_source(data, split, root=synthetic.ensure_dataset(data.synthetic))
   if data.source == "frames":
@@ -399,13 +417,6 @@ def stored_short_side(source: Source) -> int:
   preparation default when neither is known."""
   return (getattr(source, "frame_short_side", 0) or source.decode.short_side
           or DecodeSettings().short_side)
-
-
-def num_records(source: Source) -> int:
-  """Videos in a source: from its index, its writer's count, or by counting record headers."""
-  if source.num_records is not None:
-    return source.num_records
-  return sum(count_records(source.files))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class EvalStream:
     self.process_count = process_count
     self.num_views = num_clips * num_crops
     self.fields = eval_fields(data, self.num_views)
-    self.num_videos = sources.num_records(source)
+    self.num_videos = source.num_records
     self._dataset = pipeline.eval_dataset(
         source, data, batch_size=batch_size, num_clips=num_clips, num_crops=num_crops,
         process_index=process_index, process_count=process_count)

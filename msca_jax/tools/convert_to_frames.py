@@ -62,25 +62,13 @@ if __name__ == "__main__":
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 import tensorflow as tf
 
-from msca_jax.data import dmvr, frames, sources
+from msca_jax import cli
+from msca_jax.data import dmvr, frames, preparation, sources
 from msca_jax.data.errors import DataError
 from msca_jax.progress import Progress
-from msca_jax.tools import prepare_videos
-from msca_jax.tools.prepare_videos import Failure, ShardStats, Summary
 
 SOURCES = ("dmvr", "tfds")
 JOURNAL_SUFFIX = ".folders.tsv"
-
-# prepare_videos' bookkeeping, shared so that both tools write and resume the same layout.
-# pylint: disable=protected-access
-_write_json = prepare_videos._write_json
-_stats_json = prepare_videos._shard_stats_json
-_read_stats = prepare_videos._read_shard_stats
-_check_output = prepare_videos._check_output
-_write_failures_tsv = prepare_videos._write_failures_tsv
-_assemble_list = prepare_videos._assemble_list
-# pylint: enable=protected-access
-
 
 def journal_path(part: str) -> str:
   """The folders an input file took, 'record_index<TAB>folder' lines written as it goes."""
@@ -122,7 +110,7 @@ class _Converter:
     self.output = output
     self.split = split
     self.on_record = on_record
-    self.names = prepare_videos.FolderNames(split)
+    self.names = preparation.FolderNames(split)
     self.journals: dict[int, dict[int, str]] = {}
     self._lock = threading.Lock()
     self.stop = threading.Event()   # set on an interruption: the threads end at their next record
@@ -151,9 +139,9 @@ class _Converter:
     journal.flush()
     return folder
 
-  def convert_file(self, task: _FileTask) -> ShardStats:
+  def convert_file(self, task: _FileTask) -> preparation.ShardStats:
     """Writes every usable record of one input file, then its report and its part (last)."""
-    stats, rows = ShardStats(), []
+    stats, rows = preparation.ShardStats(), []
     name = os.path.basename(task.path)
     consumed = 0      # bytes of the records read, with their framing
     index = 0
@@ -193,7 +181,7 @@ class _Converter:
           reason = _reason(e)
           if not key:
             key, reason = f"{name}-{index}", f"record {index} cannot be parsed: {reason}"
-          stats.failures.append(Failure(key, task.path, reason))
+          stats.failures.append(preparation.Failure(key, task.path, reason))
         else:
           rows.append((folder, len(jpegs), label))
           stats.videos += 1
@@ -202,11 +190,11 @@ class _Converter:
         index += 1
         self.on_record(1)
     if corrupt or consumed != task.size:
-      stats.failures.append(Failure(
+      stats.failures.append(preparation.Failure(
           f"{name}-{index}", task.path,
           f"corrupt or truncated after record {index}: bytes {consumed}..{task.size} of the file "
           "cannot be read (the records in them, if any, are lost)"))
-    _write_json(prepare_videos.failures_path(task.part), _stats_json(stats))
+    preparation.write_json(preparation.failures_path(task.part), preparation.shard_stats_json(stats))
     frames.write_list(task.part, rows)  # the part is the file's completion marker: written last
     return stats
 
@@ -229,7 +217,7 @@ def _reason(error: Exception) -> str:
              if line.strip() and not line.strip().startswith(("File ", "Detected at node"))
              and line.strip() != "Graph execution error:"]
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
-  return prepare_videos._reason(error)  # pylint: disable=protected-access
+  return preparation.reason(error)
 
 
 def _fingerprint(files: Sequence[str], sizes: Sequence[int]) -> str:
@@ -247,7 +235,7 @@ def _source(kind: str, path: str, split: str, tfds_name: str) -> sources.RecordS
 
 
 def convert(source: str, path: str, split: str, output: str, *, tfds_name: str = "kinetics/400",
-            workers: int = 0, progress_stream=None) -> Summary:
+            workers: int = 0, progress_stream=None) -> preparation.Summary:
   """Converts (or resumes converting) one split to frame folders; see the module docstring.
 
   `workers` <= 1 converts in this thread. Raises DataError for a bad --path / --split / --output;
@@ -281,16 +269,16 @@ def convert(source: str, path: str, split: str, output: str, *, tfds_name: str =
               "settings": records.decode.as_json(), "frame_pattern": names.pattern,
               "frame_first_index": names.first_index, **extra}
   manifest_path = frames.manifest_path(output, split)
-  _check_output(output, split, manifest_path, manifest)
+  preparation.check_output(output, split, manifest_path, manifest)
   dmvr.write_labels(output, records.class_names)
   if not os.path.exists(manifest_path):
     frames.write_manifest(output, split, records.decode.as_json(), names, **extra)
   if records.decode.origin.startswith("defaults"):
     logging.warning("%s: the source records no decode settings; the manifest says %s",
                     records.description, records.decode.describe())
-  os.makedirs(prepare_videos.parts_dir(output, split), exist_ok=True)
+  os.makedirs(preparation.parts_dir(output, split), exist_ok=True)
 
-  summary = Summary(split=split, output=output, num_shards=len(files), unit="chunks",
+  summary = preparation.Summary(split=split, output=output, num_shards=len(files), unit="chunks",
                     failures_path=os.path.join(output, f"{split}.failures.tsv"))
   lock = threading.Lock()
   progress: Progress | None = None
@@ -301,18 +289,18 @@ def convert(source: str, path: str, split: str, output: str, *, tfds_name: str =
         progress.update(n)
 
   converter = _Converter(records, output, split, on_record)
-  file_failures: dict[int, list[Failure]] = {}
-  done: dict[int, ShardStats] = {}
+  file_failures: dict[int, list[preparation.Failure]] = {}
+  done: dict[int, preparation.ShardStats] = {}
   tasks = []
   for index, (file, size) in enumerate(zip(files, sizes)):
-    part = prepare_videos.part_path(output, split, index, len(files))
+    part = preparation.part_path(output, split, index, len(files))
     converter.reserve(index, part)
     if os.path.exists(part):
-      stats = _read_stats(part)
+      stats = preparation.read_shard_stats(part)
       if stats is None:
         logging.warning("%s exists but its report is missing or unreadable: its failed records "
                         "are not known", part)
-        stats = ShardStats(videos=len(_read_part_folders(part)))
+        stats = preparation.ShardStats(videos=len(_read_part_folders(part)))
       summary.shards_done_before += 1
       summary.videos_done_before += stats.videos
       done[index] = stats
@@ -323,11 +311,11 @@ def convert(source: str, path: str, split: str, output: str, *, tfds_name: str =
     logging.info("resuming: %d of %d input files are already converted",
                  summary.shards_done_before, len(files))
 
-  def on_result(task: _FileTask, stats: ShardStats | None, error: str) -> None:
+  def on_result(task: _FileTask, stats: preparation.ShardStats | None, error: str) -> None:
     with lock:
       if stats is None:
         summary.shards_failed += 1
-        file_failures[task.index] = [Failure(os.path.basename(task.path), task.path,
+        file_failures[task.index] = [preparation.Failure(os.path.basename(task.path), task.path,
                                              f"file failed: {error}")]
       else:
         summary.shards_written += 1
@@ -347,15 +335,15 @@ def convert(source: str, path: str, split: str, output: str, *, tfds_name: str =
 
   summary.failures = [f for i in sorted(file_failures) for f in file_failures[i]]
   summary.videos_total = sum(s.videos for s in done.values()) + len(summary.failures)
-  _write_failures_tsv(summary.failures_path, summary.failures)
+  preparation.write_failures_tsv(summary.failures_path, summary.failures)
   if not summary.shards_failed:
-    _assemble_list(output, split, len(files))
+    preparation.assemble_list(output, split, len(files))
   summary.seconds = time.monotonic() - start
   return summary
 
 
 def _run(tasks: Sequence[_FileTask], workers: int, converter: _Converter,
-         on_result: Callable[[_FileTask, ShardStats | None, str], None]) -> None:
+         on_result: Callable[[_FileTask, preparation.ShardStats | None, str], None]) -> None:
   def one(task: _FileTask) -> None:
     try:
       stats = converter.convert_file(task)
@@ -402,12 +390,8 @@ def main(argv: Sequence[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   workers = f.workers if f.workers is not None else min(os.cpu_count() or 1, 8)
-  try:
-    summary = convert(f.source, f.path, f.split, f.output, tfds_name=f.tfds_name, workers=workers)
-  except DataError as e:
-    # A bad --path or --split: the message names it; a traceback would only bury it.
-    print(f"convert_to_frames: error: {e}", file=sys.stderr)
-    return 2
+  # A bad --path or --split raises DataError naming it: one line and exit 2 (cli.run).
+  summary = convert(f.source, f.path, f.split, f.output, tfds_name=f.tfds_name, workers=workers)
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
     print("convert_to_frames: error: no video could be converted", file=sys.stderr)
@@ -417,4 +401,4 @@ def main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -181,7 +181,7 @@ def extract(config, params, output_dir: str, *, split: str | None = None,
   shape = (clips * crops, int(data.num_frames), width)
   if split is not None:
     source = sources.make_source(data, split)
-    total, names = sources.num_records(source), list(source.class_names)
+    total, names = source.num_records, list(source.class_names)
     what = f"split {split!r} of {source.description}"
   else:
     decode = decode or inference.decode_settings(data)

@@ -18,7 +18,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from msca_jax import models
+from msca_jax import cli, models
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py:demo.")
 _FORWARD = flags.DEFINE_bool("forward", True, "Also compile and time a forward pass on a random clip.")
@@ -86,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -61,7 +61,7 @@ import queue as queue_lib
 import re
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 if __name__ == "__main__":
   # Run as a program, this process and its workers (which inherit the environment) would each
@@ -75,7 +75,8 @@ import av
 import numpy as np
 import tensorflow as tf
 
-from msca_jax.data import annotations, datasets, dmvr, frames, video
+from msca_jax import cli
+from msca_jax.data import annotations, datasets, dmvr, frames, preparation, video
 from msca_jax.progress import Progress
 from msca_jax.data.errors import DataError
 from msca_jax.data.decode import DecodeSettings
@@ -85,14 +86,6 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _MANIFEST_VERSION = 1
 # TFRecord framing per record: 8-byte length, 4-byte length CRC, 4-byte data CRC.
 _RECORD_OVERHEAD = 16
-
-
-@dataclasses.dataclass(frozen=True)
-class Failure:
-  """One video that was skipped."""
-  key: str
-  path: str
-  reason: str
 
 
 # Everything, besides the inputs, that changes the frames written; its defaults are the project's.
@@ -117,81 +110,6 @@ class _ShardTask:
   output: str = ""
   split: str = ""
   folders: tuple[str, ...] = ()   # frame layout: each item's folder under the output
-
-
-@dataclasses.dataclass
-class ShardStats:
-  videos: int = 0
-  frames: int = 0
-  bytes: int = 0
-  failures: list[Failure] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class Summary:
-  """What a run did. Counts of written videos, frames and bytes are for this run only."""
-  split: str
-  output: str
-  num_shards: int = 0
-  videos_total: int = 0          # entries in the input list
-  videos_written: int = 0
-  shards_written: int = 0
-  videos_done_before: int = 0    # in shards an earlier run had finished (skipped now)
-  shards_done_before: int = 0
-  shards_failed: int = 0         # shards whose worker crashed; a rerun retries them
-  frames: int = 0
-  bytes: int = 0
-  seconds: float = 0.0
-  failures: list[Failure] = dataclasses.field(default_factory=list)
-  failures_path: str = ""
-  # Paths the walk of the video tree did not take: link loops, links into the tree, files
-  # reached twice (each is also a line of the log).
-  walk_notes: list[str] = dataclasses.field(default_factory=list)
-  unit: str = "shards"   # what a unit of resumption is called: DMVR shards, frame-folder chunks
-
-  @property
-  def videos_failed(self) -> int:
-    return len(self.failures)
-
-  @property
-  def videos_per_s(self) -> float:
-    return self.videos_written / self.seconds if self.seconds > 0 else 0.0
-
-  def format(self, max_failures: int = 10) -> str:
-    """A human-readable report of the run."""
-    unit = self.unit
-    lines = [f"split {self.split!r}: {self.num_shards} {unit} in {self.output}"]
-    per_video = f", {self.frames / self.videos_written:.1f} per video" if self.videos_written else ""
-    lines.append(f"  written       {self.videos_written} videos in {self.shards_written} {unit}: "
-                 f"{self.frames} frames{per_video}, {_format_bytes(self.bytes)}, "
-                 f"{self.seconds:.1f} s, {self.videos_per_s:.2f} videos/s")
-    if self.shards_done_before:
-      lines.append(f"  already done  {self.videos_done_before} videos in {self.shards_done_before} "
-                   f"{unit} from an earlier run (kept)")
-    if self.shards_failed:
-      lines.append(f"  {unit[:-1] + ' errors':13} {self.shards_failed} {unit} could not be written; rerun the "
-                   "same command to retry them")
-    if self.walk_notes:
-      lines.append(f"  not walked    {len(self.walk_notes)} paths of the video tree (link loops, "
-                   "links into the tree, files reached twice): each video is listed once")
-      lines += [f"    {note}" for note in self.walk_notes[:max_failures]]
-      if len(self.walk_notes) > max_failures:
-        lines.append(f"    ... and {len(self.walk_notes) - max_failures} more (in the log)")
-    lines.append(f"  failed        {self.videos_failed} of {self.videos_total} videos"
-                 + (f", listed in {self.failures_path}" if self.failures else ""))
-    for failure in self.failures[:max_failures]:
-      lines.append(f"    {failure.key}: {failure.reason}")
-    if len(self.failures) > max_failures:
-      lines.append(f"    ... and {len(self.failures) - max_failures} more")
-    return "\n".join(lines)
-
-
-def _format_bytes(n: int) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if n < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,41 +249,6 @@ def _check_folder_aspect(path: str, height: int, width: int) -> None:
     raise video.VideoError(f"{path}: {e}") from None
 
 
-def _reason(error: Exception, path: str = "") -> str:
-  """One line; without the leading 'path: ' of VideoError messages, as failures list the path."""
-  if isinstance(error, video.VideoError):
-    message = str(error)
-    return message[len(path) + 2:] if path and message.startswith(path + ": ") else message
-  message = (str(error).strip().splitlines() or [""])[0]
-  return f"{type(error).__name__}: {message}"
-
-
-def failures_path(shard_path: str) -> str:
-  return shard_path + ".failures.json"
-
-
-def _write_json(path: str, data: Any) -> None:
-  with open(path + ".tmp", "w") as f:
-    json.dump(data, f, indent=1)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
-
-
-def _shard_stats_json(stats: ShardStats) -> dict:
-  return {"videos": stats.videos, "frames": stats.frames, "bytes": stats.bytes,
-          "failures": [dataclasses.asdict(f) for f in stats.failures]}
-
-
-def _read_shard_stats(shard_path: str) -> ShardStats | None:
-  try:
-    with open(failures_path(shard_path)) as f:
-      data = json.load(f)
-    return ShardStats(videos=data["videos"], frames=data["frames"], bytes=data["bytes"],
-                      failures=[Failure(**x) for x in data["failures"]])
-  except (OSError, ValueError, KeyError, TypeError):
-    return None
-
-
 _progress_queue = None  # in worker processes: gets the shard index once per video done
 
 
@@ -382,19 +265,19 @@ def _item_frames(item: _Item, settings: DecodeSettings) -> list[bytes]:
   return jpegs
 
 
-def write_shard(task: _ShardTask, on_video: Callable[[int], None] | None = None) -> ShardStats:
+def write_shard(task: _ShardTask, on_video: Callable[[int], None] | None = None) -> preparation.ShardStats:
   """Writes one DMVR shard, or one chunk of frame folders; a video that fails is recorded and
   skipped, never raised."""
   if task.folders:
     return _write_frame_chunk(task, on_video)
-  stats = ShardStats()
+  stats = preparation.ShardStats()
   with dmvr.ShardWriter(task.path) as writer:
     for item in task.items:
       try:
         jpegs = _item_frames(item, task.settings)
         record = dmvr.make_example(jpegs, item.label, item.text, item.key)
       except Exception as e:  # pylint: disable=broad-except  # one bad video must not stop the run
-        stats.failures.append(Failure(item.key, item.path, _reason(e, item.path)))
+        stats.failures.append(preparation.Failure(item.key, item.path, preparation.reason(e, item.path)))
       else:
         writer.write(record)
         stats.videos += 1
@@ -402,7 +285,7 @@ def write_shard(task: _ShardTask, on_video: Callable[[int], None] | None = None)
         stats.bytes += len(record) + _RECORD_OVERHEAD
       _report_progress(task, on_video)
     # Written before the shard is renamed into place, so a finished shard always has its report.
-    _write_json(failures_path(task.path), _shard_stats_json(stats))
+    preparation.write_json(preparation.failures_path(task.path), preparation.shard_stats_json(stats))
   return stats
 
 
@@ -413,153 +296,34 @@ def _report_progress(task: _ShardTask, on_video: Callable[[int], None] | None) -
     _progress_queue.put(task.index)
 
 
-def _write_frame_chunk(task: _ShardTask, on_video: Callable[[int], None] | None) -> ShardStats:
+def _write_frame_chunk(task: _ShardTask, on_video: Callable[[int], None] | None) -> preparation.ShardStats:
   """Each video's frames into its own folder (atomically), then the chunk's list part."""
-  stats = ShardStats()
+  stats = preparation.ShardStats()
   rows = []
   for item, folder in zip(task.items, task.folders):
     try:
       jpegs = _item_frames(item, task.settings)
       frames.write_frames(task.output, folder, jpegs)
     except Exception as e:  # pylint: disable=broad-except  # one bad video must not stop the run
-      stats.failures.append(Failure(item.key, item.path, _reason(e, item.path)))
+      stats.failures.append(preparation.Failure(item.key, item.path, preparation.reason(e, item.path)))
     else:
       rows.append((folder, len(jpegs), item.label))
       stats.videos += 1
       stats.frames += len(jpegs)
       stats.bytes += sum(map(len, jpegs))
     _report_progress(task, on_video)
-  _write_json(failures_path(task.path), _shard_stats_json(stats))
+  preparation.write_json(preparation.failures_path(task.path), preparation.shard_stats_json(stats))
   # The part is the chunk's completion marker: written last.
   frames.write_list(task.path, rows)
   return stats
-
-
-def frame_folder(split: str, key: str) -> str:
-  """The folder of a video in the frame layout: SPLIT/<key>, without a video extension, with
-  whitespace replaced (list lines are space-separated) and without '.' or '..' components (a
-  frame list's '../frames/x' must not write outside SPLIT/)."""
-  stem, ext = os.path.splitext(key)
-  if ext.lower() in annotations.VIDEO_EXTENSIONS:
-    key = stem
-  key = re.sub(r"\s+", "_", key.replace(os.sep, "/"))
-  parts = [p for p in key.split("/") if p not in ("", ".", "..")]
-  return f"{split}/{'/'.join(parts) or '_'}"
-
-
-class FolderNames:
-  """Hands out distinct video folders of one split in the frame layout (`frame_folder`).
-
-  A folder already handed out gets a ~N suffix, and so does one that would nest inside another
-  video's folder or hold one: rewriting a video's folder replaces it whole, so it holds only its
-  frames.
-  """
-
-  def __init__(self, split: str):
-    self.split = split
-    self.taken: set[str] = set()
-    self._holding: set[str] = set()   # the parents of taken folders
-
-  def add(self, folder: str) -> None:
-    """Marks a folder as in use."""
-    self.taken.add(folder)
-    parts = folder.split("/")
-    self._holding.update("/".join(parts[:i]) for i in range(1, len(parts)))
-
-  def _taken_parent(self, folder: str) -> int:
-    """How many leading components of `folder` name a taken folder (0: none does)."""
-    parts = folder.split("/")
-    return next((i for i in range(1, len(parts)) if "/".join(parts[:i]) in self.taken), 0)
-
-  def claim(self, key: str) -> str:
-    """A folder for `key` that no other video uses; it is marked as in use."""
-    folder = base = frame_folder(self.split, key)
-    n = 1
-    while folder in self.taken or folder in self._holding or self._taken_parent(folder):
-      n += 1
-      depth = self._taken_parent(base)
-      if depth:  # inside another video's folder: rename the component that is that folder
-        parts = base.split("/")
-        parts[depth - 1] += f"~{n}"
-        folder = "/".join(parts)
-      else:
-        folder = f"{base}~{n}"
-    self.add(folder)
-    return folder
-
-
-def unique_folders(split: str, keys: Sequence[str]) -> dict[str, str]:
-  """key -> folder for every key, assigned in sorted key order (so every run agrees)."""
-  names = FolderNames(split)
-  return {key: names.claim(key) for key in sorted(keys)}
-
-
-def parts_dir(output: str, split: str) -> str:
-  return os.path.join(output, f"{split}.parts")
-
-
-def part_path(output: str, split: str, index: int, count: int) -> str:
-  return os.path.join(parts_dir(output, split), f"{index:05d}-of-{count:05d}.txt")
 
 
 # ---------------------------------------------------------------------------------------------
 # The run.
 
 
-def _manifest_differences(old: dict, new: dict) -> list[str]:
-  keys = sorted(set(old) | set(new), key=lambda k: (k == "shards", k))
-  out = []
-  for key in keys:
-    if old.get(key) == new.get(key):
-      continue
-    if isinstance(old.get(key), dict) and isinstance(new.get(key), dict):
-      out += [f"{key}.{k}: {old[key].get(k)!r} -> {new[key].get(k)!r}"
-              for k in sorted(set(old[key]) | set(new[key])) if old[key].get(k) != new[key].get(k)]
-    elif key == "shards":
-      out.append("shards: the videos or their shard assignment differ")
-    elif key == "classes":
-      out.append("classes: the class list differs")
-    else:
-      out.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
-  return out
-
-
-def _check_output(output: str, split: str, manifest_path: str, manifest: dict) -> None:
-  """Refuses an output directory that holds this split from a different run."""
-  if os.path.exists(manifest_path):
-    try:
-      with open(manifest_path) as f:
-        old = json.load(f)
-    except ValueError as e:
-      raise DataError(f"{manifest_path} is not valid JSON ({e}); use another --output") from e
-    differences = _manifest_differences(old, manifest)
-    if differences:
-      raise DataError(
-          f"{output} already holds split {split!r} prepared from different inputs or settings "
-          f"({'; '.join(differences[:5])}). Use another --output, or delete {manifest_path} and "
-          f"the {split}-* shards (frame layout: {split}.parts, {split}.txt and {split}/) to "
-          "start over.")
-    return
-  pattern = re.compile(rf"^{re.escape(split)}(-\d{{5}}-of-\d{{5}}|\.parts|\.txt)$")
-  stray = sorted(n for n in os.listdir(output) if pattern.match(n)) if os.path.isdir(output) else []
-  if stray:
-    raise DataError(f"{output} already holds {len(stray)} files of split {split!r} (e.g. "
-                    f"{stray[0]}) but no {os.path.basename(manifest_path)}, so they cannot be "
-                    "checked against this run; use another --output")
-
-
-def _write_failures_tsv(path: str, failures: Sequence[Failure]) -> None:
-  def clean(text: str) -> str:
-    return re.sub(r"[\t\r\n]+", " ", text)
-  with open(path + ".tmp", "w") as f:
-    f.write("key\tpath\treason\n")
-    for failure in failures:
-      f.write(f"{clean(failure.key)}\t{clean(failure.path)}\t{clean(failure.reason)}\n")
-  os.replace(path + ".tmp", path)
-
-
 def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: Progress,
-               on_result: Callable[[_ShardTask, ShardStats | None, str], None]) -> None:
+               on_result: Callable[[_ShardTask, preparation.ShardStats | None, str], None]) -> None:
   """Runs the shard tasks inline (workers <= 1) or in spawned processes, reporting progress."""
   if workers <= 1:
     for task in tasks:
@@ -567,7 +331,7 @@ def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: Progress,
         stats = write_shard(task, on_video=lambda _: progress.update(1))
       except Exception as e:  # pylint: disable=broad-except  # e.g. a full disk: keep other shards
         progress.update(len(task.items))
-        on_result(task, None, _reason(e))
+        on_result(task, None, preparation.reason(e))
       else:
         on_result(task, stats, "")
     return
@@ -607,7 +371,7 @@ def _run_tasks(tasks: Sequence[_ShardTask], workers: int, progress: Progress,
           try:
             on_result(task, future.result(), "")
           except Exception as e:  # pylint: disable=broad-except  # a crashed worker: keep the others
-            on_result(task, None, _reason(e))
+            on_result(task, None, preparation.reason(e))
     except BaseException:
       pool.shutdown(wait=False, cancel_futures=True)
       raise
@@ -619,7 +383,7 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
             num_shards: int = 0, videos_per_shard: int = 128,
             workers: int = 0, seed: int = 0, max_frames: int = 0,
             output_format: str = "frames", progress_stream=None,
-            listing: Listing | None = None) -> Summary:
+            listing: Listing | None = None) -> preparation.Summary:
   """Writes (or resumes writing) one split as frame folders or DMVR shards; see the module docstring.
 
   `listing` gives the entries and classes read already (an official dataset's files,
@@ -655,14 +419,14 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     logging.warning("frame folders are copied at the frame rate they were extracted at: --fps "
                     "applies to video files only (the recipe's frame stride assumes 25 fps)")
   usable = {e.key: e for e in entries if not e.error}
-  early_failures = [Failure(e.key, e.path or "", e.error) for e in entries if e.error]
+  early_failures = [preparation.Failure(e.key, e.path or "", e.error) for e in entries if e.error]
 
-  summary = Summary(split=split, output=output, videos_total=len(entries), walk_notes=walk_notes,
+  summary = preparation.Summary(split=split, output=output, videos_total=len(entries), walk_notes=walk_notes,
                     unit="chunks" if output_format == "frames" else "shards")
   failures_tsv = os.path.join(output, f"{split}.failures.tsv")
   if not usable:
     os.makedirs(output, exist_ok=True)
-    _write_failures_tsv(failures_tsv, early_failures)
+    preparation.write_failures_tsv(failures_tsv, early_failures)
     reasons = "; ".join(f"{f.key}: {f.reason}" for f in early_failures[:3])
     raise DataError(f"none of the {len(entries)} videos listed by {videos} can be used (e.g. "
                     f"{reasons}); all are listed in {failures_tsv}")
@@ -686,30 +450,30 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     names_ = frames.FrameNames()
     manifest.update(layout="frames", frame_pattern=names_.pattern,
                     frame_first_index=names_.first_index)
-    folders = unique_folders(split, list(usable))
+    folders = preparation.unique_folders(split, list(usable))
   if os.path.exists(output) and not os.path.isdir(output):
     raise DataError(f"--output {output} exists and is not a directory")
   manifest_path = os.path.join(output, f"{split}.manifest.json")
-  _check_output(output, split, manifest_path, manifest)
+  preparation.check_output(output, split, manifest_path, manifest)
   dmvr.write_labels(output, names)
   if not os.path.exists(manifest_path):
-    _write_json(manifest_path, manifest)
+    preparation.write_json(manifest_path, manifest)
 
   summary.num_shards = num_shards
   summary.failures_path = failures_tsv
-  shard_failures: dict[int, list[Failure]] = {}
+  shard_failures: dict[int, list[preparation.Failure]] = {}
   tasks = []
   if output_format == "frames":
-    os.makedirs(parts_dir(output, split), exist_ok=True)
+    os.makedirs(preparation.parts_dir(output, split), exist_ok=True)
   for index, keys in enumerate(shard_keys):
-    path = (part_path(output, split, index, num_shards) if output_format == "frames"
+    path = (preparation.part_path(output, split, index, num_shards) if output_format == "frames"
             else os.path.join(output, dmvr.shard_name(split, index, num_shards)))
     if os.path.exists(path):
-      stats = _read_shard_stats(path)
+      stats = preparation.read_shard_stats(path)
       if stats is None:
         logging.warning("%s exists but its report %s is missing or unreadable: its failed videos "
-                        "are not known", path, failures_path(path))
-        stats = ShardStats(videos=len(keys))
+                        "are not known", path, preparation.failures_path(path))
+        stats = preparation.ShardStats(videos=len(keys))
       summary.shards_done_before += 1
       summary.videos_done_before += stats.videos
       shard_failures[index] = stats.failures
@@ -725,11 +489,11 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
     logging.info("resuming: %d of %d shards are already written", summary.shards_done_before,
                  num_shards)
 
-  def on_result(task: _ShardTask, stats: ShardStats | None, error: str) -> None:
+  def on_result(task: _ShardTask, stats: preparation.ShardStats | None, error: str) -> None:
     if stats is None:
       summary.shards_failed += 1
       shard_failures[task.index] = [
-          Failure(i.key, i.path, f"shard {os.path.basename(task.path)} failed: {error}")
+          preparation.Failure(i.key, i.path, f"shard {os.path.basename(task.path)} failed: {error}")
           for i in task.items]
       return
     summary.shards_written += 1
@@ -747,9 +511,9 @@ def prepare(videos: str, output: str, split: str, *, classes: str | None = None,
       _run_tasks(tasks, workers, progress, on_result)
 
   summary.failures = early_failures + [f for i in sorted(shard_failures) for f in shard_failures[i]]
-  _write_failures_tsv(failures_tsv, summary.failures)
+  preparation.write_failures_tsv(failures_tsv, summary.failures)
   if output_format == "frames" and not summary.shards_failed:
-    _assemble_list(output, split, num_shards)
+    preparation.assemble_list(output, split, num_shards)
   summary.seconds = time.monotonic() - start
   return summary
 
@@ -779,7 +543,7 @@ UNION_SPLIT = "videos"   # UCF101 / HMDB51: every video once; the official split
 
 
 def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output: str,
-                    **kwargs) -> tuple[list[Summary], list[SplitCount]]:
+                    **kwargs) -> tuple[list[preparation.Summary], list[SplitCount]]:
   """Prepares a dataset from its official files (docs/datasets.md) into one frame-folder root.
 
   SSv2: splits 'train' and 'validation'. UCF101 and HMDB51: each video once, in split 'videos',
@@ -806,8 +570,8 @@ def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output:
                     listing=Listing(dataset, list(union.values()), classes), **kwargs)
   if summary.shards_failed:
     return [summary], []
-  folders = unique_folders(UNION_SPLIT, [k for k, e in union.items() if not e.error])
-  written = {folder: (n, label) for folder, n, label in _read_rows(frames.list_path(output, UNION_SPLIT))}
+  folders = preparation.unique_folders(UNION_SPLIT, [k for k, e in union.items() if not e.error])
+  written = {folder: (n, label) for folder, n, label in preparation.read_rows(frames.list_path(output, UNION_SPLIT))}
   with open(frames.manifest_path(output, UNION_SPLIT)) as f:
     manifest = json.load(f)
   names = frames.FrameNames(manifest["frame_pattern"], manifest["frame_first_index"])
@@ -820,24 +584,6 @@ def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output:
                           frames_of=UNION_SPLIT)
     counts.append(SplitCount(split, len(entries), len(rows)))
   return [summary], counts
-
-
-def _read_rows(path: str) -> list[tuple[str, int, int]]:
-  rows = []
-  with open(path) as f:
-    for line in f:
-      folder, num_frames, label = line.split()
-      rows.append((folder, int(num_frames), int(label)))
-  return rows
-
-
-def _assemble_list(output: str, split: str, count: int) -> None:
-  """SPLIT.txt from the chunks' parts, in chunk order: written once every chunk is done, so the
-  list a reader sees is always complete."""
-  rows = []
-  for index in range(count):
-    rows += _read_rows(part_path(output, split, index, count))
-  frames.write_list(frames.list_path(output, split), rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -892,16 +638,12 @@ def main(argv: Sequence[str]) -> int:
   for name in ("videos", "split"):
     if not f[name].value:
       raise app.UsageError(f"--{name} is required (or --dataset with --annotations)")
-  try:
-    summary = prepare(f.videos, f.output, f.split, classes=f.classes, video_root=f.video_root,
-                      fps=f.fps, short_side=f.short_side, jpeg_quality=f.jpeg_quality,
-                      num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
-                      workers=workers, seed=f.seed, max_frames=f.max_frames,
-                      output_format=f.format)
-  except DataError as e:
-    # Configuration errors name the file or flag; a traceback would only bury the message.
-    print(f"prepare_videos: error: {e}", file=sys.stderr)
-    return 2
+  # Configuration errors raise DataError naming the file or flag: one line and exit 2 (cli.run).
+  summary = prepare(f.videos, f.output, f.split, classes=f.classes, video_root=f.video_root,
+                    fps=f.fps, short_side=f.short_side, jpeg_quality=f.jpeg_quality,
+                    num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
+                    workers=workers, seed=f.seed, max_frames=f.max_frames,
+                    output_format=f.format)
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
     print("prepare_videos: error: no video could be written", file=sys.stderr)
@@ -917,14 +659,10 @@ def _main_dataset(f, workers: int) -> int:
     if f[name].present:
       raise app.UsageError(f"--{name} does not go with --dataset (its official files name them)")
   fps = f.fps if f["fps"].present else None   # None: the dataset's default (prepare_dataset)
-  try:
-    summaries, counts = prepare_dataset(
-        f.dataset, f.annotations, f.video_root, f.output, fps=fps, short_side=f.short_side,
-        jpeg_quality=f.jpeg_quality, num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
-        workers=workers, seed=f.seed, max_frames=f.max_frames, output_format=f.format)
-  except DataError as e:
-    print(f"prepare_videos: error: {e}", file=sys.stderr)
-    return 2
+  summaries, counts = prepare_dataset(
+      f.dataset, f.annotations, f.video_root, f.output, fps=fps, short_side=f.short_side,
+      jpeg_quality=f.jpeg_quality, num_shards=f.num_shards, videos_per_shard=f.videos_per_shard,
+      workers=workers, seed=f.seed, max_frames=f.max_frames, output_format=f.format)
   for summary in summaries:
     print(summary.format())
   for count in counts:
@@ -938,4 +676,4 @@ def _main_dataset(f, workers: int) -> int:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

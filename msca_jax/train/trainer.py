@@ -80,15 +80,9 @@ def _log(message: str, *args) -> None:
     logging.info(message, *args)
 
 
-def _check_classes(config, source: sources.Source) -> None:
-  if config.model.num_classes != source.num_classes:
-    raise UserError(f"config.model.num_classes = {config.model.num_classes}, but {source.description} "
-                    f"has {source.num_classes} classes")
-
-
 def _source(config, split: str) -> sources.Source:
+  """The split's source, made once: its classes checked against the model's, its videos counted."""
   source = sources.make_source(config.data, split, num_classes=config.model.num_classes)
-  _check_classes(config, source)
   problems = getattr(getattr(source, "videos", None), "problems", ())
   if problems:
     logging.warning("%s: %d list lines skipped (a video each): %s%s", source.description,
@@ -121,7 +115,7 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
   eval_source = _source(config, config.data.eval_split)
   exp = Experiment(config=config, workdir=workdir, mesh=mesh, rules=rules, model=model,
                    clip=models.clip_spec(config.model), eval_source=eval_source,
-                   num_eval=sources.num_records(eval_source))
+                   num_eval=eval_source.num_records)
   devices = jax.devices()
   _log("devices: %d x %s (%s), %d process(es), %d local", len(devices), devices[0].device_kind,
        devices[0].platform, jax.process_count(), jax.local_device_count())
@@ -136,7 +130,7 @@ def build(config, workdir: str, *, train: bool) -> Experiment:
   if train:
     mesh_lib.check_batch_size(config.train.batch_size, mesh)
     exp.train_source = _source(config, config.data.train_split)
-    exp.num_train = sources.num_records(exp.train_source)
+    exp.num_train = exp.train_source.num_records
     exp.steps_per_epoch = exp.num_train // config.train.batch_size
     if exp.steps_per_epoch == 0:
       raise UserError(f"config.train.batch_size = {config.train.batch_size} is larger than the "

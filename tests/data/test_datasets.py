@@ -193,7 +193,7 @@ def test_prepared_splits_give_batches(prepared):
   config.data.path = str(output)
   config.data.eval_split = "test2"
   source = sources.make_source(config.data, "test2")
-  assert sources.num_records(source) == 2 and list(source.class_names) == HMDB_CLASSES
+  assert source.num_records == 2 and list(source.class_names) == HMDB_CLASSES
   assert source.decode.fps == 25.0 and source.decode.short_side == 32
 
 

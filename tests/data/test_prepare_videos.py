@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msca_jax.data import dmvr, frames as frames_lib, pipeline, sources, video
+from msca_jax.data import dmvr, frames as frames_lib, pipeline, preparation, sources, video
 from msca_jax.tools import prepare_videos
 from msca_jax.data.errors import DataError
 from tests.data import shards
@@ -69,7 +69,7 @@ def read_split(output, split, fmt="frames"):
   names = dmvr.read_labels(str(output))
   manifest = json.loads(_read(os.path.join(output, f"{split}.manifest.json")))
   keys = sum(manifest["shards"], [])
-  key_of = {folder: key for key, folder in prepare_videos.unique_folders(split, keys).items()}
+  key_of = {folder: key for key, folder in preparation.unique_folders(split, keys).items()}
   listed = frames_lib.read_list(frames_lib.list_path(str(output), split))
   assert not listed.problems and len(set(listed.folders)) == len(listed.folders)
   records = {}
@@ -313,7 +313,7 @@ def test_frame_folder_list(tmp_path, fmt):
 
 
 def test_frame_folder_names_are_clean_and_stay_inside_the_split():
-  folder = prepare_videos.frame_folder
+  folder = preparation.frame_folder
   assert folder("train", "abc_000001_000011") == "train/abc_000001_000011"
   assert folder("train", "riding a bike/clip 1.MP4") == "train/riding_a_bike/clip_1"
   assert folder("train", "a\tb/c\nd.mkv") == "train/a_b/c_d"
@@ -325,7 +325,7 @@ def test_frame_folder_names_are_clean_and_stay_inside_the_split():
 
 
 def test_colliding_and_nested_folder_names_get_distinct_folders():
-  folders = prepare_videos.unique_folders("train", [
+  folders = preparation.unique_folders("train", [
       "c/a b.mp4", "c/a_b.mkv", "c/a_b", "c/x.mp4", "c/x/y.mp4", "c/x~2.mp4", "d/x.mp4"])
   assert folders == {
       "c/a b.mp4": "train/c/a_b",
@@ -336,7 +336,7 @@ def test_colliding_and_nested_folder_names_get_distinct_folders():
       "c/x~2.mp4": "train/c/x~2~2",    # c/x~2 now holds a video's folder
       "d/x.mp4": "train/d/x"}
   # The assignment follows the sorted keys, not the input order.
-  assert prepare_videos.unique_folders("train", list(folders)[::-1]) == folders
+  assert preparation.unique_folders("train", list(folders)[::-1]) == folders
 
 
 def test_keys_with_spaces_extensions_and_collisions_become_distinct_clean_folders(tmp_path):
@@ -413,7 +413,7 @@ def _units(output, fmt, count):
   """The units of resumption in order: DMVR shards, or the frame layout's list parts."""
   if fmt == "dmvr":
     return [os.path.join(output, dmvr.shard_name("train", i, count)) for i in range(count)]
-  return [prepare_videos.part_path(str(output), "train", i, count) for i in range(count)]
+  return [preparation.part_path(str(output), "train", i, count) for i in range(count)]
 
 
 def _unit_files(output, fmt, unit):
@@ -441,9 +441,9 @@ def test_resume_rewrites_only_missing_chunks_and_refuses_other_settings(tmp_path
   assert sum(map(len, files.values())) == (3 if fmt == "dmvr" else 5 * 4)
   before = {p: (os.stat(p).st_ino, os.stat(p).st_mtime_ns, _read(p)) for fs in files.values() for p in fs}
   listing = _read(out / "train.txt") if fmt == "frames" else None
-  bad_unit = next(u for u in units if json.loads(_read(prepare_videos.failures_path(u)))["failures"])
+  bad_unit = next(u for u in units if json.loads(_read(preparation.failures_path(u)))["failures"])
   removed = next(u for u in units if u != bad_unit and files[u])
-  removed_videos = json.loads(_read(prepare_videos.failures_path(removed)))["videos"]
+  removed_videos = json.loads(_read(preparation.failures_path(removed)))["videos"]
   os.remove(removed)
 
   second = run(tmp_path / "v", out, **settings)
@@ -496,10 +496,10 @@ def test_an_interrupted_chunk_is_redone_and_the_list_is_complete(tmp_path, six_v
   expected = frame_files(out)
   # An interruption in chunk 1: some of its videos' folders were written, the rest were not, and
   # its part (the completion marker) and the split's list never were.
-  part = prepare_videos.part_path(str(out), "train", 1, 2)
+  part = preparation.part_path(str(out), "train", 1, 2)
   folders = [line.split()[0] for line in _read(part).decode().splitlines()]
   os.remove(part)
-  os.remove(prepare_videos.failures_path(part))
+  os.remove(preparation.failures_path(part))
   os.remove(out / "train.txt")
   shutil.rmtree(out / folders[0])
   os.remove(out / folders[1] / "img_00003.jpg")   # a damaged folder is replaced, not trusted
@@ -645,5 +645,6 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   result = _cli("--videos", str(tmp_path / "nowhere.csv"), "--output", str(tmp_path / "out"),
                 "--split=train")
   assert result.returncode == 2
-  assert "prepare_videos: error: --videos" in result.stderr and "nowhere.csv does not exist" in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --videos") and "nowhere.csv does not exist" in last, result.stderr
   assert "Traceback" not in result.stderr

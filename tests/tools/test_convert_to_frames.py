@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from msca_jax.data import dmvr, frames, pipeline, sources
+from msca_jax.data import dmvr, frames, pipeline, preparation, sources
 from msca_jax.tools import convert_to_frames, prepare_videos
 from msca_jax.data.errors import DataError
 from tests.data import shards
@@ -124,11 +124,11 @@ def test_labels_keys_and_lists(converted):
   assert list(listed.folders) == [EXPECTED[k][0] for k in order]
   assert list(listed.labels) == [EXPECTED[k][1] for k in order]
   assert set(listed.num_frames) == {8}
-  counts = [len(_read(prepare_videos.part_path(str(output), "train", i, NUM_SHARDS)).splitlines())
+  counts = [len(_read(preparation.part_path(str(output), "train", i, NUM_SHARDS)).splitlines())
             for i in range(NUM_SHARDS)]
   assert counts == [4, 3, 3, 3]
   assert _read(output / "train.txt") == b"".join(
-      _read(prepare_videos.part_path(str(output), "train", i, NUM_SHARDS)) for i in range(NUM_SHARDS))
+      _read(preparation.part_path(str(output), "train", i, NUM_SHARDS)) for i in range(NUM_SHARDS))
   assert (summary.videos_written, summary.frames, summary.shards_written) == (13, 13 * 8, 4)
   assert summary.bytes == sum(map(len, frame_files(output).values()))
   # The progress counts records read: all but the truncated tail's.
@@ -159,7 +159,7 @@ def test_bad_records_and_a_truncated_shard_are_reported_and_skipped(converted):
 def test_resume_redoes_only_a_deleted_part_in_the_same_folders(converted, tmp_path):
   output = tmp_path / "frames"
   shutil.copytree(converted["output"], output)
-  part = prepare_videos.part_path(str(output), "train", 1, NUM_SHARDS)
+  part = preparation.part_path(str(output), "train", 1, NUM_SHARDS)
   redone = [line.split()[0] for line in _read(part).decode().splitlines()]
   stats = {p: os.stat(output / p) for p in frame_files(output)}
   listing = _read(output / "train.txt")
@@ -197,9 +197,9 @@ def test_an_interrupted_file_is_redone_and_the_list_is_complete(converted, tmp_p
   shutil.copytree(converted["output"], output)
   listing = _read(output / "train.txt")
   # Converting shard 0 stopped after its first video: no part, no report, no list yet.
-  part = prepare_videos.part_path(str(output), "train", 0, NUM_SHARDS)
+  part = preparation.part_path(str(output), "train", 0, NUM_SHARDS)
   folders = [line.split()[0] for line in _read(part).decode().splitlines()]
-  for p in (part, prepare_videos.failures_path(part), output / "train.txt"):
+  for p in (part, preparation.failures_path(part), output / "train.txt"):
     os.remove(p)
   for folder in folders[1:]:
     shutil.rmtree(output / folder)
@@ -350,7 +350,7 @@ def test_bad_path_or_split_is_one_clear_line(converted, tmp_path):
                 f"--output={tmp_path / 'out'}")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
-      f"convert_to_frames: error: data directory {tmp_path / 'nowhere'} does not exist")
+      f"error: data directory {tmp_path / 'nowhere'} does not exist")
   assert "Traceback" not in result.stderr
   with pytest.raises(DataError, match=r"no shards for split 'validation'"):
     convert_to_frames.convert("dmvr", str(converted["input"]), "validation", str(tmp_path / "out"))
