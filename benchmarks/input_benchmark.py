@@ -1,6 +1,6 @@
 """Measures the training input pipeline on both video layouts, side by side, in one run.
 
-  python -m msca_jax.tools.input_benchmark [--seconds=12] [--videos=24] [--layouts=frames,dmvr]
+  python -m benchmarks.input_benchmark [--seconds=12] [--videos=24] [--layouts=frames,dmvr]
       [--json=out.json] [--accelerator_clips_per_s=580]
 
 It writes stand-in videos shaped like prepared Kinetics (10 s at 25 fps, 340x256 frames, JPEG
@@ -53,7 +53,7 @@ import tensorflow as tf
 
 from msca_jax import host_memory
 from msca_jax.data import augment, dmvr, frames, pipeline, sampling, sources
-from msca_jax.tools.host_measure import cpu_seconds as _cpu_s, io_counters, num_cores, one_core, single_core
+from benchmarks.common import cpu_seconds as _cpu_s, io_counters, num_cores, one_core, single_core
 from msca_jax.data.decode import DecodeSettings
 
 # The previous tool's measurement of the old pipeline on this 2-core machine: DMVR stand-in shards,
@@ -597,14 +597,14 @@ def peak_rss(specs: Sequence[dict], parallel: int = 2) -> list[dict]:
   """Peak RSS of the pipeline for each spec {'data': config.data as a dict, 'dmvr_repeat',
   'batch_size', 'batches'}, each in its own process (`parallel` at a time; resident memory is
   per process, so they do not disturb each other's figures)."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # As the trainer does: the malloc options before TensorFlow starts its threads.
   code = ("import sys; from msca_jax import host_memory; "
           "print(host_memory.keep_freed_memory(), file=sys.stderr); "
-          "from msca_jax.tools import input_benchmark as b; b._rss_child_main()")
+          "from benchmarks import input_benchmark as b; b._rss_child_main()")
 
   def one(spec: dict) -> dict:
     done = subprocess.run([sys.executable, "-c", code], env=env, input=json.dumps(spec),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from msca_jax.tools import layout_benchmark as lb
+from benchmarks import layout_benchmark as lb
 
 TINY = lb.Settings(videos=3, frames_per_video=40, frame_size=(48, 64), videos_per_shard=2,
                    stride=4, seconds=0.1, warmup_s=0.05, bytes_clips=24, min_clips=48,

@@ -1,6 +1,6 @@
 """Random access to a training clip's frames in three storage layouts, measured side by side.
 
-  python -m msca_jax.tools.layout_benchmark [--seconds=5] [--videos=24] [--json=out.json]
+  python -m benchmarks.layout_benchmark [--seconds=5] [--videos=24] [--json=out.json]
       [--rounds=2] [--cache_dir=/tmp/layout_benchmark] [--nocold] [--paths=frames,packed]
 
 Why: training reads clips, not videos. A Kinetics clip is 8 frames at stride 32 out of ~250 frames
@@ -75,8 +75,8 @@ import numpy as np
 import tensorflow as tf
 
 from msca_jax.data import frames
-from msca_jax.tools import host_measure
-from msca_jax.tools.host_measure import cpu_seconds as _cpu_s, io_counters, num_cores, one_core
+from benchmarks import common
+from benchmarks.common import cpu_seconds as _cpu_s, io_counters, num_cores, one_core
 
 KINETICS_FRAME = (256, 340)          # (height, width): short side 256, as prepared Kinetics
 KINETICS_KB_PER_FRAME = 30.0         # at 340x256, JPEG quality 90
@@ -594,7 +594,7 @@ def _dataset(path: ReadPath, clips: Clips, *, repeat: bool, single_core: bool,
     ds = ds.repeat()
   ds = ds.map(path.tf_map, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(BATCH).prefetch(tf.data.AUTOTUNE)
-  return host_measure.single_core(ds) if single_core else ds
+  return common.single_core(ds) if single_core else ds
 
 
 def _clip_counts(path: ReadPath, clips: Clips, *, single_core: bool) -> Iterator[int]:

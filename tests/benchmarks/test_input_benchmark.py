@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from msca_jax.data import dmvr, frames
-from msca_jax.tools import input_benchmark as ib
+from benchmarks import input_benchmark as ib
 
 TINY = dict(num_videos=3, frames_per_video=40, size=(48, 64))
 SETTINGS = ib.Settings(
