@@ -35,6 +35,27 @@ def log(message: str) -> None:
   print(message, flush=True)
 
 
+def run_program(define_flags: Callable[[], None], settings_from_flags: Callable, run: Callable,
+                report: Callable[[dict], str], json_name: str) -> None:
+  """A benchmark's command line: its flags, its settings from them, the run, its report printed
+  and every number it measured written to --json (default: `json_name` beside the stand-in data).
+  Bad flags are one `error:` line (msca_jax.cli)."""
+  from absl import flags  # noqa: PLC0415
+  from msca_jax import cli  # noqa: PLC0415
+
+  def main(argv: Sequence[str]) -> None:
+    del argv
+    results = run(settings_from_flags(flags.FLAGS))
+    print(report(results), flush=True)
+    path = flags.FLAGS.json or os.path.join(results["stand_in"]["root"], json_name)
+    with open(path, "w") as out:
+      json.dump(results, out, indent=1)
+    print(f"all numbers: {path}")
+
+  define_flags()
+  cli.run(main)
+
+
 def load_average() -> float:
   return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 

@@ -861,18 +861,16 @@ def define_flags() -> None:
   flags.DEFINE_string("baseline", "", "an earlier run's --json: each clips/s row over its own")
 
 
-def main(argv: Sequence[str]) -> None:
-  print(host_memory.keep_freed_memory(), flush=True)  # before TensorFlow starts its threads
-  del argv
-  from absl import app, flags  # noqa: PLC0415
+def settings_from_flags(f) -> Settings:
+  from absl import app  # noqa: PLC0415
 
-  f = flags.FLAGS
+  print(host_memory.keep_freed_memory(), flush=True)  # before TensorFlow starts its threads
   for layout in f.layouts:
     if layout not in LAYOUTS:
       raise app.UsageError(f"--layouts: {layout!r} is not one of {LAYOUTS}")
   if f.baseline and not os.path.isfile(f.baseline):
     raise app.UsageError(f"--baseline={f.baseline}: no such file (expected an earlier run's --json)")
-  settings = Settings(
+  return Settings(
       layouts=tuple(f.layouts), videos=f.videos, seconds=f.seconds,
       clip=Clip(f.num_frames, f.stride, f.image_size, f.batch_size),
       list_videos=f.list_videos, rss_list_videos=tuple(sorted({f.list_videos, 240_000})),
@@ -880,16 +878,8 @@ def main(argv: Sequence[str]) -> None:
       stage_seconds=None if f.stages else 0.0,
       accelerator_clips_per_s=f.accelerator_clips_per_s, cache_dir=f.cache_dir or None,
       baseline=f.baseline or None)
-  results = run_benchmark(settings)
-  print(format_report(results), flush=True)
-  path = f.json or os.path.join(results["stand_in"]["root"], "results.json")
-  with open(path, "w") as out:
-    json.dump(results, out, indent=1)
-  print(f"all numbers: {path}")
 
 
 if __name__ == "__main__":
-  from msca_jax import cli  # noqa: PLC0415
-
-  define_flags()
-  cli.run(main)
+  common.run_program(define_flags, settings_from_flags, run_benchmark, format_report,
+                     "results.json")

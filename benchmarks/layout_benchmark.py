@@ -32,7 +32,6 @@ frame is read again only after a whole cycle.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -302,22 +301,11 @@ def define_flags() -> None:
   flags.DEFINE_bool("cold", True, "Also measure from a cold page cache.")
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  from absl import flags  # noqa: PLC0415
-  f = flags.FLAGS
-  settings = Settings(videos=f.videos, seconds=f.seconds, rounds=f.rounds, cold=f.cold,
-                      cache_dir=f.cache_dir or None)
-  results = run_benchmark(settings)
-  print(format_report(results), flush=True)
-  path = f.json or os.path.join(results["stand_in"]["root"], "layout_results.json")
-  with open(path, "w") as out:
-    json.dump(results, out, indent=1)
-  print(f"all numbers: {path}")
+def settings_from_flags(f) -> Settings:
+  return Settings(videos=f.videos, seconds=f.seconds, rounds=f.rounds, cold=f.cold,
+                  cache_dir=f.cache_dir or None)
 
 
 if __name__ == "__main__":
-  from msca_jax import cli  # noqa: PLC0415
-
-  define_flags()
-  cli.run(main)
+  common.run_program(define_flags, settings_from_flags, run_benchmark, format_report,
+                     "layout_results.json")
