@@ -59,7 +59,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from msca_jax.configs import get as load_variant, label
-from msca_jax import host_memory, models, progress
+from msca_jax import cli, host_memory, models, progress
 from msca_jax.data import pipeline
 from benchmarks import step_analysis
 from msca_jax.train import mesh as mesh_lib
@@ -560,4 +560,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

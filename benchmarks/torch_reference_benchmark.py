@@ -44,7 +44,7 @@ except ImportError as e:  # pragma: no cover - the parity extra is missing
   raise ImportError(f"torch_reference_benchmark needs torch and transformers "
                     f"(pip install -e '.[parity]'): {e}") from e
 
-from msca_jax import defaults, host_memory, models
+from msca_jax import cli, defaults, host_memory, models
 
 VARIANTS = ("vit", "msca_kv")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -408,4 +408,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)
