@@ -1,6 +1,8 @@
-"""Test-wide settings: a persistent JAX compilation cache and quiet TensorFlow."""
+"""Test-wide settings: 8 fake CPU devices, a persistent JAX compilation cache and quiet TensorFlow."""
 
 import os
+
+import pytest
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cache"))
@@ -16,3 +18,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # HLO and the floating-point semantics are unchanged; the subprocesses inherit the flag.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+
+
+def pytest_sessionstart(session):
+  """The sharded tests compare 8 devices with one: the 8 fake CPU devices above must be what JAX
+  runs on (a test that needs them assumes them, rather than skipping)."""
+  del session
+  import jax  # noqa: PLC0415  (after XLA_FLAGS is set)
+
+  if jax.device_count() != 8:
+    pytest.exit(f"the tests run on 8 fake CPU devices, JAX has {jax.device_count()} "
+                f"{jax.default_backend()} device(s): run them with JAX_PLATFORMS=cpu and without "
+                f"another --xla_force_host_platform_device_count in XLA_FLAGS",
+                returncode=pytest.ExitCode.USAGE_ERROR)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from configs import msca_kv
 from msca_jax import models
 from tests import reference
 
@@ -21,6 +25,24 @@ ALL_VARIANTS = (
     + [(f"msca_{t}", dict(name="msca", msca_targets=t, msca_axis="head", shift_div=4)) for t in MSCA_TARGETS]
     + [(f"msca_{t}_patch", dict(name="msca", msca_targets=t, msca_axis="patch", shift_div=4))
        for t in MSCA_TARGETS])
+
+
+# The model of the end-to-end training runs, as flat config fields (for a config in process and
+# for --config.KEY=VALUE flags alike): one block of width 32, 2 heads over 4 frames, and shift_div
+# 2, so one head takes K/V from t-1 and one from t+1.
+TINY_MODEL = {
+    "model.depth": 1, "model.width": 32, "model.num_heads": 2, "model.mlp_dim": 64,
+    "model.num_frames": 4, "model.shift_div": 2,
+}
+
+
+def tiny_config(fields: Mapping[str, Any], module=msca_kv, arg: str = "demo",
+                **overrides) -> ml_collections.ConfigDict:
+  """`module`'s config (a configs/ variant, msca_kv by default) for `arg`, with the flat `fields`
+  (a test file's tiny run, e.g. {**TINY_MODEL, "train.num_steps": 4}) and then `overrides`."""
+  config = module.get_config(arg)
+  config.update_from_flattened_dict({**fields, **overrides})
+  return config
 
 
 def small_config(**overrides) -> dict:

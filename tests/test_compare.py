@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from absl import app, flags
 
+from msca_jax import configs
 from msca_jax.errors import UserError
-from msca_jax.tools import benchmark, compare
+from msca_jax.tools import compare
 
 _demo_config = compare.demo_config
 
@@ -65,7 +66,7 @@ def test_labels_and_unknown_variant():
   assert compare.label("vit") == "ViT" and compare.label("tokenshift") == "TokenShift"
   assert compare.label("msca_kv") == "MSCA-KV"
   assert compare.label("msca_q_patch") == "MSCA-Q (patch)"
-  assert compare.label is benchmark.label   # one table, in msca_jax/configs
+  assert compare.label is configs.label   # one table, in msca_jax/configs
   with pytest.raises(app.UsageError, match="--variants: unknown variant .nope.: expected one of vit, tokenshift, msca_q"):
     compare.demo_config("nope", None, 0)
 

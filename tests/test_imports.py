@@ -1,4 +1,5 @@
-"""The package's structure: no import cycle, no tool importing another, one home per shared name.
+"""The package's structure: no import cycle, no tool importing another, one home per shared name;
+the benchmarks (outside the package) share only their common modules.
 
 Imports inside functions count too: a cycle hidden in a function is still a cycle.
 """
@@ -7,11 +8,16 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "msca_jax")
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+# What one benchmark may import of the others: the shared modules, and the train step as
+# benchmark.py builds it, which torch_reference_benchmark times against PyTorch's.
+SHARED_BENCHMARK_MODULES = {"benchmarks.common", "benchmarks.step_analysis"}
+ALSO_ALLOWED = {"benchmarks.torch_reference_benchmark": {"benchmarks.benchmark"}}
 
 
-def _modules() -> dict[str, ast.Module]:
+def _modules(top: str = PACKAGE) -> dict[str, ast.Module]:
   found = {}
-  for folder, _, names in os.walk(PACKAGE):
+  for folder, _, names in os.walk(top):
     for name in names:
       if name.endswith(".py"):
         path = os.path.join(folder, name)
@@ -36,8 +42,8 @@ def _imports(module: str, tree: ast.Module, known: set[str]) -> set[str]:
   return out
 
 
-def _graph():
-  modules = _modules()
+def _graph(top: str = PACKAGE):
+  modules = _modules(top)
   known = set(modules)
   return modules, {m: _imports(m, tree, known) for m, tree in modules.items()}
 
@@ -83,14 +89,24 @@ def test_no_tool_imports_another_tool():
   assert not crossed, crossed
 
 
-def test_the_library_never_imports_the_repositorys_configs_or_launch():
+def test_benchmarks_import_only_the_shared_modules_of_each_other():
+  _, graph = _graph(BENCHMARKS)
+  programs = set(graph) - SHARED_BENCHMARK_MODULES - {"benchmarks"}
+  assert {"benchmarks.benchmark", "benchmarks.input_benchmark"} <= programs
+  crossed = {m: sorted(graph[m] & programs - ALSO_ALLOWED.get(m, set())) for m in sorted(graph)}
+  assert not any(crossed.values()), crossed
+  assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_library_never_imports_the_repositorys_configs_launch_or_benchmarks():
   modules, _ = _graph()
   found = []
   for module, tree in modules.items():
     for node in ast.walk(tree):
       names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                [node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
-      found += [f"{module}: {n}" for n in names if n.split(".")[0] in ("configs", "launch")]
+      found += [f"{module}: {n}" for n in names
+                if n.split(".")[0] in ("configs", "launch", "benchmarks")]
   assert not found, found
 
 

@@ -4,7 +4,7 @@ A platform-specific break (an op one backend lacks, a sharding annotation a back
 remat policy that does not lower) then shows in CI, before anyone pays for a pod. Each step is
 exported with `jax.export(platforms=("tpu", "cuda"))` from abstract shapes: nothing is allocated
 and nothing compiles. Attention takes the XLA path (config.model.attention_impl='xla'); cuDNN's
-fused kernel lowers only on a GPU (tools/benchmark.py reports it there).
+fused kernel lowers only on a GPU (benchmarks/benchmark.py reports it there).
 
 Every model lowers at B/16 width, heads and 8x224 clips in bfloat16, with the recipe's optimiser
 and the device-side view finishing of the input stream, with two blocks: the blocks are one

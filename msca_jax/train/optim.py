@@ -415,7 +415,7 @@ def training_loss(train_cfg):
   """The train step's loss_fn(logits, batch) -> (loss, {'accuracy'}) for `config.train`.
 
   Label-smoothed cross-entropy; a batch that carries 'label_mix' and 'mix_weight' (mixup /
-  CutMix, data/augment.py) mixes its two labels. The trainer and tools/benchmark.py both use it.
+  CutMix, data/augment.py) mixes its two labels. The trainer and benchmarks/benchmark.py both use it.
   """
   def loss_fn(logits: jax.Array, batch: dict) -> tuple[jax.Array, dict]:
     mixed = "label_mix" in batch

@@ -138,7 +138,7 @@ def _lowering(jitted, mesh: Mesh, logical_rules):
   """step.lower(*args) -> jax.stages.Lowered of the very function step(*args) runs.
 
   `.compile()` on it gives the executable the step would build (same shardings, same donation),
-  for ahead-of-time compilation, cost and memory analysis, and the HLO text (tools/benchmark.py).
+  for ahead-of-time compilation, cost and memory analysis, and the HLO text (benchmarks/benchmark.py).
   """
   def lower(*args):
     with jax.set_mesh(mesh), nn.logical_axis_rules(logical_rules):

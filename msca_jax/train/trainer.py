@@ -270,7 +270,7 @@ def make_train_step(config, model: nn.Module, tx, shardings, mesh: jax.sharding.
   of config.data, views finished on the device when `window` is set (stream.training_window).
 
   With `config.train.trainable` other than 'all' the frozen leaves get no backward pass.
-  tools/benchmark.py times this very step.
+  benchmarks/benchmark.py times this very step.
   """
   trainable = config.train.get("trainable", "all")
   mask = None if trainable == "all" else optim.trainable_mask(shardings.params, trainable)

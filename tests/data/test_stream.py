@@ -92,7 +92,6 @@ def test_keys_survive_the_fixed_width_encoding():
   assert list(back[:3]) == list(keys[:3]) and back[3] == b"k" * stream.KEY_BYTES
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
 def test_process_rows_follow_the_batch_sharding():
   mesh = mesh_lib.make_mesh(mesh_lib.mesh_config())
   rows = mesh_lib.process_rows(mesh, 16)

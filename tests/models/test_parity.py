@@ -66,7 +66,7 @@ def test_other_clip_shapes_match_numpy_reference(frames, height, width):
 def test_vit_matches_transformers_vitmodel():
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from msca_jax.tools import torch_reference_benchmark
+  from benchmarks import torch_reference_benchmark
   s = helpers.SMALL
   config = torch_reference_benchmark.vit_config(
       width=s["width"], depth=s["depth"], num_heads=s["num_heads"], mlp_dim=s["mlp_dim"],

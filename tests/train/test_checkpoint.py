@@ -16,8 +16,6 @@ from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import state as state_lib
 from tests import helpers
 
-needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-
 
 def _setup(shape, devices):
   cfg = mesh_lib.mesh_config()
@@ -30,7 +28,6 @@ def _setup(shape, devices):
   return model, tx, clip, mesh, rules
 
 
-@needs_8
 def test_save_on_one_mesh_restore_on_others(tmp_path):
   model, tx, clip, mesh, rules = _setup(dict(data=2, fsdp=4, model=1), jax.devices())
   state, _ = state_lib.create(model, tx, clip, mesh, rules, jax.random.key(0))

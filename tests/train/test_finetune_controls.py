@@ -11,7 +11,7 @@ import flax.linen as nn
 from flax import traverse_util
 
 from msca_jax.configs import recipe
-from msca_jax.tools import step_analysis
+from benchmarks import step_analysis
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim
 from msca_jax.train import state as state_lib

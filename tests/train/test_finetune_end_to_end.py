@@ -2,6 +2,7 @@
 prepare, fine-tune from other weights with a new head, evaluate, predict; then the same model
 evaluated on the three official splits of a UCF101 stand-in and their mean (tools.split_mean)."""
 
+import functools
 import io
 import json
 import os
@@ -9,7 +10,6 @@ import shlex
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -23,12 +23,9 @@ from msca_jax.train import trainer
 from tests import helpers
 from tests.data import test_datasets
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-
 CLASSES = ("ApplyEyeMakeup", "Basketball")   # the UCF101 stand-in's, so one model fits both
 TINY = {
-    "model.variant": "Ti/16", "model.width": 32, "model.depth": 2, "model.num_heads": 2,
-    "model.mlp_dim": 64, "model.num_frames": 4, "model.image_size": 32, "model.shift_div": 2,
+    **helpers.TINY_MODEL, "model.variant": "Ti/16", "model.depth": 2, "model.image_size": 32,
     "data.stride": 1, "data.train_short_side_range": (32, 40), "data.eval_short_side": 32,
     "data.eval_clips": 1, "data.eval_crops": 1, "data.val_clips": 1, "data.val_crops": 1,
     "train.batch_size": 8, "train.base_batch_size": 8, "train.grad_accum_steps": 1, "train.num_steps": 2,
@@ -38,10 +35,7 @@ TINY = {
 }
 
 
-def tiny_config(**overrides):
-  config = msca_kv.get_config("ucf101")
-  config.update_from_flattened_dict({**TINY, **overrides})
-  return config
+tiny_config = functools.partial(helpers.tiny_config, TINY, msca_kv, "ucf101")
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -9,8 +9,6 @@ from jax.sharding import PartitionSpec as P
 from msca_jax.train import mesh as mesh_lib
 from tests import helpers
 
-needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-
 
 def _shape(**sizes):
   return ml_collections.ConfigDict(dict({"data": -1, "fsdp": 1, "model": 1}, **sizes))
@@ -34,7 +32,6 @@ def test_rules_are_checked():
     mesh_lib.rules(cfg)
 
 
-@needs_8
 def test_params_follow_the_rules():
   cfg = mesh_lib.mesh_config()
   cfg.shape = _shape(data=2, fsdp=2, model=2)
@@ -47,7 +44,6 @@ def test_params_follow_the_rules():
   assert block["MultiHeadDotProductAttention_1"]["query"]["kernel"].spec == P("fsdp", "model", None)
 
 
-@needs_8
 @pytest.mark.parametrize("shape", [dict(), dict(data=2, fsdp=4), dict(data=4, model=2)])
 def test_global_batch_is_the_local_batch_split_over_batch_axes(shape):
   cfg = mesh_lib.mesh_config()

@@ -8,6 +8,7 @@ They train the demo model for a few steps, checkpoint and evaluate, and show tha
 """
 
 import csv
+import functools
 import io
 import os
 import re
@@ -22,7 +23,6 @@ import pytest
 
 from flax import traverse_util
 
-from configs import msca_kv
 from launch import local
 from msca_jax.data import stream as stream_lib
 from msca_jax.tools.compare import read_metrics
@@ -35,20 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 STEPS = 6
 EVAL_SIZE = 25  # process 0 reads videos 0, 2, ..., 24 (13), process 1 reads 1, 3, ..., 23 (12)
 TINY = {
-    "model.depth": 1, "model.width": 32, "model.num_heads": 2, "model.mlp_dim": 64,
-    "model.num_frames": 4, "model.shift_div": 2,
+    **helpers.TINY_MODEL,
     "data.synthetic.train_size": 128, "data.synthetic.eval_size": EVAL_SIZE,
     "train.batch_size": 16, "eval.batch_size": 8, "train.num_steps": STEPS,
     "train.checkpoint_every_steps": 3, "train.log_every_steps": 1, "eval.every_epochs": 0,
 }
 
-needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-
-
-def tiny_config(**overrides):
-  config = msca_kv.get_config("demo")
-  config.update_from_flattened_dict({**TINY, **overrides})
-  return config
+tiny_config = functools.partial(helpers.tiny_config, TINY)
 
 
 def _run_two_processes(workdir, logs_dir, **overrides) -> list[str]:
@@ -93,7 +86,6 @@ def _losses(workdir) -> dict[int, float]:
           if "train/loss" in row}
 
 
-@needs_8
 def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run, tmp_path):
   workdir, logs = two_process_run
   assert "process 0 of 2, 4 local devices" in logs[0]
@@ -123,7 +115,6 @@ def test_two_processes_train_like_one_on_the_same_global_batches(two_process_run
   helpers.assert_trained_params_close(initialise.read_checkpoint_params(workdir), reference)
 
 
-@needs_8
 def test_two_process_evaluation_counts_every_video_once(two_process_run):
   workdir, logs = two_process_run
   rows = list(csv.DictReader(open(os.path.join(workdir, "eval", f"test_step{STEPS}",
@@ -135,7 +126,6 @@ def test_two_process_evaluation_counts_every_video_once(two_process_run):
   assert "videos evaluated" in logs[0] and "videos evaluated" not in logs[1]  # one table
 
 
-@needs_8
 def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_path, caplog):
   workdir = shutil.copytree(two_process_run[0], str(tmp_path / "copy"))
   caplog.set_level("INFO", logger="absl")
@@ -146,7 +136,6 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_pa
   assert set(_losses(workdir)) >= {STEPS + 1, STEPS + 2}
 
 
-@needs_8
 def test_a_one_process_checkpoint_resumes_in_two_and_sigterm_to_one_stops_both(cache, tmp_path):
   """Two processes resume a one-process checkpoint; then a preemption notice reaches one host:
   all agree on a step, save it together, exit 143. (One two-process run for both: CI time.)"""

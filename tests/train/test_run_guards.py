@@ -5,6 +5,7 @@ One tiny in-process run (the demo MSCA-KV shrunk to one block, 4 steps) is share
 tests; two short `msca_jax.main` processes cover the signals.
 """
 
+import functools
 import logging
 import os
 import re
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 from absl import flags
 
@@ -24,23 +24,18 @@ from msca_jax import cli, inference, predict
 from msca_jax.errors import UserError
 from msca_jax.train import saved_config, trainer
 from msca_jax.train import workdir as workdir_lib
-
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = {
-    "model.depth": 1, "model.width": 32, "model.num_heads": 2, "model.mlp_dim": 64,
-    "model.num_frames": 4, "model.shift_div": 2,
+    **helpers.TINY_MODEL,
     "data.synthetic.train_size": 64, "data.synthetic.eval_size": 16,
     "train.batch_size": 16, "eval.batch_size": 16, "train.num_steps": 4,
     "train.checkpoint_every_steps": 2, "train.log_every_steps": 2, "eval.every_epochs": 0,
 }
 
 
-def tiny_config(module=msca_kv, **overrides):
-  config = module.get_config("demo")
-  config.update_from_flattened_dict({**TINY, **overrides})
-  return config
+tiny_config = functools.partial(helpers.tiny_config, TINY)  # (module=msca_kv, **overrides)
 
 
 @pytest.fixture(scope="module", autouse=True)

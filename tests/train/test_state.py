@@ -14,8 +14,6 @@ from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import state as state_lib
 from tests import helpers
 
-needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-
 
 def _loss(logits, batch):
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
@@ -52,7 +50,6 @@ def _one_device():
   return _train(dict(data=1, fsdp=1, model=1), jax.devices()[:1])
 
 
-@needs_8
 # Data parallelism alone and a mesh of all three axes run through the whole trainer
 # (tests/train/test_trainer.py, against one device): here the sharded parameter axes alone.
 @pytest.mark.parametrize("shape", [dict(data=1, fsdp=8, model=1), dict(data=2, fsdp=1, model=4)],

@@ -7,6 +7,7 @@ workers; the other runs are compared with its final parameters.
 """
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ import pytest
 import tensorflow as tf
 from flax import traverse_util
 
-from configs import msca_kv
 from msca_jax import pretrained
 from msca_jax.train import checkpoint as ckpt_lib
 from msca_jax.train import initialise
@@ -44,8 +44,7 @@ EVAL_SIZE = 32
 # Overrides of configs/msca_kv.py:demo, in process (config.update_from_flattened_dict) and on the
 # command line (--config.KEY=VALUE) alike.
 TINY = {
-    "model.depth": 1, "model.width": 32, "model.num_heads": 2, "model.mlp_dim": 64,
-    "model.num_frames": 4, "model.shift_div": 2,  # 2 heads: one takes K/V from t-1, one from t+1
+    **helpers.TINY_MODEL,
     "data.synthetic.train_size": 128, "data.synthetic.eval_size": EVAL_SIZE,
     "train.batch_size": BATCH, "eval.batch_size": 16, "train.num_steps": NUM_STEPS,
     "train.checkpoint_every_steps": CHECKPOINT_EVERY, "train.log_every_steps": 2,
@@ -55,10 +54,7 @@ TINY = {
 NONFINITE = {"train.base_lr": 1e30, "train.warmup_epochs": 0}
 
 
-def tiny_config(**overrides):
-  config = msca_kv.get_config("demo")
-  config.update_from_flattened_dict({**TINY, **overrides})
-  return config
+tiny_config = functools.partial(helpers.tiny_config, TINY)
 
 
 def _flags(overrides) -> list[str]:

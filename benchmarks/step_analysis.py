@@ -1,6 +1,6 @@
 """What a compiled step costs: FLOPs, accelerator peaks and MFU, memory, and what its HLO runs.
 
-tools/benchmark.py times steps and reports these next to the times:
+benchmarks/benchmark.py times steps and reports these next to the times:
 
     flops = step_analysis.flops(lowered)                          # XLA's cost analysis
     peak, what = step_analysis.peak_for("bfloat16")               # dense TFLOP/s of this device

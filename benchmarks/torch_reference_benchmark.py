@@ -1,7 +1,7 @@
 r"""The PyTorch reference of our models, and the time of its train step on the host it runs on.
 
-    python -m msca_jax.tools.torch_reference_benchmark                      # ViT-B/16 8x224, batch 1
-    python -m msca_jax.tools.torch_reference_benchmark --variant=msca_kv --threads=2 --json=out.json
+    python -m benchmarks.torch_reference_benchmark                      # ViT-B/16 8x224, batch 1
+    python -m benchmarks.torch_reference_benchmark --variant=msca_kv --threads=2 --json=out.json
 
 The reference is the same semantics written the usual PyTorch way (docs/model.md):
 the frames of a (B, T, H, W, 3) clip are folded into the batch and go through transformers'
@@ -18,7 +18,7 @@ forward-only (`no_grad`) time and clips/s, and writes them as JSON with --json.
 
 Weights in the reference PyTorch state-dict layout (docs/weights.md, what
 `msca_jax.pretrained.load_torch_state_dict` reads) go in with `load_reference_state_dict`, so one
-state dict drives both implementations (tests/tools/test_torch_reference_benchmark.py).
+state dict drives both implementations (tests/benchmarks/test_torch_reference_benchmark.py).
 
 torch and transformers are the `parity` extra: pip install -e '.[parity]'.
 """
@@ -44,7 +44,7 @@ except ImportError as e:  # pragma: no cover - the parity extra is missing
   raise ImportError(f"torch_reference_benchmark needs torch and transformers "
                     f"(pip install -e '.[parity]'): {e}") from e
 
-from msca_jax import defaults, host_memory, models
+from msca_jax import cli, defaults, host_memory, models
 
 VARIANTS = ("vit", "msca_kv")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -259,7 +259,7 @@ def _times(*fns, steps: int, warmup: int) -> list[list[float]]:
 def _jax_bench(variant: str, *, model_variant: str, frames: int, image_size: int, batch: int,
                num_classes: int, shift_div: int, arch_overrides: Mapping[str, int] | None):
   """msca_jax's train step of the same model, from configs/ (imported here: JAX loads only now)."""
-  from msca_jax.tools import benchmark as jax_benchmark
+  from benchmarks import benchmark as jax_benchmark
 
   overrides = {"train.grad_accum_steps": 1, "model.num_classes": num_classes,
                "model.dropout_rate": 0.0, "model.attention_dropout_rate": 0.0,
@@ -287,7 +287,7 @@ def benchmark(variant: str = "vit", *, model_variant: str = "B/16", frames: int 
               against_jax: bool = False) -> dict:
   """Times the reference train step and forward pass; returns the JSON record.
 
-  With `against_jax`, msca_jax's own train step of the same model (tools/benchmark.py's, the
+  With `against_jax`, msca_jax's own train step of the same model (benchmarks/benchmark.py's, the
   trainer's jitted step with grad_accum_steps 1, so that it too clips and updates every step) is
   built in this process and the two are timed in alternating rounds; the record's "msca_jax"
   entry holds its times and the median over rounds of msca_jax / PyTorch. XLA uses every core.
@@ -408,4 +408,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

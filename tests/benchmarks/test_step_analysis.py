@@ -6,7 +6,7 @@ import ml_collections
 import pytest
 
 from msca_jax import models
-from msca_jax.tools import step_analysis
+from benchmarks import step_analysis
 
 # 4 heads of 16 channels: a head dimension cuDNN's fused attention accepts.
 MODEL = dict(name="vit", variant="Ti/8", width=64, depth=1, num_heads=4, mlp_dim=128)

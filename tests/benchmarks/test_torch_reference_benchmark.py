@@ -1,4 +1,4 @@
-"""The PyTorch reference of msca_jax.tools.torch_reference_benchmark computes what our models do.
+"""The PyTorch reference of benchmarks.torch_reference_benchmark computes what our models do.
 
 One random state dict in the reference PyTorch layout (docs/weights.md, every tensor random)
 goes into our Flax model through pretrained.load_torch_state_dict and into the PyTorch reference
@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 
 from msca_jax.configs import recipe  # noqa: E402
 from msca_jax import models, pretrained  # noqa: E402
-from msca_jax.tools import torch_reference_benchmark as trb  # noqa: E402
+from benchmarks import torch_reference_benchmark as trb  # noqa: E402
 from msca_jax.train import optim  # noqa: E402
 from tests import reference  # noqa: E402
 
@@ -149,7 +149,7 @@ def test_command_line_times_both_steps_against_jax_and_writes_json(tmp_path):
   # One process for the command line and the alternating rounds against msca_jax (CI time).
   out = tmp_path / "torch.json"
   result = subprocess.run(
-      [sys.executable, "-m", "msca_jax.tools.torch_reference_benchmark", "--variant=msca_kv",
+      [sys.executable, "-m", "benchmarks.torch_reference_benchmark", "--variant=msca_kv",
        "--model_variant=Ti/8", "--width=32", "--depth=1", "--num_heads=4", "--mlp_dim=64",
        "--frames=4", "--image_size=32", "--batch=8", "--num_classes=5", "--shift_div=4",
        "--steps=2", "--warmup=1", "--threads=2", "--against_jax", f"--json={out}"],

@@ -1,9 +1,9 @@
 r"""Times the real train and eval steps of several variants side by side.
 
-    python -m msca_jax.tools.benchmark --config=configs/msca_kv.py --batch=8 --dtype=bfloat16
-    python -m msca_jax.tools.benchmark --config=configs/msca_kv.py --variants=vit,msca_kv \
+    python -m benchmarks.benchmark --config=configs/msca_kv.py --batch=8 --dtype=bfloat16
+    python -m benchmarks.benchmark --config=configs/msca_kv.py --variants=vit,msca_kv \
         --batch=1 --steps=5 --warmup=1 --eval --json=bench.json
-    python -m msca_jax.tools.benchmark --config=configs/vit.py --variants=vit \
+    python -m benchmarks.benchmark --config=configs/vit.py --variants=vit \
         --batch_sweep=8,16,32,64,128 --remat_sweep --dtype=bfloat16
 
 Each variant is a config file under configs/ (`vit`, `tokenshift`, `msca_kv`, ...). It is built
@@ -18,7 +18,7 @@ batch in the layout the input stream sends (with `config.data.augment_on`'s devi
 decoded crop windows that the step resizes, flips and colours; with mixup or CutMix on, the
 second label and its weight), and with --eval the evaluation step (forward only, one view).
 The analysis of each compiled step (FLOPs, peaks and MFU, memory, HLO) is
-msca_jax/tools/step_analysis.py. Per variant:
+benchmarks/step_analysis.py. Per variant:
 
   compile     lower + compile of the train step, seconds
   step        train-step seconds: median and minimum over --steps after --warmup steps
@@ -59,9 +59,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from msca_jax.configs import get as load_variant, label
-from msca_jax import host_memory, models, progress
+from msca_jax import cli, host_memory, models, progress
 from msca_jax.data import pipeline
-from msca_jax.tools import step_analysis
+from benchmarks import step_analysis
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim, trainer
 from msca_jax.train import state as state_lib
@@ -560,4 +560,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -1,13 +1,10 @@
 """Measures the training input pipeline on both video layouts, side by side, in one run.
 
-  python -m msca_jax.tools.input_benchmark [--seconds=12] [--videos=24] [--layouts=frames,dmvr]
-      [--json=out.json] [--accelerator_clips_per_s=580]
+  python -m benchmarks.input_benchmark [--seconds=12] [--videos=24] [--layouts=frames,dmvr]
+      [--json=out.json] [--accelerator_clips_per_s=580] [--baseline=earlier.json]
 
-It writes stand-in videos shaped like prepared Kinetics (10 s at 25 fps, 340x256 frames, JPEG
-quality 90, textured moving content that compresses to about 30 KB a frame) once into a cache
-directory (--cache_dir, else $MSCA_JAX_CACHE, else ~/.cache/msca_jax). Each frame is encoded once
-and the same JPEG bytes are stored in both layouts: frame folders (one file per frame and a list,
-`data.frames`) and DMVR shards (one record per whole video, `data.dmvr`). Then, for each layout:
+It writes stand-in videos shaped like prepared Kinetics once, the same JPEG bytes as frame folders
+and as DMVR shards (benchmarks/common.py). Then, for each layout:
 
   1. bytes read per training clip (rchar of /proc/self/io around many batches, after warm-up)
      over the bytes of the JPEG frames the clip decodes;
@@ -20,272 +17,67 @@ and the same JPEG bytes are stored in both layouts: frame folders (one file per 
      pipeline (config.data as recipe.get_config('vit') sets it: uint8 clips, the views finished
      where config.data.augment_on says); once with the views finished on the host in uint8 and in
      float32, to show what each choice costs; and where one clip's time goes, stage by stage;
-  5. the host cores it takes to feed one accelerator at a given train-step rate (README's computed
-     rates, and --accelerator_clips_per_s).
+  5. the host cores it takes to feed one accelerator at a given train-step rate (the computed
+     rates of docs/performance.md, and --accelerator_clips_per_s).
+
+With --baseline=earlier.json (what --json wrote in an earlier run, e.g. before a change to the
+pipeline), each clips/s row is also given as a ratio to the same row of that run.
 
 The stand-in list and shard sets are longer than the videos written: the frame list cycles over
 the same folders, and the DMVR file list names the same shards many times, so an epoch has
 20,000 videos while the disk holds a few hundred MB. Memory and resume costs depend on the index
 and on the positions, not on how many distinct videos the bytes come from.
 
-The pieces are functions (stand_in_data, throughput, resume_cost, peak_rss, stage_times,
+The pieces are functions (throughput, resume_cost, peak_rss, stage_times,
 run_benchmark, format_report) so tests and notebooks can run them without flags.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import gc
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from benchmarks import common
+from benchmarks.common import cpu_seconds as _cpu_s, io_counters, num_cores, one_core, single_core
 from msca_jax import host_memory
-from msca_jax.data import augment, dmvr, frames, pipeline, sampling, sources
-from msca_jax.tools.host_measure import cpu_seconds as _cpu_s, io_counters, num_cores, one_core, single_core
-from msca_jax.data.decode import DecodeSettings
+from msca_jax.data import augment, frames, pipeline, sampling, sources
 
-# The previous tool's measurement of the old pipeline on this 2-core machine: DMVR stand-in shards,
-# float32 clips, batch 16, 8x224 at stride 32 (README, Measured).
-OLD_CLIPS_PER_S, OLD_CORES = 100.8, 2
-OLD_PER_CORE = OLD_CLIPS_PER_S / OLD_CORES
+# docs/performance.md, "What to expect": clips/s per chip at 50 % MFU, computed from XLA's 857
+# GFLOP per ViT-B/16 8x224 training clip and each chip's dense bf16 peak (arithmetic, not measured).
+ACCELERATORS = (("H100 SXM", 580.0), ("TPU v5p", 270.0), ("TPU v4", 160.0), ("TPU v5e", 115.0))
 
-# README "What to expect": clips/s per chip at 50 % MFU, computed from XLA's 857 GFLOP per
-# ViT-B/16 8x224 training clip and each chip's dense bf16 peak (not measured).
-README_ACCELERATORS = (("H100 SXM", 580.0), ("TPU v5p", 270.0), ("TPU v4", 160.0),
-                       ("TPU v5e", 115.0))
-
-KINETICS_FRAME = (256, 340)          # (height, width): short side 256, as prepared Kinetics
-KINETICS_KB_PER_FRAME = 30.0         # at 340x256, JPEG quality 90
 RECIPE_SHUFFLE_BUFFER = 4096         # msca_jax/configs/recipe.py: config.data.shuffle_buffer
 KINETICS_RECORD_MB = 7.5             # 250 frames x 30 KB: one prepared-Kinetics DMVR record
 LAYOUTS = ("frames", "dmvr")
-SPLIT = "train"
-EVICT_INTERVAL_S = 0.25
-
-
-def _log(message: str) -> None:
-  print(message, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stand-in data.
-
-@dataclasses.dataclass(frozen=True)
-class StandIn:
-  """Stand-in videos stored in both layouts (the same JPEG bytes)."""
-  root: str
-  num_videos: int
-  frames_per_video: int
-  height: int
-  width: int
-  jpeg_quality: int
-  fps: float
-  mean_frame_bytes: float          # over every frame written
-  mean_record_bytes: float         # a serialised DMVR record (one video)
-  texture_amplitude: float
-  reused: bool = False
-
-  @property
-  def frames_root(self) -> str:
-    return os.path.join(self.root, "frames")
-
-  @property
-  def dmvr_root(self) -> str:
-    return os.path.join(self.root, "dmvr")
-
-  def frame_files(self) -> list[str]:
-    folder_paths = [os.path.join(self.frames_root, _folder(i)) for i in range(self.num_videos)]
-    return [e.path for f in folder_paths for e in os.scandir(f) if e.is_file()]
-
-  def dmvr_files(self) -> list[str]:
-    return dmvr.list_shards(self.dmvr_root, SPLIT)
-
-  def files(self, layout: str) -> list[str]:
-    return self.frame_files() if layout == "frames" else self.dmvr_files()
-
-  def describe(self) -> str:
-    seconds = self.frames_per_video / self.fps
-    return (f"{self.num_videos} stand-in videos x {self.frames_per_video} frames ({seconds:.1f} s at "
-            f"{self.fps:g} fps), {self.width}x{self.height}, JPEG quality {self.jpeg_quality}: "
-            f"{self.mean_frame_bytes / 1024:.1f} KB per frame (mean of "
-            f"{self.num_videos * self.frames_per_video}), {self.mean_record_bytes / 2**20:.2f} MB per "
-            f"DMVR record")
-
-
-def _folder(i: int) -> str:
-  return f"v{i:05d}"
-
-
-def cache_root(cache_dir: str | None = None) -> str:
-  return (cache_dir or os.environ.get("MSCA_JAX_CACHE") or os.path.expanduser("~/.cache/msca_jax"))
-
-
-class _Content:
-  """Textured moving frames: smooth colour waves drifting in time plus a multi-scale noise texture
-  that slides across the frame; `amplitude` sets the texture's strength, hence the JPEG size."""
-
-  def __init__(self, seed: int, height: int, width: int):
-    rng = np.random.default_rng(seed)
-    self.height, self.width, self.pad = height, width, max(8, min(height, width) // 4)
-    ys, xs = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
-    base = (7 * xs + 5 * ys)[..., None]
-    self.sin, self.cos = np.sin(base), np.cos(base)
-    self.phase = rng.uniform(0, 2 * np.pi, 3)
-    self.colour = rng.uniform(0.4, 1.0, 3) * 70
-    big = (height + 2 * self.pad, width + 2 * self.pad)
-    layers = []
-    for scale, weight in ((16, 1.0), (4, 0.6), (1, 0.3)):
-      small = rng.normal(0, 1, (max(2, big[0] // scale + 1), max(2, big[1] // scale + 1), 3))
-      layer = tf.image.resize(small[None].astype(np.float32), big, method="bicubic")[0].numpy()
-      layers.append(weight * layer)
-    texture = sum(layers)
-    self.texture = (texture / texture.std()).astype(np.float32)
-
-  def frame(self, t: int, amplitude: float) -> np.ndarray:
-    angle = self.phase + 0.05 * t
-    wave = self.sin * np.cos(angle) + self.cos * np.sin(angle)   # sin(base + angle)
-    span = 2 * self.pad                                   # the texture's margin
-    dy = span - abs(span - t % (2 * span))                # to and fro: no jumps
-    dx = span - abs(span - (2 * t) % (2 * span))
-    window = self.texture[dy:dy + self.height, dx:dx + self.width]
-    return np.clip(128 + self.colour * wave + amplitude * window, 0, 255).astype(np.uint8)
-
-
-def _jpeg(frame: np.ndarray, quality: int) -> bytes:
-  return tf.io.encode_jpeg(frame, quality=quality).numpy()
-
-
-def calibrate_texture(height: int, width: int, quality: int, target_bytes: float) -> float:
-  """The texture amplitude whose frames compress to about `target_bytes` (bisection)."""
-  content = _Content(10_000, height, width)
-
-  def mean_bytes(amplitude):
-    return np.mean([len(_jpeg(content.frame(t, amplitude), quality)) for t in (0, 40, 80, 120)])
-
-  lo, hi = 0.0, 160.0
-  for _ in range(12):
-    mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if mean_bytes(mid) < target_bytes else (lo, mid)
-  return (lo + hi) / 2
-
-
-def stand_in_data(num_videos: int = 24, frames_per_video: int = 250,
-                  size: tuple[int, int] = KINETICS_FRAME, jpeg_quality: int = 90,
-                  kb_per_frame: float | None = None, fps: float = 25.0,
-                  cache_dir: str | None = None, log: Callable[[str], None] = _log) -> StandIn:
-  """Writes (once) `num_videos` stand-in videos as frame folders and as DMVR shards.
-
-  The directory is named by the parameters, so a rerun with the same ones reuses it.
-  `kb_per_frame` defaults to 30 KB at 340x256, scaled by area for other sizes.
-  """
-  height, width = size
-  if kb_per_frame is None:
-    kb_per_frame = KINETICS_KB_PER_FRAME * height * width / (KINETICS_FRAME[0] * KINETICS_FRAME[1])
-  name = (f"input_benchmark-v2-{num_videos}x{frames_per_video}-{width}x{height}-q{jpeg_quality}-"
-          f"{kb_per_frame:g}kb")
-  root = os.path.join(cache_root(cache_dir), name)
-  stats_path = os.path.join(root, "stand_in.json")
-  if os.path.exists(stats_path):
-    with open(stats_path) as f:
-      stand_in = StandIn(root=root, reused=True, **json.load(f))
-    _write_dmvr_manifest(stand_in.dmvr_root, fps, height, width, jpeg_quality)
-    return stand_in
-
-  log(f"writing {num_videos} stand-in videos to {root} (once; a rerun reuses them)")
-  tmp = f"{root}.tmp-{os.getpid()}"
-  try:
-    stats = _write_stand_in(tmp, num_videos, frames_per_video, height, width, jpeg_quality,
-                            kb_per_frame, fps, log)
-    os.replace(tmp, root)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return StandIn(root=root, **stats)
-
-
-def _write_stand_in(tmp: str, num_videos: int, frames_per_video: int, height: int, width: int,
-                    jpeg_quality: int, kb_per_frame: float, fps: float,
-                    log: Callable[[str], None]) -> dict:
-  start = time.perf_counter()
-  amplitude = calibrate_texture(height, width, jpeg_quality, kb_per_frame * 1024)
-  frames_root, dmvr_root = os.path.join(tmp, "frames"), os.path.join(tmp, "dmvr")
-  os.makedirs(frames_root, exist_ok=True)
-  num_classes = min(4, num_videos)
-  class_names = [f"class{i}" for i in range(num_classes)]
-  frame_bytes, record_bytes = [], []
-
-  def records() -> Iterable[bytes]:
-    for i in range(num_videos):
-      content = _Content(i, height, width)
-      jpegs = [_jpeg(content.frame(t, amplitude), jpeg_quality) for t in range(frames_per_video)]
-      frame_bytes.extend(len(j) for j in jpegs)
-      frames.write_frames(frames_root, _folder(i), jpegs)
-      record = dmvr.make_example(jpegs, i % num_classes, class_names[i % num_classes],
-                                 f"stand_in/{_folder(i)}")
-      record_bytes.append(len(record))
-      if (i + 1) % max(1, num_videos // 6) == 0 or i + 1 == num_videos:
-        log(f"  {i + 1}/{num_videos} videos, {np.mean(frame_bytes) / 1024:.1f} KB per frame so far")
-      yield record
-
-  dmvr.write_labels(dmvr_root, class_names)
-  dmvr.write_shards(dmvr_root, SPLIT, records(), num_shards=min(8, num_videos))
-  frames.write_list(frames.list_path(frames_root, SPLIT),
-                    [(_folder(i), frames_per_video, i % num_classes) for i in range(num_videos)])
-  settings = DecodeSettings(fps=fps, short_side=min(height, width),
-                                    jpeg_quality=jpeg_quality).as_json()
-  frames.write_manifest(frames_root, SPLIT, settings)
-  dmvr.write_labels(frames_root, class_names)
-  _write_dmvr_manifest(dmvr_root, fps, height, width, jpeg_quality)
-  stats = dict(num_videos=num_videos, frames_per_video=frames_per_video, height=height,
-               width=width, jpeg_quality=jpeg_quality, fps=fps,
-               mean_frame_bytes=float(np.mean(frame_bytes)),
-               mean_record_bytes=float(np.mean(record_bytes)), texture_amplitude=amplitude)
-  with open(os.path.join(tmp, "stand_in.json"), "w") as f:
-    json.dump(stats, f, indent=1)
-  os.sync()  # clean pages: posix_fadvise can evict them
-  log(f"  written in {time.perf_counter() - start:.0f} s")
-  return stats
-
-
-def _write_dmvr_manifest(dmvr_root: str, fps: float, height: int, width: int,
-                         jpeg_quality: int) -> None:
-  """SPLIT.manifest.json beside the shards: the frames' settings, read by sources.dmvr_source."""
-  path = os.path.join(dmvr_root, f"{SPLIT}.manifest.json")
-  if not os.path.exists(path):
-    settings = DecodeSettings(fps=fps, short_side=min(height, width),
-                                      jpeg_quality=jpeg_quality).as_json()
-    with open(path + ".tmp", "w") as f:
-      json.dump({"version": 1, "layout": "dmvr", "settings": settings}, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def frame_list(stand_in: StandIn, num_videos: int) -> str:
-  """A list of `num_videos` lines cycling over the stand-in folders (written once)."""
-  if num_videos == stand_in.num_videos:
-    return frames.list_path(stand_in.frames_root, SPLIT)
-  path = os.path.join(stand_in.frames_root, f"{SPLIT}_x{num_videos}.txt")
-  if not os.path.exists(path):
-    n = stand_in.num_videos
-    labels = min(4, n)
-    frames.write_list(path, [(_folder(i % n), stand_in.frames_per_video, (i % n) % labels)
-                             for i in range(num_videos)])
-  return path
 
 
 # ---------------------------------------------------------------------------------------------
 # Configurations and sources.
+
+def frame_list(stand_in: common.StandIn, num_videos: int) -> str:
+  """A list of `num_videos` lines cycling over the stand-in folders (written once)."""
+  if num_videos == stand_in.num_videos:
+    return frames.list_path(stand_in.frames_root, common.SPLIT)
+  path = os.path.join(stand_in.frames_root, f"{common.SPLIT}_x{num_videos}.txt")
+  if not os.path.exists(path):
+    n = stand_in.num_videos
+    labels = min(4, n)
+    frames.write_list(path, [(common.folder(i % n), stand_in.frames_per_video, (i % n) % labels)
+                             for i in range(num_videos)])
+  return path
+
 
 @dataclasses.dataclass(frozen=True)
 class Clip:
@@ -298,7 +90,7 @@ class Clip:
     return f"{self.num_frames}x{self.image_size} clips at stride {self.stride}, batch {self.batch_size}"
 
 
-def data_config(layout: str, stand_in: StandIn, clip: Clip, *, dtype: str = "uint8",
+def data_config(layout: str, stand_in: common.StandIn, clip: Clip, *, dtype: str = "uint8",
                 shuffle_buffer: int = 16, list_videos: int | None = None,
                 augment_on: str | None = None):
   """config.data of the recipe (recipe.get_config('vit').data) reading the stand-in data;
@@ -334,8 +126,8 @@ def augment_where(data) -> str:
 def layout_source(data, *, dmvr_repeat: int = 1) -> sources.Source:
   """The pipeline's source for `data`; DMVR's file list names every shard `dmvr_repeat` times."""
   if data.source == "frames":
-    return sources.make_source(data, SPLIT)
-  source = sources.dmvr_source(data.path, SPLIT)
+    return sources.make_source(data, common.SPLIT)
+  source = sources.dmvr_source(data.path, common.SPLIT)
   if dmvr_repeat > 1:
     source = dataclasses.replace(
         source, files=tuple(source.files) * dmvr_repeat,
@@ -351,80 +143,12 @@ def records_per_epoch(source: sources.Source) -> int:
   return sum(per_file[f] for f in source.files)
 
 
-# ---------------------------------------------------------------------------------------------
-# Process measurements: I/O counters, memory, CPU, page cache, one core.
-
 def _status_kb(field: str) -> int:
   with open("/proc/self/status") as f:
     for line in f:
       if line.startswith(field + ":"):
         return int(line.split()[1])
   return 0
-
-
-def warm_page_cache(paths: Sequence[str]) -> float:
-  """Reads every file once so that the measurement finds them in the page cache; seconds taken."""
-  start = time.perf_counter()
-  for path in paths:
-    with open(path, "rb", buffering=0) as f:
-      while f.read(1 << 22):
-        pass
-  return time.perf_counter() - start
-
-
-def evict(fds: Sequence[int]) -> None:
-  for fd in fds:
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-
-@contextlib.contextmanager
-def cold_page_cache(paths: Sequence[str], interval_s: float = EVICT_INTERVAL_S):
-  """Evicts `paths` from the page cache on entry and every `interval_s` until exit.
-
-  posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED) on every data file (no root needed): the stand-in
-  set is small, so without the repeats a measurement would soon read from memory again. Yields a
-  dict that gets the eviction thread's rounds and CPU seconds (counted against the pipeline's CPU).
-  """
-  _allow_open_files(len(paths) + 256)
-  fds = [os.open(p, os.O_RDONLY) for p in paths]
-  stats = {"rounds": 0, "cpu_s": 0.0, "interval_s": interval_s, "files": len(fds)}
-  stop = threading.Event()
-
-  def loop():
-    cpu = time.thread_time()
-    while not stop.wait(interval_s):
-      evict(fds)
-      stats["rounds"] += 1
-    stats["cpu_s"] = time.thread_time() - cpu
-
-  try:
-    evict(fds)
-    thread = threading.Thread(target=loop, daemon=True, name="evict")
-    thread.start()
-    try:
-      yield stats
-    finally:
-      stop.set()
-      thread.join()
-  finally:
-    for fd in fds:
-      os.close(fd)
-
-
-def _allow_open_files(count: int) -> None:
-  """Raises the soft limit on open files towards `count` (up to the hard limit)."""
-  try:
-    import resource  # noqa: PLC0415  (POSIX only)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < count:
-      resource.setrlimit(resource.RLIMIT_NOFILE,
-                         (count if hard == resource.RLIM_INFINITY else min(count, hard), hard))
-  except (ImportError, ValueError, OSError):
-    pass
-
-
-def _load() -> float:
-  return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +166,7 @@ def throughput(source: sources.Source, data, *, batch_size: int, seconds: float,
   ds = pipeline.train_dataset(source, data, batch_size=batch_size, seed=seed)
   if use_one_core:
     ds = single_core(ds)
-  with one_core() if use_one_core else contextlib.nullcontext(None) as repin:
+  with common.cores_context(use_one_core) as repin:
     iterator = pipeline.as_numpy(ds)
     start, batches = time.perf_counter(), 0
     while batches < warmup_batches or time.perf_counter() - start < warmup_s:
@@ -597,14 +321,14 @@ def peak_rss(specs: Sequence[dict], parallel: int = 2) -> list[dict]:
   """Peak RSS of the pipeline for each spec {'data': config.data as a dict, 'dmvr_repeat',
   'batch_size', 'batches'}, each in its own process (`parallel` at a time; resident memory is
   per process, so they do not disturb each other's figures)."""
-  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(
       [repo] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
   env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   # As the trainer does: the malloc options before TensorFlow starts its threads.
   code = ("import sys; from msca_jax import host_memory; "
           "print(host_memory.keep_freed_memory(), file=sys.stderr); "
-          "from msca_jax.tools import input_benchmark as b; b._rss_child_main()")
+          "from benchmarks import input_benchmark as b; b._rss_child_main()")
 
   def one(spec: dict) -> dict:
     done = subprocess.run([sys.executable, "-c", code], env=env, input=json.dumps(spec),
@@ -634,7 +358,7 @@ class Settings:
   layouts: tuple[str, ...] = LAYOUTS
   videos: int = 24
   frames_per_video: int = 250
-  frame_size: tuple[int, int] = KINETICS_FRAME     # (height, width)
+  frame_size: tuple[int, int] = common.KINETICS_FRAME     # (height, width)
   jpeg_quality: int = 90
   kb_per_frame: float | None = None                # None: 30 KB at 340x256, scaled by area
   clip: Clip = Clip()
@@ -656,6 +380,7 @@ class Settings:
   cold: bool = True
   accelerator_clips_per_s: float = 0.0
   cache_dir: str | None = None
+  baseline: str | None = None                      # an earlier run's --json to compare clips/s with
 
 
 class _Run:
@@ -665,7 +390,7 @@ class _Run:
     self.settings, self.clip, self.log = settings, settings.clip, log
     self.start = time.perf_counter()
     self.cores = num_cores()
-    self.stand_in = stand_in_data(settings.videos, settings.frames_per_video, settings.frame_size,
+    self.stand_in = common.stand_in_data(settings.videos, settings.frames_per_video, settings.frame_size,
                                   settings.jpeg_quality, settings.kb_per_frame,
                                   cache_dir=settings.cache_dir, log=self.progress)
     self.decoded_per_clip = self.clip.num_frames * self.stand_in.mean_frame_bytes
@@ -688,10 +413,7 @@ class _Run:
 
   def cache(self, layout: str, state: str):
     """A context in which `layout`'s files are in the page cache ('warm') or kept out ('cold')."""
-    if state == "warm":
-      warm_page_cache(self.files[layout])
-      return contextlib.nullcontext(None)
-    return cold_page_cache(self.files[layout])
+    return common.page_cache(self.files[layout], state)
 
   # 1 and 4 ----------------------------------------------------------------------------------
 
@@ -709,7 +431,6 @@ class _Run:
     r.update(layout=layout, dtype=dtype, augment=where, recipe=augment_on is None, cache=cache,
              cores=cores, per_core=r["clips_per_s"] / cores,
              clips_per_cpu_s=1e3 / max(r["cpu_ms_per_clip"], 1e-9),
-             ratio_to_old_per_core=r["clips_per_s"] / cores / OLD_PER_CORE,
              rchar_over_decoded=r["rchar_per_clip"] / self.decoded_per_clip)
     if eviction is not None:
       r["eviction"] = dict(eviction, core_share=eviction["cpu_s"] / max(r["seconds"], 1e-9))
@@ -721,7 +442,7 @@ class _Run:
   def stages(self, layout: str, seconds: float, one_core_run: dict) -> dict:
     self.progress(f"stages, one core: {layout} ...")
     source, data = self.setup(layout)
-    warm_page_cache(self.files[layout])
+    common.warm_page_cache(self.files[layout])
     st = stage_times(source, data, seconds=seconds)
     st["augment"] = one_core_run["augment"]
     st["pipeline_ms"] = 1e3 / one_core_run["clips_per_s"]
@@ -806,7 +527,7 @@ class _Run:
       thread.start()
     else:
       for layout in s.layouts:
-        warm_page_cache(self.files[layout])
+        common.warm_page_cache(self.files[layout])
       measure()
 
     def finish() -> dict:
@@ -840,7 +561,7 @@ def feeding_table(runs: Sequence[dict], cores: int, extra_clips_per_s: float = 0
   """Cores to feed each accelerator: its clips/s x the host CPU seconds one clip of the recipe's
   pipeline took (all cores). On an idle machine that is its clips/s over the measured clips/s per
   core; unlike that ratio, it holds when other processes share the cores."""
-  accelerators = list(README_ACCELERATORS)
+  accelerators = list(ACCELERATORS)
   if extra_clips_per_s:
     accelerators.insert(0, ("--accelerator_clips_per_s", extra_clips_per_s))
   table = []
@@ -853,10 +574,25 @@ def feeding_table(runs: Sequence[dict], cores: int, extra_clips_per_s: float = 0
   return table
 
 
-def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = _log) -> dict:
+def compare_to_baseline(runs: Sequence[dict], path: str) -> dict:
+  """Sets each clips/s row's `vs_baseline`: its clips/s over those of the same row (layout, where
+  the views are finished, dtype, page cache, cores) in `path`, an earlier run's --json; None where
+  that run has no such row."""
+  with open(path) as f:
+    earlier = json.load(f)
+
+  def key(r):
+    return r["layout"], r["augment"], r["dtype"], r["cache"], r["cores"]
+  rates = {key(r): r["clips_per_s"] for r in earlier.get("throughput", [])}
+  for r in runs:
+    r["vs_baseline"] = r["clips_per_s"] / rates[key(r)] if key(r) in rates else None
+  return {"path": path, "rows_matched": sum(key(r) in rates for r in runs)}
+
+
+def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = common.log) -> dict:
   """Every measurement, as a JSON-ready dict (format_report prints it)."""
   s = settings
-  load_start = _load()
+  load_start = common.load_average()
   run = _Run(settings, log)
   stand_in, clip, cores = run.stand_in, run.clip, run.cores
   results: dict = {
@@ -865,12 +601,7 @@ def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = 
       "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "clip"},
       "stand_in": dict(dataclasses.asdict(stand_in), description=stand_in.describe()),
       "decoded_jpeg_bytes_per_clip": run.decoded_per_clip,
-      "old": {"clips_per_s": OLD_CLIPS_PER_S, "cores": OLD_CORES, "per_core": OLD_PER_CORE,
-              "what": "the old pipeline: DMVR stand-in shards, float32 clips, all cores"},
-      "cold_method": (f"every data file evicted from the page cache with posix_fadvise(fd, 0, 0, "
-                      f"POSIX_FADV_DONTNEED) before the measurement and every "
-                      f"{EVICT_INTERVAL_S:g} s during it (no root needed); the eviction thread's "
-                      f"CPU is included in CPU ms per clip"),
+      "cold_method": common.COLD_METHOD,
   }
   run.progress(stand_in.describe() + (" (reused)" if stand_in.reused else ""))
   results["epoch_videos"] = {layout: records_per_epoch(run.setup(layout)[0]) for layout in s.layouts}
@@ -906,6 +637,8 @@ def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = 
       runs.append(run.throughput(layout, "cold", False))
       runs.append(run.throughput(layout, "cold", True))
   results["throughput"] = runs
+  if s.baseline:
+    results["baseline"] = compare_to_baseline(runs, s.baseline)
   results["bytes_per_clip"] = {}
   for layout in s.layouts:
     r = recipe_run(layout, "warm", cores)
@@ -917,7 +650,7 @@ def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = 
   results["memory"] = (memory or run.memory())()
   results["feeding"] = feeding_table(runs, cores, s.accelerator_clips_per_s)
   results["runtime_s"] = time.perf_counter() - run.start
-  results["load_average_end"] = _load()
+  results["load_average_end"] = common.load_average()
   run.progress("done")
   return results
 
@@ -925,17 +658,8 @@ def run_benchmark(settings: Settings = Settings(), log: Callable[[str], None] = 
 # ---------------------------------------------------------------------------------------------
 # Report.
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence], align: str | None = None) -> str:
-  text = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-  widths = [max(len(r[i]) for r in text) for i in range(len(headers))]
-  align = align or "l" + "r" * (len(headers) - 1)
-  lines = []
-  for n, row in enumerate(text):
-    cells = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, widths, align)]
-    lines.append("  " + "  ".join(cells).rstrip())
-    if n == 0:
-      lines.append("  " + "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
+def _ratio(x: float | None) -> str:
+  return "-" if x is None else f"{x:.2f}"
 
 
 def _mb(n: float) -> str:
@@ -959,10 +683,11 @@ def format_report(results: dict) -> str:
       f"({decoded / 1024:.0f} KB)")
   rows = []
   for layout, b in results["bytes_per_clip"].items():
-    target = "<= 2 (target)" if layout == "frames" else "~30 (old pipeline)"
+    target = ("about 1: its frames" if layout == "frames" else
+              f"about {results['stand_in']['frames_per_video'] / clip['num_frames']:.0f}: the video")
     rows.append([layout, b["clips"], _mb(b["rchar_per_clip"]), f"{b['rchar_over_decoded']:.2f}",
                  target])
-  add(_table(["layout", "clips", "MB read / clip", "read / decoded", "expected"], rows))
+  add(common.table(["layout", "clips", "MB read / clip", "read / decoded", "expected"], rows))
 
   add("\n2. Resuming a stream: time (building the pipeline included) and bytes read until the "
       "first batch")
@@ -974,7 +699,7 @@ def format_report(results: dict) -> str:
       first = r["first_index"] % sources.EPOCH_STRIDE if layout == "dmvr" else r["first_index"]
       rows.append([layout, where, r["cache"], f"{r['seconds']:.2f}", f"{r['build_s']:.2f}",
                    _mb(r["rchar"]), _mb(r["read_bytes"]), f"{first:,}"])
-  add(_table(["layout", "position", "page cache", "s", "of which building", "MB read",
+  add(common.table(["layout", "position", "page cache", "s", "of which building", "MB read",
               "MB from storage", "first batch's index"], rows, "lllrrrrr"))
   add("  the source (the list, the shard names) is opened before, the same at every position; MB "
       "read includes what the pipeline had read ahead when the first batch arrived")
@@ -1004,7 +729,7 @@ def format_report(results: dict) -> str:
     rows.append([m["layout"], f"{m['videos']:,}", m["shuffle_buffer"] or "-", f"{m['idle_mb']:.0f}",
                  f"{m['built_mb']:.0f}", f"{m['peak_mb']:.0f}", f"{m['peak_mb'] - m['idle_mb']:.0f}",
                  f"{m['first_batch_s']:.1f}"])
-  add(_table(["layout", "videos shuffled", "shuffle buffer", "idle MB", "built MB", "peak MB",
+  add(common.table(["layout", "videos shuffled", "shuffle buffer", "idle MB", "built MB", "peak MB",
               "peak - idle MB", "first batch s"], rows))
   add(f"  idle: TensorFlow imported, nothing built; built: source (the index) and pipeline made; "
       f"peak: while reading {results['settings']['rss_batches']} batches")
@@ -1021,10 +746,12 @@ def format_report(results: dict) -> str:
         f"{fit['recipe_buffer']} x {fit['kinetics_record_mb']} MB = "
         f"{fit['computed_recipe_buffer_mb'] / 1024:.1f} GB")
 
+  baseline = results.get("baseline")
   add(f"\n4. Clips/s (numpy batches as the trainer takes them; the best of 3 consecutive windows "
       f"of {results['settings']['seconds'] / 3:g} s, the whole time's rate is in the JSON; per core = "
-      f"clips/s / cores; the old pipeline: {OLD_CLIPS_PER_S} clips/s on {OLD_CORES} cores = "
-      f"{OLD_PER_CORE} per core)")
+      f"clips/s / cores"
+      + (f"; vs baseline = clips/s over the same row's of {baseline['path']}" if baseline else "")
+      + ")")
   add(f"   the recipe's pipeline finishes the views on the {results['augment_on']}"
       + (" (the host decodes the crop windows and sends them padded, with each clip's flip and "
          "colour values; the train step resizes and colours)" if results["augment_on"] == "device"
@@ -1032,14 +759,15 @@ def format_report(results: dict) -> str:
   rows = []
   for r in results["throughput"]:
     rows.append([r["layout"], r["augment"] + ("" if r["recipe"] else " *"), r["dtype"], r["cache"],
-                 r["cores"], f"{r['clips_per_s']:.1f}", f"{r['per_core']:.1f}",
-                 f"{r['ratio_to_old_per_core']:.2f}", f"{r['cpu_ms_per_clip']:.1f}",
-                 f"{r['clips_per_cpu_s']:.1f}",
-                 _mb(r["rchar_per_clip"]), _mb(r["read_bytes_per_clip"]),
-                 f"{r['output_bytes_per_clip'] / 2**20:.2f}"])
-  add(_table(["layout", "views on", "dtype", "page cache", "cores", "clips/s", "per core",
-              "vs old/core", "CPU ms/clip", "clips/CPU-s", "MB read/clip", "MB storage/clip",
-              "MB out/clip"], rows, "llllrrrrrrrrr"))
+                 r["cores"], f"{r['clips_per_s']:.1f}", f"{r['per_core']:.1f}"]
+                + ([_ratio(r.get("vs_baseline"))] if baseline else [])
+                + [f"{r['cpu_ms_per_clip']:.1f}", f"{r['clips_per_cpu_s']:.1f}",
+                   _mb(r["rchar_per_clip"]), _mb(r["read_bytes_per_clip"]),
+                   f"{r['output_bytes_per_clip'] / 2**20:.2f}"])
+  headers = (["layout", "views on", "dtype", "page cache", "cores", "clips/s", "per core"]
+             + (["vs baseline"] if baseline else [])
+             + ["CPU ms/clip", "clips/CPU-s", "MB read/clip", "MB storage/clip", "MB out/clip"])
+  add(common.table(headers, rows, "llll" + "r" * (len(headers) - 4)))
   add("  * not the recipe's setting: for comparison. CPU ms/clip: the process's user + system CPU "
       "(every thread) per clip; clips/CPU-s = 1000 / that. MB out/clip: what a clip sends to the "
       "device.")
@@ -1087,7 +815,7 @@ def format_report(results: dict) -> str:
                                               else ""), "augment_ms"), ("other", "other_ms")):
         rows.append([layout, name, f"{st[key]:.2f}", f"{100 * st[key] / total:.0f}%"])
       rows.append([layout, "whole pipeline (the recipe's, one core)", f"{total:.2f}", "100%"])
-    add(_table(["layout", "stage", "ms / clip", "share"], rows, "llrr"))
+    add(common.table(["layout", "stage", "ms / clip", "share"], rows, "llrr"))
 
   add(f"\n5. Host cores to feed one accelerator (computed: its clips/s x the measured host CPU "
       f"seconds per clip of the recipe's pipeline on {cores} cores, views on the "
@@ -1099,7 +827,7 @@ def format_report(results: dict) -> str:
           + [f"{row['cores'][k]:.1f}" if k in row["cores"] else "-" for k in keys]
           + [f"{row['read_mb_per_s'][l]:,.0f}" for l in layouts]
           for row in results["feeding"]]
-  add(_table(["accelerator", "clips/s"] + [f"cores: {k.replace('_', ', ')}" for k in keys]
+  add(common.table(["accelerator", "clips/s"] + [f"cores: {k.replace('_', ', ')}" for k in keys]
              + [f"MB/s read: {l}" for l in layouts], rows))
   add("  the accelerator rates are README 'What to expect''s (50 % MFU, computed, not measured); "
       "MB/s read = clips/s x the measured MB read per clip (what the storage must deliver)")
@@ -1130,34 +858,28 @@ def define_flags() -> None:
   flags.DEFINE_list("rss_buffers", ["16", "64", "256"], "DMVR shuffle buffers for peak RSS")
   flags.DEFINE_bool("cold", True, "also measure from a cold page cache")
   flags.DEFINE_bool("stages", True, "also time the stages on one core")
+  flags.DEFINE_string("baseline", "", "an earlier run's --json: each clips/s row over its own")
 
 
-def main(argv: Sequence[str]) -> None:
+def settings_from_flags(f) -> Settings:
+  from absl import app  # noqa: PLC0415
+
   print(host_memory.keep_freed_memory(), flush=True)  # before TensorFlow starts its threads
-  del argv
-  from absl import flags  # noqa: PLC0415
-
-  f = flags.FLAGS
   for layout in f.layouts:
     if layout not in LAYOUTS:
-      raise SystemExit(f"--layouts: {layout!r} is not one of {LAYOUTS}")
-  settings = Settings(
+      raise app.UsageError(f"--layouts: {layout!r} is not one of {LAYOUTS}")
+  if f.baseline and not os.path.isfile(f.baseline):
+    raise app.UsageError(f"--baseline={f.baseline}: no such file (expected an earlier run's --json)")
+  return Settings(
       layouts=tuple(f.layouts), videos=f.videos, seconds=f.seconds,
       clip=Clip(f.num_frames, f.stride, f.image_size, f.batch_size),
       list_videos=f.list_videos, rss_list_videos=tuple(sorted({f.list_videos, 240_000})),
       rss_buffers=tuple(int(b) for b in f.rss_buffers), cold=f.cold,
       stage_seconds=None if f.stages else 0.0,
-      accelerator_clips_per_s=f.accelerator_clips_per_s, cache_dir=f.cache_dir or None)
-  results = run_benchmark(settings)
-  print(format_report(results), flush=True)
-  path = f.json or os.path.join(results["stand_in"]["root"], "results.json")
-  with open(path, "w") as out:
-    json.dump(results, out, indent=1)
-  print(f"all numbers: {path}")
+      accelerator_clips_per_s=f.accelerator_clips_per_s, cache_dir=f.cache_dir or None,
+      baseline=f.baseline or None)
 
 
 if __name__ == "__main__":
-  from absl import app  # noqa: PLC0415
-
-  define_flags()
-  app.run(main)
+  common.run_program(define_flags, settings_from_flags, run_benchmark, format_report,
+                     "results.json")

@@ -9,7 +9,7 @@ import pytest
 from absl import flags
 
 from msca_jax.train import optim
-from msca_jax.tools import benchmark
+from benchmarks import benchmark
 
 # 1 block of width 32 with 2 heads; shift_div 2 moves one head each way (as 12/12 in B/16).
 TINY = {"model.width": 32, "model.depth": 1, "model.num_heads": 2, "model.mlp_dim": 64,
