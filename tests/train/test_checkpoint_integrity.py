@@ -183,7 +183,7 @@ def test_readers_verify_and_name_the_true_cause(saved, tmp_path, capsys):
   directory = _copy(saved, tmp_path)
   damaged_file, _ = _damage(os.path.join(directory, "20"), "truncated")
 
-  def cli(checkpoint):
+  def run_predict(checkpoint):
     argv = ["predict", f"--config={CONFIG}:demo", "--config.model.depth=1",
             f"--checkpoint={checkpoint}", f"--video={tmp_path}/clip.mp4"]
     flag_values = predict.define_flags(flags.FlagValues(), argv)
@@ -193,10 +193,10 @@ def test_readers_verify_and_name_the_true_cause(saved, tmp_path, capsys):
 
   (tmp_path / "clip.mp4").write_bytes(b"not read: the checkpoint fails first")
   (tmp_path / "empty").mkdir()
-  status, err = cli(tmp_path / "empty")
+  status, err = run_predict(tmp_path / "empty")
   assert status == cli.EXIT_USER_ERROR and err.count("\n") == 1, err
   assert "no finished checkpoint there" in err and "does not fit" not in err, err
-  status, err = cli(directory)
+  status, err = run_predict(directory)
   assert status == cli.EXIT_USER_ERROR and err.count("\n") == 1, err
   assert f"is damaged: {damaged_file}" in err and "does not fit" not in err, err
 
