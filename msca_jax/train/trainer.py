@@ -321,9 +321,75 @@ def _check_same_model(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abst
                     f"{more}; {hint}")
 
 
+def _check_same_optimizer(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract,
+                          step: int) -> int:
+  """Refuses a config.train whose optimiser state has another structure than the checkpoint's.
+
+  Returns the checkpoint's accumulation count (the given one when the checkpoint saved no config).
+  """
+  given_k = int(exp.config.train.grad_accum_steps)
+  saved = saved_config.read_train_config(os.path.join(checkpointer.directory, str(step)))
+  if saved is None:  # _check_same_model has warned
+    return given_k
+  diffs = saved_config.optimizer_differences(saved, exp.config.train, abstract.params,
+                                             exp.steps_per_epoch)
+  if diffs:
+    values = "value" if len(diffs) == 1 else "values"
+    raise UserError(
+        f"{exp.workdir} holds a checkpoint whose optimiser state this config.train cannot continue: "
+        f"{saved_config.describe(diffs, given_as='config given', group='train')}; rerun with the "
+        f"checkpoint's {values}, or start a new run from its weights with "
+        f"--config.init.checkpoint={exp.workdir} and another --workdir")
+  saved_k = saved.get("grad_accum_steps", given_k)
+  return saved_k if isinstance(saved_k, int) and not isinstance(saved_k, bool) and saved_k >= 1 else given_k
+
+
+def _with_accumulation(train_cfg, k: int):
+  train_cfg = train_cfg.copy_and_resolve_references()
+  train_cfg.grad_accum_steps = k
+  return train_cfg
+
+
+def _change_accumulation(exp: Experiment, state, abstract, saved_k: int, step: int):
+  """The restored state of accumulation count saved_k, continued with the config's count."""
+  given_k = int(exp.config.train.grad_accum_steps)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract.opt_state)
+  fresh = (jax.jit(exp.tx.init, out_shardings=shardings)(state.params) if given_k > 1 else None)
+  try:
+    opt_state = optim.change_accumulation(state.opt_state, fresh, saved_k, given_k)
+  except optim.AccumulationError as e:
+    raise UserError(
+        f"{exp.workdir}: config.train.grad_accum_steps: {saved_k} in the checkpoint (step {step}), "
+        f"{given_k} in the config given: {e}; rerun with a count above {e.pending}, or with "
+        f"{saved_k} until a step that is a multiple of {saved_k}") from None
+  _log("config.train.grad_accum_steps: %d in the checkpoint, %d now: the optimiser state carries "
+       "over, the schedule continues at update %d", saved_k, given_k,
+       int(jax.device_get(optim.update_count(opt_state))))
+  return state.replace(opt_state=jax.device_put(opt_state, shardings))
+
+
 def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step: int):
   _check_same_model(exp, checkpointer, abstract, step)
-  state, streams, metadata = checkpointer.restore(step, abstract, exp.mesh)
+  saved_k = _check_same_optimizer(exp, checkpointer, abstract, step)
+  target = abstract
+  if (saved_k > 1) != (exp.config.train.grad_accum_steps > 1):
+    # Accumulation on or off: the state on disk has (or lacks) optax.MultiSteps' wrapper.
+    saved_tx = optim.make_optimizer(_with_accumulation(exp.config.train, saved_k), exp.steps_per_epoch)
+    target, _ = state_lib.abstract_state(exp.model, saved_tx, exp.clip, exp.mesh, exp.rules)
+  try:
+    state, streams, metadata = checkpointer.restore(step, target, exp.mesh)
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise
+    # A checkpoint that saved no config (or one this version cannot build): orbax's own words.
+    raise UserError(f"{exp.workdir} holds a checkpoint whose optimiser state has another structure "
+                    f"than config.train gives (saved by another version, or with other "
+                    f"config.train.optimizer, momentum, weight_decay, grad_clip_norm, layer_decay or "
+                    f"trainable); rerun with the config.train it was trained with, or start a new run "
+                    f"from its weights with --config.init.checkpoint={exp.workdir} and another "
+                    f"--workdir") from None
+  if saved_k != exp.config.train.grad_accum_steps:
+    state = _change_accumulation(exp, state, abstract, saved_k, step)
   stream = stream_lib.resume_state(exp.train_source, streams, jax.process_index(),
                                    jax.process_count())
   if len(streams) != jax.process_count():
