@@ -8,6 +8,8 @@
                            converted TokShift/MSCA PyTorch checkpoint), or a training workdir (or
                            its checkpoints/ or one step of it), whose latest parameters are taken.
   config.init.load_head    False leaves the head at zero (fine-tuning to another label set).
+  config.init.weights_key  the entry of a training checkpoint in config.init.weights to load ('':
+                           the first of pretrained.STATE_DICT_KEYS it holds, EMA weights first).
 
 Only parameters are taken; the optimiser starts fresh. Resuming an interrupted run is not this:
 the trainer resumes from its own workdir automatically, optimiser and data stream included.
@@ -113,7 +115,8 @@ def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.Load
   if weights:
     if not os.path.isfile(weights):
       raise FileNotFoundError(f"config.init.weights: {weights} does not exist")
-    return pretrained.load(weights, params_template, load_head=load_head, with_report=True)
+    return pretrained.load(weights, params_template, load_head=load_head, with_report=True,
+                           key=init_cfg.get("weights_key") or "")
   if vit_npz:
     if not os.path.isfile(vit_npz):
       raise FileNotFoundError(f"config.init.vit_npz: {vit_npz} does not exist")
