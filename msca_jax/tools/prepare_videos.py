@@ -779,10 +779,11 @@ UNION_SPLIT = "videos"   # UCF101 / HMDB51: every video once; the official split
 
 
 def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output: str,
-                    **kwargs) -> tuple[list[Summary], list[SplitCount]]:
+                    **kwargs) -> tuple[list[Summary], list[SplitCount | datasets.VideoList]]:
   """Prepares a dataset from its official files (docs/datasets.md) into one frame-folder root.
 
-  SSv2: splits 'train' and 'validation'. UCF101 and HMDB51: each video once, in split 'videos',
+  SSv2: splits 'train' and 'validation', and the test set's videos (unlabelled) listed in
+  OUTPUT/test_videos.txt for predict. UCF101 and HMDB51: each video once, in split 'videos',
   then the lists 'train1', 'test1', ... 'test3' of it (each with a manifest), so every official
   split is there for config.data.train_split / eval_split. Resumable as `prepare` is; keyword
   arguments go to it (fps None or absent: every frame for SSv2, else 25).
@@ -794,10 +795,12 @@ def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output:
     kwargs["fps"] = 0.0 if dataset == "ssv2" else DecodeSettings.fps
   classes, splits = datasets.read_official(dataset, annotations_dir, video_root)
   if dataset == "ssv2":
-    summaries = [prepare(os.path.join(annotations_dir, datasets.SSV2_FILES[split]), output, split,
+    files = datasets.ssv2_files(annotations_dir)
+    summaries = [prepare(files[split], output, split,
                          video_root=video_root, listing=Listing(dataset, entries, classes), **kwargs)
                  for split, entries in splits.items()]
-    return summaries, []
+    test = datasets.write_ssv2_test_list(annotations_dir, video_root, output)
+    return summaries, [test] if test else []
   union: dict[str, annotations.Entry] = {}
   for entries in splits.values():
     for e in entries:
