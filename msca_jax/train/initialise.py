@@ -103,6 +103,23 @@ def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
+def source_of(init_cfg) -> tuple[str | None, int | None]:
+  """(what config.init loads, the training step of those weights): the step directory and its
+  step for a training checkpoint of ours, the file or directory with None otherwise (a weights
+  file, a converted params checkpoint); (None, None) for a random start."""
+  for field in ("weights", "vit_npz"):
+    if init_cfg.get(field):
+      return os.path.abspath(init_cfg[field]), None
+  if not init_cfg.get("checkpoint"):
+    return None, None
+  try:
+    found = step_dir(init_cfg["checkpoint"])
+  except pretrained.WeightsError:  # initial_params says why
+    return os.path.abspath(init_cfg["checkpoint"]), None
+  trained = os.path.isdir(os.path.join(found, "state")) and os.path.basename(found).isdigit()
+  return os.path.abspath(found), int(os.path.basename(found)) if trained else None
+
+
 def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.LoadReport] | None:
   """(params in the template's structure and boxes, report), or None for a random start.
 

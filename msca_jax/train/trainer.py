@@ -233,11 +233,18 @@ def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_cr
 
 def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *, name: str,
                       step: int, num_clips: int, num_crops: int, writer: MetricsWriter | None,
-                      table: bool) -> dict[str, float]:
-  """Writes the reports (process 0), logs the metrics and returns them as scalars."""
+                      table: bool, weights: str | None = None,
+                      weights_step: int | None = None) -> dict[str, float]:
+  """Writes the reports (process 0), logs the metrics and returns them as scalars.
+
+  `weights` names where the weights came from when they are not the workdir's own (config.init),
+  `weights_step` their training step there (None: not a training checkpoint of ours).
+  """
   result = accumulator.result()
   protocol = {"num_clips": num_clips, "num_crops": num_crops, "split": exp.config.data.eval_split,
               "step": step}
+  if weights is not None:
+    protocol.update(step=weights_step, weights=weights)
   scalars = {f"{name}/{k}": v for k, v in result.metrics().items() if v is not None}
   scalars[f"{name}/num_videos"] = result.num_videos
   if exp.eval_source.num_classes % 2 == 0 and exp.config.data.source == "synthetic":
@@ -247,9 +254,10 @@ def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *,
   if _is_main():
     directory = os.path.join(exp.workdir, "eval", f"{name}_step{step}")
     evaluate.write_reports(directory, exp.config.data.eval_split, result, accumulator, protocol)
+    what = f"{name} at step {step}" if weights is None else f"{name} of {_weights_text(weights, weights_step)}"
     if table:
-      print(evaluate.format_summary_table(result, protocol, title=f"{name} at step {step}"), flush=True)
-    logging.info("%s at step %d: %s (reports in %s)", name, step,
+      print(evaluate.format_summary_table(result, protocol, title=what), flush=True)
+    logging.info("%s: %s (reports in %s)", what,
                  ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()), directory)
   if result.num_videos != exp.num_eval - result.num_skipped and _is_main():
     logging.warning("%s: evaluated %d videos + %d skipped, but the split has %d records", name,
@@ -257,6 +265,10 @@ def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *,
   if writer:
     writer.write(step, scalars)
   return scalars
+
+
+def _weights_text(weights: str, step: int | None) -> str:
+  return weights + (f" (step {step})" if step is not None else "")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -577,12 +589,16 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
   next batch with nothing written: an evaluation has no state worth saving, a rerun starts it over.
   """
   config = exp.config
-  init, step = config.init, 0
+  init, step, weights, weights_step = config.init, 0, None, None
   try:
     step_dir = initialise.step_dir(exp.workdir)
     init, step = {"vit_npz": "", "checkpoint": step_dir, "load_head": True}, int(os.path.basename(step_dir))
   except initialise.pretrained.WeightsError:
-    _log("%s has no finished checkpoint: evaluating config.init's weights", exp.workdir)
+    weights, weights_step = initialise.source_of(config.init)
+    # The reports are named by the step the weights were trained to, and say whose they are.
+    step = weights_step or 0
+    _log("%s has no finished checkpoint: evaluating config.init's weights, %s", exp.workdir,
+         _weights_text(weights, weights_step))
   abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
   try:
     loaded = initialise.initial_params(init, abstract_params)
@@ -610,7 +626,7 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
   try:
     test = report_evaluation(exp, accumulator, name="test", step=step,
                              num_clips=config.data.eval_clips, num_crops=config.data.eval_crops,
-                             writer=writer, table=True)
+                             writer=writer, table=True, weights=weights, weights_step=weights_step)
   finally:
     writer.close()
   return {"step": step, "test": test, "interrupted": False, "exit_status": 0}
