@@ -116,8 +116,13 @@ def _rebox(leaf, value):
 
 
 def fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: LoadReport, *,
-          zero_init: tuple[str, ...] = (), grid: tuple[int, int] | None = None) -> dict:
-  """Puts source['a/b/c'] into template['a']['b']['c'] for every template leaf."""
+          zero_init: tuple[str, ...] = (), grid: tuple[int, int] | None = None,
+          head_option: str = "load_head=False") -> dict:
+  """Puts source['a/b/c'] into template['a']['b']['c'] for every template leaf.
+
+  `head_option` is how the caller's user skips the checkpoint's head (the flag or field of the
+  entry point: '--no_head', 'config.init.load_head=False'), named when the head does not fit.
+  """
   flat = traverse_util.flatten_dict(dict(template))
   unused = dict(source)
   filled = {}
@@ -137,7 +142,7 @@ def fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: Loa
         value = resize_pos_embedding(value, _target_grid(shape[1] - 1, grid))
         report.resized.append(f"{name} ({source_tokens} -> {shape[1]} tokens)")
       if value.shape != shape:
-        hint = " (another label set? skip the head: load_head=False)" if path[0] == HEAD else ""
+        hint = f" (another label set? skip the head: {head_option})" if path[0] == HEAD else ""
         raise WeightsError(f"{report.source}: parameter {name!r} has shape {value.shape} in the "
                            f"checkpoint, but the model expects {shape}{hint}")
       report.loaded.append(name)
@@ -351,7 +356,8 @@ def _convert_torch(key: str, value: np.ndarray, kind: str, num_heads: int) -> np
 
 def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], *,
                           load_head: bool = True, grid: tuple[int, int] | None = None,
-                          source: str = "PyTorch state dict", with_report: bool = False):
+                          source: str = "PyTorch state dict", with_report: bool = False,
+                          head_option: str = "load_head=False"):
   """Loads a TokShift / MSCA PyTorch state dict (docs/weights.md) into `params`.
 
   Takes torch tensors or numpy arrays, with or without the 'state_dict'
@@ -364,7 +370,8 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
   if not load_head:
     report.dropped.extend(k for k in sorted(state) if k.startswith(HEAD + "."))
     converted = {k: v for k, v in converted.items() if not k.startswith(HEAD + "/")}
-  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid)
+  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid,
+                head_option=head_option)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 
@@ -666,7 +673,7 @@ def _backbone(params: Mapping[str, Any]) -> str:
 
 def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any], *,
          load_head: bool = True, grid: tuple[int, int] | None = None, name: str | None = None,
-         with_report: bool = False, key: str = ""):
+         with_report: bool = False, key: str = "", head_option: str = "load_head=False"):
   """Loads a weights file or state dict of any known layout (LAYOUTS) into `params`.
 
   `source` is a path (.npz, .safetensors, .bin / .pth) or an already loaded state dict. The
@@ -676,7 +683,8 @@ def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any
   dropped otherwise. A position embedding for another resolution is resampled (`grid`).
   A training checkpoint (a mapping whose entries are not all tensors) gives the state dict of
   its entry `key`, or by default the first of STATE_DICT_KEYS it holds (select_state_dict); the
-  report's `entry` names it.
+  report's `entry` names it. `head_option` names how the caller's user skips a head that does
+  not fit (see `fill`).
   """
   if isinstance(source, (str, os.PathLike)):
     name = name or os.fspath(source)
@@ -733,7 +741,7 @@ def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any
                        f"{_leaf_shape_dtype(params['proj']['kernel'])[0][1]}) but the checkpoint "
                        "has none: set config.model.proj_dim=0")
   report.entry = entry
-  params = fill(params, arrays, report, zero_init=zero_init, grid=grid)
+  params = fill(params, arrays, report, zero_init=zero_init, grid=grid, head_option=head_option)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 

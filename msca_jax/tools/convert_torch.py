@@ -45,8 +45,12 @@ def _refusal(checkpoint_path: str, error: Exception) -> pretrained.WeightsError:
 
 
 def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool = True,
-            key: str = "") -> str:
-  """Any file pretrained.load reads -> an orbax params directory for config.model."""
+            key: str = "", head_option: str = "load_head=False") -> str:
+  """Any file pretrained.load reads -> an orbax params directory for config.model.
+
+  `head_option` is what a head that does not fit tells the user to pass ('--no_head' from the
+  command line).
+  """
   if not checkpoint_path.endswith(pretrained.NPZ_SUFFIXES + pretrained.SAFETENSORS_SUFFIXES):
     try:
       import torch  # pylint: disable=unused-import  # optional dependency: only torch files need it
@@ -61,7 +65,7 @@ def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool 
     contents = pretrained.read_torch(checkpoint_path, verb="converted")
   params, report = pretrained.load(
       contents, models.abstract_variables(model_config)[2]["params"], load_head=load_head,
-      name=checkpoint_path, with_report=True, key=key)
+      name=checkpoint_path, with_report=True, key=key, head_option=head_option)
   metadata = {"source": checkpoint_path, "entry": report.entry, "model": model_config.to_dict(),
               "loaded": len(report.loaded), "resized": report.resized,
               "zero_initialised": report.zero_initialised, "dropped": report.dropped}
@@ -75,7 +79,7 @@ def main(argv):
   if not os.path.isfile(_CHECKPOINT.value):
     raise UserError(f"--checkpoint {_CHECKPOINT.value}: no such file")
   path = convert(_CHECKPOINT.value, _CONFIG.value.model, _OUTPUT.value, load_head=not _NO_HEAD.value,
-                 key=_KEY.value)
+                 key=_KEY.value, head_option="--no_head")
   logging.info("wrote %s", path)
   entry = pretrained.read_params_metadata(path).get("entry")
   print(f"wrote params checkpoint to {path}" + (f" (from entry {entry!r})" if entry else ""))

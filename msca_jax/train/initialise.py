@@ -27,6 +27,7 @@ from flax import traverse_util
 from msca_jax import pretrained
 from msca_jax.train import checkpoint
 
+HEAD_OPTION = "config.init.load_head=False"  # how a run skips a checkpoint's head
 # Items that hold parameters: 'params' in params checkpoints, 'state' (TrainState) in training ones.
 _PARAMS_ITEMS = ("params", "state")
 
@@ -133,7 +134,7 @@ def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.Load
     if not os.path.isfile(weights):
       raise FileNotFoundError(f"config.init.weights: {weights} does not exist")
     return pretrained.load(weights, params_template, load_head=load_head, with_report=True,
-                           key=init_cfg.get("weights_key") or "")
+                           key=init_cfg.get("weights_key") or "", head_option=HEAD_OPTION)
   if vit_npz:
     if not os.path.isfile(vit_npz):
       raise FileNotFoundError(f"config.init.vit_npz: {vit_npz} does not exist")
@@ -145,6 +146,7 @@ def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.Load
     if not load_head:
       report.dropped.extend(k for k in sorted(arrays) if k.startswith(pretrained.HEAD + "/"))
       arrays = {k: v for k, v in arrays.items() if not k.startswith(pretrained.HEAD + "/")}
-    params = pretrained.fill(params_template, arrays, report, zero_init=zero_init)
+    params = pretrained.fill(params_template, arrays, report, zero_init=zero_init,
+                             head_option=HEAD_OPTION)
     return params, report
   return None
