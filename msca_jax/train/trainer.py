@@ -417,22 +417,40 @@ def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step
   return state, stream
 
 
-def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, directory: str) -> dict:
+def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, directory: str,
+                  config) -> dict:
   """Means of the window's metrics; raises NonFiniteLossError at the first bad step."""
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), metrics in zip(pending, fetched):
     bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
     if bad:
-      raise _nonfinite(f"{' and '.join(bad)} became {metrics[bad[0]]}", step, last_good, directory)
+      raise _nonfinite(f"{' and '.join(bad)} became {metrics[bad[0]]}", step, last_good, directory,
+                       config)
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _nonfinite(what: str, step: int, last_good: int | None, directory: str) -> NonFiniteLossError:
+def nonfinite_advice(config) -> str:
+  """What may keep a run finite, of the changes this config has not made yet."""
+  t = config.train
+  advice = [f"lower config.train.base_lr (now {t.base_lr:g})"]
+  if float(t.grad_clip_norm) > 0:
+    advice.append(f"lower config.train.grad_clip_norm (now {t.grad_clip_norm:g})")
+  else:
+    advice.append("clip the gradients (config.train.grad_clip_norm=1.0)")
+  if float(t.warmup_epochs) == 0:
+    advice.append("warm up (config.train.warmup_epochs=1)")
+  if config.model.dtype != "float32":
+    advice.append(f"compute in float32 (config.model.dtype='float32', now {config.model.dtype!r})")
+  return ", ".join(advice[:-1]) + " or " + advice[-1]
+
+
+def _nonfinite(what: str, step: int, last_good: int | None, directory: str,
+               config) -> NonFiniteLossError:
   where = (f"the last good checkpoint is step {last_good} in {directory}"
            if last_good is not None else "no checkpoint was written")
-  return NonFiniteLossError(
-      f"{what} at step {step}; stopping before this state is saved ({where}). Lower "
-      f"config.train.base_lr, check config.train.grad_clip_norm, or use config.model.dtype='float32'.")
+  advice = nonfinite_advice(config)
+  return NonFiniteLossError(f"{what} at step {step}; stopping before this state is saved ({where}). "
+                            f"{advice[0].upper()}{advice[1:]}.")
 
 
 def _stop_requested(stop: ckpt_lib.StopSignal, checkpointer: ckpt_lib.Checkpointer, step: int) -> bool:
@@ -495,7 +513,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
     if bad:
       what = {"params": "the parameters", "opt_state": "the optimiser state"}
       raise _nonfinite(" and ".join(what[b] for b in bad) + " became NaN or Inf", step, last_saved,
-                       checkpointer.directory)
+                       checkpointer.directory, config)
     if checkpointer.save(step, state, ckpt_lib.streams_array(stream, mesh), metadata, force=force):
       last_saved = step
 
@@ -522,7 +540,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
       saving = is_last or stopping or checkpointer.manager.should_save(step)
       evaluating = eval_every > 0 and step % eval_every == 0 and not (is_last and evaluate_at_end)
       if step % t.log_every_steps == 0 or saving or evaluating:
-        means = _fetch_window(pending, last_saved, checkpointer.directory)  # syncs with the devices
+        means = _fetch_window(pending, last_saved, checkpointer.directory, config)  # syncs with the devices
         pending = []
         now = time.monotonic()
         steps_per_s = (step - window_step) / max(now - window_start, 1e-9)
