@@ -45,7 +45,8 @@ and in both cases
 
 A rerun with the same arguments resumes: finished chunks and shards are kept (to retry the failed
 videos of one, delete it, or its part, and rerun). A video that cannot be used is reported and
-skipped; the run fails only when nothing at all could be written. DMVR shards or a TFDS dataset
+skipped; the run fails only when nothing at all could be written (exit status 2 and one line,
+as for any input that cannot be used; 1 when chunks failed, which a rerun retries). DMVR shards or a TFDS dataset
 made earlier convert to frame folders without decoding: msca_jax.tools.convert_to_frames.
 """
 
@@ -907,8 +908,11 @@ def main(argv: Sequence[str]) -> int:
     return 2
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
-    print("prepare_videos: error: no video could be written", file=sys.stderr)
-    return 1
+    # Nothing usable in the input: a user error, exit status 2 as every program gives one.
+    where = f" (each with its reason in {summary.failures_path})" if summary.failures_path else ""
+    print(f"prepare_videos: error: no video could be written: {summary.videos_failed} of "
+          f"{summary.videos_total} failed{where}", file=sys.stderr)
+    return 2
   return 0
 
 
