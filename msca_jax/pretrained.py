@@ -20,6 +20,7 @@ model has no place for) is an error that names the key and both shapes.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -54,8 +55,12 @@ class LoadReport:
   zero_initialised: list[str] = dataclasses.field(default_factory=list)
   dropped: list[str] = dataclasses.field(default_factory=list)
 
+  # The entry of a wrapped checkpoint ({'state_dict_ema': ..., ...}) that was loaded; '' for a bare one.
+  entry: str = ""
+
   def summary(self) -> str:
-    lines = [f"weights from {self.source}: {len(self.loaded)} arrays loaded"]
+    entry = f", entry {self.entry!r}{' (its EMA weights)' if 'ema' in self.entry else ''}" if self.entry else ""
+    lines = [f"weights from {self.source}{entry}: {len(self.loaded)} arrays loaded"]
     if self.resized:
       lines.append(f"  resized: {', '.join(self.resized)}")
     if self.zero_initialised:
@@ -111,8 +116,13 @@ def _rebox(leaf, value):
 
 
 def fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: LoadReport, *,
-          zero_init: tuple[str, ...] = (), grid: tuple[int, int] | None = None) -> dict:
-  """Puts source['a/b/c'] into template['a']['b']['c'] for every template leaf."""
+          zero_init: tuple[str, ...] = (), grid: tuple[int, int] | None = None,
+          head_option: str = "load_head=False") -> dict:
+  """Puts source['a/b/c'] into template['a']['b']['c'] for every template leaf.
+
+  `head_option` is how the caller's user skips the checkpoint's head (the flag or field of the
+  entry point: '--no_head', 'config.init.load_head=False'), named when the head does not fit.
+  """
   flat = traverse_util.flatten_dict(dict(template))
   unused = dict(source)
   filled = {}
@@ -132,7 +142,7 @@ def fill(template: Mapping[str, Any], source: dict[str, np.ndarray], report: Loa
         value = resize_pos_embedding(value, _target_grid(shape[1] - 1, grid))
         report.resized.append(f"{name} ({source_tokens} -> {shape[1]} tokens)")
       if value.shape != shape:
-        hint = " (another label set? skip the head: load_head=False)" if path[0] == HEAD else ""
+        hint = f" (another label set? skip the head: {head_option})" if path[0] == HEAD else ""
         raise WeightsError(f"{report.source}: parameter {name!r} has shape {value.shape} in the "
                            f"checkpoint, but the model expects {shape}{hint}")
       report.loaded.append(name)
@@ -258,12 +268,61 @@ def _to_numpy(value) -> np.ndarray:
   return np.asarray(value)
 
 
-def unwrap_torch_checkpoint(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """{'state_dict': {...}} or a bare state dict, 'module.'/'base_model.' prefixes removed."""
+# The entries a training checkpoint keeps its weights under, in the order they are taken when no
+# key is named: timm's (its train script saves 'state_dict' and, with --model-ema,
+# 'state_dict_ema'; timm's own loader prefers the EMA weights), DeiT / MAE / VideoMAE's 'model'
+# and 'model_ema', DeepSpeed's 'module'. docs/weights.md#wrapped-training-checkpoints.
+STATE_DICT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+KEY_OPTIONS = "--checkpoint_key for convert_torch, config.init.weights_key for training"
+
+
+def _is_tensor(value) -> bool:
+  return (hasattr(value, "detach") or isinstance(value, np.ndarray)) and \
+      getattr(value, "dtype", None) != object
+
+
+def select_state_dict(checkpoint: Any, key: str = "", name: str = "state dict") -> tuple[Mapping, str]:
+  """(the state dict in a checkpoint, the entry it was taken from: '' for a bare state dict).
+
+  A mapping of tensors is a state dict as it is. Otherwise it is a training checkpoint, and the
+  state dict is its entry `key`, or by default the first of STATE_DICT_KEYS it holds (EMA weights
+  when there are any). Raises WeightsError naming the entry (and what the checkpoint holds) when
+  the result is not a mapping of tensors.
+  """
   if not isinstance(checkpoint, Mapping):
-    raise WeightsError(f"expected a state dict (a mapping), got {type(checkpoint).__name__}")
-  if "state_dict" in checkpoint and isinstance(checkpoint["state_dict"], Mapping):
-    checkpoint = checkpoint["state_dict"]
+    raise WeightsError(f"{name}: not a plain state dict of tensors: expected a state dict (a "
+                       f"mapping), got {type(checkpoint).__name__}")
+  holds = lambda: ", ".join(f"{k!r} ({'tensor' if _is_tensor(v) else type(v).__name__})"
+                            for k, v in list(checkpoint.items())[:8]) + (
+                                " ..." if len(checkpoint) > 8 else "")
+  if key:
+    if key not in checkpoint:
+      raise WeightsError(f"{name}: no entry {key!r} to load (it holds {holds()})")
+    entry = key
+  elif all(_is_tensor(v) for v in checkpoint.values()):
+    return checkpoint, ""
+  else:
+    entry = next((k for k in STATE_DICT_KEYS if isinstance(checkpoint.get(k), Mapping)), "")
+  state = checkpoint[entry] if entry else checkpoint
+  if not isinstance(state, Mapping):
+    raise WeightsError(f"{name}: entry {entry!r} is a {type(state).__name__}, not a state dict")
+  for k, value in state.items():
+    if _is_tensor(value):
+      continue
+    if entry:
+      raise WeightsError(f"{name}: not a plain state dict of tensors: entry {entry!r} holds {k!r}, "
+                         f"a {type(value).__name__}, not a tensor")
+    raise WeightsError(
+        f"{name}: not a plain state dict of tensors: entry {k!r} is a {type(value).__name__}, not "
+        f"a tensor, and it has none of the entries a training checkpoint keeps its weights under "
+        f"({', '.join(map(repr, STATE_DICT_KEYS))}): name one with {KEY_OPTIONS} (it holds {holds()})")
+  return state, entry
+
+
+def unwrap_torch_checkpoint(checkpoint: Mapping[str, Any], key: str = "") -> dict[str, np.ndarray]:
+  """A state dict or training checkpoint's (select_state_dict), 'module.'/'base_model.' prefixes
+  removed, as numpy."""
+  checkpoint, _ = select_state_dict(checkpoint, key)
   state = {}
   for key, value in checkpoint.items():
     stripped = True
@@ -297,7 +356,8 @@ def _convert_torch(key: str, value: np.ndarray, kind: str, num_heads: int) -> np
 
 def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, Any], *,
                           load_head: bool = True, grid: tuple[int, int] | None = None,
-                          source: str = "PyTorch state dict", with_report: bool = False):
+                          source: str = "PyTorch state dict", with_report: bool = False,
+                          head_option: str = "load_head=False"):
   """Loads a TokShift / MSCA PyTorch state dict (docs/weights.md) into `params`.
 
   Takes torch tensors or numpy arrays, with or without the 'state_dict'
@@ -310,7 +370,8 @@ def load_torch_state_dict(state_dict: Mapping[str, Any], params: Mapping[str, An
   if not load_head:
     report.dropped.extend(k for k in sorted(state) if k.startswith(HEAD + "."))
     converted = {k: v for k, v in converted.items() if not k.startswith(HEAD + "/")}
-  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid)
+  params = fill(params, converted, report, zero_init=() if load_head else (HEAD,), grid=grid,
+                head_option=head_option)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 
@@ -418,8 +479,10 @@ def read_torch(path: str | os.PathLike, verb: str = "read") -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
   try:
-    with warnings.catch_warnings():  # torch's note on the pickle protocol of a file it refuses anyway
-      warnings.filterwarnings("ignore", message="Detected pickle protocol")
+    # argparse.Namespace: the 'args' that timm's, DeiT's and MAE's train scripts save beside the
+    # weights. Unpickling one only sets attributes: no code of the file's choosing runs.
+    with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+      warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused anyway
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for a bad or pickled file
     raise _torch_refusal(path, e, verb) from None  # from None: torch's advice must not be shown
@@ -610,7 +673,7 @@ def _backbone(params: Mapping[str, Any]) -> str:
 
 def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any], *,
          load_head: bool = True, grid: tuple[int, int] | None = None, name: str | None = None,
-         with_report: bool = False):
+         with_report: bool = False, key: str = "", head_option: str = "load_head=False"):
   """Loads a weights file or state dict of any known layout (LAYOUTS) into `params`.
 
   `source` is a path (.npz, .safetensors, .bin / .pth) or an already loaded state dict. The
@@ -618,24 +681,21 @@ def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any
   their classifier, pooler or pre_logits are dropped; the reference's head is loaded unless
   load_head=False. CLIP's `proj` is loaded when the model has one (config.model.proj_dim) and
   dropped otherwise. A position embedding for another resolution is resampled (`grid`).
+  A training checkpoint (a mapping whose entries are not all tensors) gives the state dict of
+  its entry `key`, or by default the first of STATE_DICT_KEYS it holds (select_state_dict); the
+  report's `entry` names it. `head_option` names how the caller's user skips a head that does
+  not fit (see `fill`).
   """
   if isinstance(source, (str, os.PathLike)):
     name = name or os.fspath(source)
     contents = read_weights(source)
   else:
     name, contents = name or "state dict", source
-  if isinstance(contents, Mapping) and any("/" in str(k) for k in contents):
+  entry = ""
+  if isinstance(contents, Mapping) and any("/" in str(k) for k in contents) and not key:
     state = dict(contents)  # a Google .npz: keys are paths ('cls' has none), values numpy
   else:
-    if not isinstance(contents, Mapping):
-      raise WeightsError(f"{name}: not a plain state dict of tensors: expected a state dict (a "
-                         f"mapping), got {type(contents).__name__}")
-    inner = contents.get("state_dict", contents)
-    for key, value in (inner.items() if isinstance(inner, Mapping) else ()):
-      if not (hasattr(value, "detach") or isinstance(value, np.ndarray)) or \
-          getattr(value, "dtype", None) == object:
-        raise WeightsError(f"{name}: not a plain state dict of tensors: entry {key!r} is a "
-                           f"{type(value).__name__}, not a tensor")
+    contents, entry = select_state_dict(contents, key, name)
     state = unwrap_torch_checkpoint(contents)
   try:
     layout = detect_layout(state)
@@ -680,7 +740,8 @@ def load(source: str | os.PathLike | Mapping[str, Any], params: Mapping[str, Any
     raise WeightsError(f"{name}: the model has a projection (config.model.proj_dim = "
                        f"{_leaf_shape_dtype(params['proj']['kernel'])[0][1]}) but the checkpoint "
                        "has none: set config.model.proj_dim=0")
-  params = fill(params, arrays, report, zero_init=zero_init, grid=grid)
+  report.entry = entry
+  params = fill(params, arrays, report, zero_init=zero_init, grid=grid, head_option=head_option)
   logging.info("%s", report.summary())
   return (params, report) if with_report else params
 

@@ -161,6 +161,34 @@ def test_torch_head_can_be_skipped_for_a_new_label_set():
   np.testing.assert_array_equal(params["head"]["kernel"], np.zeros((64, 3)))
 
 
+def test_a_head_that_does_not_fit_names_the_option_of_the_entry_point(tmp_path):
+  """Python: load_head=False; a run: config.init.load_head=False; convert_torch: --no_head."""
+  torch = pytest.importorskip("torch")
+  from msca_jax.train import initialise
+  state_dict = helpers.reference_state_dict()   # 7 classes
+  checkpoint = tmp_path / "msca_kv.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, checkpoint)
+  _, template = _template(num_classes=3)
+  with pytest.raises(pretrained.WeightsError, match=r"skip the head: load_head=False\)$"):
+    pretrained.load(checkpoint, template)
+  converted = pretrained.save_params(str(tmp_path / "converted"), nn.unbox(
+      pretrained.load(checkpoint, _template()[1])))
+  for field, value in (("weights", os.fspath(checkpoint)), ("checkpoint", converted)):
+    init = {"weights": "", "vit_npz": "", "checkpoint": "", "load_head": True, field: value}
+    with pytest.raises(pretrained.WeightsError, match=r"skip the head: config\.init\.load_head=False\)$"):
+      initialise.initial_params(init, template)
+  overrides = dict(name="msca", width=64, depth=2, num_heads=4, mlp_dim=96, patch_size=8,
+                   num_classes=3, shift_div=4, num_frames=2, image_size=32)
+  result = subprocess.run(
+      [sys.executable, "-m", "msca_jax.tools.convert_torch", f"--checkpoint={checkpoint}",
+       f"--output={tmp_path / 'out'}", f"--config={ROOT}/configs/msca_kv.py"]
+      + [f"--config.model.{k}={v}" for k, v in overrides.items()],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+  assert errors[0].endswith("(another label set? skip the head: --no_head)"), errors[0]
+
+
 def test_torch_unexpected_entry_is_an_error():
   state_dict = dict(helpers.reference_state_dict(), **{"new_fc.weight": np.zeros((3, 64), np.float32)})
   _, template = _template()

@@ -5,7 +5,10 @@ through both models, 1e-4), or, for timm and OpenAI CLIP, against the direct loa
 weights renamed; a CLIP-backbone MSCA-KV against the hand-shifted NumPy reference.
 """
 
+import argparse
 import os
+import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -26,6 +29,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import save_file  # noqa: E402  (after the skips: a parity-extra test)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
 S = helpers.SMALL
 CLIP_MODEL = dict(backbone="clip", layer_norm_eps=1e-5, mlp_activation="quick_gelu",
@@ -123,7 +127,8 @@ def test_vit_for_image_classification_in_a_bin_file(hf_vit, hf_vit_params, tmp_p
   chex.assert_trees_all_equal(nn.unbox(params), nn.unbox(hf_vit_params[0]))
 
 
-def test_timm_layout_equals_the_direct_load(hf_vit, hf_vit_params):
+def _timm_state(hf_vit) -> dict:
+  """hf_vit's weights as timm's VisionTransformer names them (numpy), with a 5-class head."""
   sd = _numpy(hf_vit)
   timm = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
@@ -138,10 +143,73 @@ def test_timm_layout_equals_the_direct_load(hf_vit, hf_vit_params):
       for ours, theirs in (("attn.proj", "attention.o_proj"), ("norm1", "layernorm_before"),
                            ("norm2", "layernorm_after"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
         timm[t + f"{ours}.{kind}"] = sd[hf + f"{theirs}.{kind}"]
+  return timm
+
+
+def test_timm_layout_equals_the_direct_load(hf_vit, hf_vit_params):
+  timm = _timm_state(hf_vit)
   _, template = _template()
   params, report = pretrained.load({"state_dict": timm}, template, with_report=True)
   assert report.dropped == ["head.weight", "head.bias"]
   chex.assert_trees_all_equal(nn.unbox(params), nn.unbox(hf_vit_params[0]))
+
+
+def test_training_checkpoints_are_unwrapped_ema_first_and_the_entry_is_named(hf_vit, hf_vit_params,
+                                                                             tmp_path):
+  """What timm's train script saves (docs/weights.md#wrapped-training-checkpoints)."""
+  timm = _timm_state(hf_vit)
+  ema = {k: v + 1.0 for k, v in timm.items()}  # other weights: which entry was loaded shows
+  tensors = lambda sd: {k: torch.from_numpy(v.copy()) for k, v in sd.items()}
+  _, template = _template()
+  want, want_ema = nn.unbox(hf_vit_params[0]), nn.unbox(pretrained.load(ema, template))
+  path = tmp_path / "last.pth.tar"
+  torch.save({"epoch": 3, "arch": "vit_base_patch16_224", "state_dict": tensors(timm),
+              "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.zeros(3)}},
+                            "param_groups": [{"lr": 0.1, "params": [0]}]},
+              "version": 2, "args": argparse.Namespace(model="vit_base_patch16_224", lr=0.1),
+              "metric": 81.2, "state_dict_ema": tensors(ema)}, path)
+
+  params, report = pretrained.load(path, template, with_report=True)
+  assert report.entry == "state_dict_ema"
+  assert report.summary().startswith(f"weights from {path}, entry 'state_dict_ema' (its EMA weights): ")
+  chex.assert_trees_all_equal(nn.unbox(params), want_ema)
+  init = {"weights": os.fspath(path), "weights_key": "state_dict", "vit_npz": "", "checkpoint": "",
+          "load_head": True}
+  params, report = initialise.initial_params(init, template)
+  assert report.entry == "state_dict" and "entry 'state_dict': " in report.summary()
+  chex.assert_trees_all_equal(nn.unbox(params), want)
+
+  for wrapper in ({"model": tensors(timm), "optimizer": {}, "epoch": 1}, {"state_dict": tensors(timm)},
+                  {"model_ema": tensors(timm), "model": tensors(ema)}, {"module": timm}):
+    params, report = pretrained.load(wrapper, template, with_report=True)
+    assert report.entry == next(k for k in pretrained.STATE_DICT_KEYS if k in wrapper)
+    chex.assert_trees_all_equal(nn.unbox(params), want)
+  assert pretrained.load(timm, template, with_report=True)[1].entry == ""
+
+  with pytest.raises(pretrained.WeightsError, match=r"last.pth.tar: no entry 'ema' to load \(it holds "
+                     r"'epoch' \(int\), 'arch' \(str\), 'state_dict' \(dict\)"):
+    pretrained.load(path, template, key="ema")
+  with pytest.raises(pretrained.WeightsError, match=r"entry 'optimizer' holds 'state', a dict, not a tensor"):
+    pretrained.load(path, template, key="optimizer")
+  with pytest.raises(pretrained.WeightsError, match=r"entry 'weights' is a dict, not a tensor, and it has none of "
+                     r"the entries a training checkpoint keeps its weights under \('state_dict_ema', "):
+    pretrained.load({"weights": tensors(timm), "epoch": 1}, template)
+
+  # The converter: EMA by default, --checkpoint_key to choose, the entry in its line and metadata.
+  config = os.path.join(ROOT, "configs", "vit.py")
+  flags = [f"--config.model.{k}={v}" for k, v in helpers.small_config(image_size=32).items()
+           if k != "name"]
+  for extra, entry, weights in (([], "state_dict_ema", want_ema),
+                                (["--checkpoint_key=state_dict"], "state_dict", want)):
+    out = tmp_path / f"converted_{entry}"
+    result = subprocess.run(
+        [sys.executable, "-m", "msca_jax.tools.convert_torch", f"--checkpoint={path}",
+         f"--config={config}", *flags, f"--output={out}", *extra],
+        cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"wrote params checkpoint to {out} (from entry {entry!r})"
+    assert pretrained.read_params_metadata(out)["entry"] == entry
+    chex.assert_trees_all_equal(nn.unbox(pretrained.restore_params(out, template)), weights)
 
 
 # ----------------------------------------------------------------------------- CLIP layouts

@@ -165,6 +165,8 @@ def get_config(model_name: str, arg: str | None = None, **model_overrides) -> ml
   config.init.vit_npz = ""          # Google ViT .npz (i21k / AugReg / big_vision)
   config.init.checkpoint = ""       # tools.convert_torch output, or a training workdir of ours
   config.init.load_head = True      # False: the head starts at zero (another label set)
+  config.init.weights_key = ""      # a training checkpoint's entry for config.init.weights: '' the first of
+                                    # pretrained.STATE_DICT_KEYS (EMA first; docs/weights.md)
 
   for name in parse_arguments(arg):
     ARGUMENTS[name](config)

@@ -162,6 +162,9 @@ def _check_init(init: ml_collections.ConfigDict) -> None:
   named = [field for field in INIT_SOURCES if init.get(field)]
   if len(named) > 1:
     raise UserError(f"config.init: set one of {', '.join(INIT_SOURCES)}, not {' and '.join(named)}")
+  if init.get("weights_key") and not init.get("weights"):
+    raise UserError(f"config.init.weights_key = {init.weights_key!r}: it names an entry of "
+                    "config.init.weights, which is not set")
   for field in named:
     if not tf.io.gfile.exists(init[field]):
       raise UserError(f"config.init.{field} = {init[field]!r}: no such file or directory")

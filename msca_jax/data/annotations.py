@@ -153,7 +153,12 @@ def read_kinetics_csv(csv_path: str, video_root: str | None = None,
 
 def read_frame_list(list_path: str, root: str | None = None) -> list[Entry]:
   """A TokShift / TSN list: one 'frame_folder num_frames label_index' line per video (a BOM,
-  CRLF and blank lines are tolerated, as by `textlist.read_lines`)."""
+  CRLF and blank lines are tolerated, as by `textlist.read_lines`).
+
+  Folders are relative to `root` (default: the list's directory) and stay inside it, as in the
+  training lists (frames.read_list): an absolute folder, or one that climbs out with '..', is an
+  entry with its error, naming the line, and is skipped.
+  """
   if not os.path.isfile(list_path):
     raise DataError(f"video list {list_path} does not exist")
   root = root or os.path.dirname(os.path.abspath(list_path))
@@ -164,7 +169,14 @@ def read_frame_list(list_path: str, root: str | None = None) -> list[Entry]:
       raise DataError(f"{list_path} line {line_no}: expected 'frame_folder num_frames label', "
                       f"got {line!r}")
     folder = " ".join(parts[:-2])
-    path = folder if os.path.isabs(folder) else os.path.join(root, folder)
+    inside = textlist.contained_path(folder)
+    if inside is None:
+      entries.append(Entry(key=folder, path=None, label_name=None, label=int(parts[-1]),
+                           num_frames=int(parts[-2]),
+                           error=f"{list_path} line {line_no}: folder {folder!r} is not a relative "
+                                 f"path inside {root}"))
+      continue
+    path = os.path.join(root, inside)
     entries.append(Entry(key=folder, path=path if os.path.isdir(path) else None, label_name=None,
                          label=int(parts[-1]), num_frames=int(parts[-2]),
                          error="" if os.path.isdir(path) else f"frame folder {path} not found"))

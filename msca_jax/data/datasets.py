@@ -6,8 +6,10 @@ file or line is a DataError naming the file and line; a video that is listed but
 preparation reports, skips and counts it.
 
   SSv2     labels JSON {"class name": "index"}; train / validation JSON lists of {"id", "label",
-           "template", "placeholders"}; videos VIDEO_ROOT/{id}.webm. The class is the template
-           without its square brackets.
+           "template", "placeholders"}; the test JSON (optional) a list of {"id"}, unlabelled;
+           videos VIDEO_ROOT/{id}.webm. The class is the template without its square brackets.
+           Files named as today's release names them (labels.json, train.json, ...) or as
+           20BN's did (something-something-v2-labels.json, ...).
   UCF101   classInd.txt ('1 ApplyEyeMakeup', 1-based); trainlist0N.txt ('Class/v_x.avi 1');
            testlist0N.txt ('Class/v_x.avi', labelled by its class folder); videos
            VIDEO_ROOT/Class/v_x.avi.
@@ -17,6 +19,7 @@ preparation reports, skips and counts it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,9 +30,16 @@ from msca_jax.data.errors import DataError
 
 DATASETS = ("ssv2", "ucf101", "hmdb51")
 OFFICIAL_SPLITS = (1, 2, 3)
-SSV2_FILES = {"labels": "something-something-v2-labels.json",
-              "train": "something-something-v2-train.json",
-              "validation": "something-something-v2-validation.json"}
+# The annotation files' names: today's download, then the original 20BN release. Each file is
+# looked for under both; 'test' (unlabelled) is optional.
+SSV2_NAMINGS = (
+    {"labels": "labels.json", "train": "train.json", "validation": "validation.json",
+     "test": "test.json"},
+    {"labels": "something-something-v2-labels.json", "train": "something-something-v2-train.json",
+     "validation": "something-something-v2-validation.json", "test": "something-something-v2-test.json"},
+)
+SSV2_FILES = SSV2_NAMINGS[1]  # 20BN's names
+SSV2_TEST_LIST = "test_videos.txt"  # the test set's videos, one path a line, for predict --video
 _HMDB_FILE = re.compile(r"^(?P<cls>.+)_test_split(?P<n>[123])\.txt$")
 HMDB_SUBSETS = {"1": "train", "2": "test", "0": None}
 
@@ -49,6 +59,69 @@ def _load_json(path: str):
       return json.load(f)
   except ValueError as e:
     raise DataError(f"{path}: not valid JSON ({e})") from e
+
+
+def ssv2_files(annotations_dir: str) -> dict[str, str]:
+  """{'labels', 'train', 'validation'[, 'test']: path} of SSv2's files in either naming.
+
+  Each file is taken under today's name where it is there, else under 20BN's; a missing labels,
+  train or validation file is a DataError naming both names.
+  """
+  if not os.path.isdir(annotations_dir):
+    raise DataError(f"--annotations {annotations_dir} is not a directory (expected the folder of "
+                    "Something-Something v2's labels.json, train.json and validation.json)")
+  found = {}
+  for role in SSV2_NAMINGS[0]:
+    names = [naming[role] for naming in SSV2_NAMINGS]
+    present = [os.path.join(annotations_dir, n) for n in names
+               if os.path.isfile(os.path.join(annotations_dir, n))]
+    if present:
+      found[role] = present[0]
+    elif role != "test":
+      raise DataError(f"{annotations_dir}: no Something-Something v2 {role} file: neither "
+                      f"{' nor '.join(names)} is there")
+  return found
+
+
+@dataclasses.dataclass
+class VideoList:
+  """An unlabelled split's videos listed for predict (not an evaluation split): SSv2's test set."""
+  split: str
+  path: str
+  listed: int
+  missing: list[str]
+
+  def format(self) -> str:
+    missing = (f"; {len(self.missing)} not found ({', '.join(self.missing[:3])}"
+               f"{' ...' if len(self.missing) > 3 else ''})" if self.missing else "")
+    return (f"split {self.split!r}: {self.listed - len(self.missing)} of {self.listed} videos listed "
+            f"in {self.path}, unlabelled: for predict --video={self.path}, not for evaluation{missing}")
+
+
+def write_ssv2_test_list(annotations_dir: str, video_root: str, output: str) -> VideoList | None:
+  """OUTPUT/test_videos.txt, the absolute paths of the test JSON's videos that exist; None when
+  the annotations have no test file."""
+  path = ssv2_files(annotations_dir).get("test")
+  if path is None:
+    return None
+  data = _load_json(path)
+  if not isinstance(data, list):
+    raise DataError(f"{path}: expected a list of videos")
+  videos, missing = [], []
+  for i, item in enumerate(data):
+    if not isinstance(item, dict) or "id" not in item:
+      raise DataError(f"{path} entry {i}: expected an object with 'id'")
+    video = os.path.abspath(os.path.join(video_root, f"{item['id']}.webm"))
+    if os.path.isfile(video):
+      videos.append(video)
+    else:
+      missing.append(str(item["id"]))
+  os.makedirs(output, exist_ok=True)
+  listed = os.path.join(output, SSV2_TEST_LIST)
+  with open(listed + ".tmp", "w") as f:
+    f.write("".join(v + "\n" for v in videos))
+  os.replace(listed + ".tmp", listed)
+  return VideoList("test", listed, len(data), missing)
 
 
 def ssv2_template_class(template: str) -> str:
@@ -208,9 +281,10 @@ def read_official(dataset: str, annotations_dir: str,
   if not os.path.isdir(video_root):
     raise DataError(f"--video_root {video_root} is not a directory")
   if dataset == "ssv2":
-    classes = read_ssv2_labels(os.path.join(annotations_dir, SSV2_FILES["labels"]))
-    return classes, {split: read_ssv2(os.path.join(annotations_dir, SSV2_FILES[split]), classes,
-                                      video_root) for split in ("train", "validation")}
+    files = ssv2_files(annotations_dir)
+    classes = read_ssv2_labels(files["labels"])
+    return classes, {split: read_ssv2(files[split], classes, video_root)
+                     for split in ("train", "validation")}
   if dataset == "ucf101":
     return read_ucf101(annotations_dir, video_root)
   return read_hmdb51(annotations_dir, video_root)

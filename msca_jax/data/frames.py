@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import posixpath
 import re
 import shutil
 from typing import Sequence
@@ -105,16 +104,6 @@ class VideoList:
     return len(self.folders)
 
 
-def _contained(folder: str) -> str | None:
-  """The folder as a normalised relative path, or None when it would leave the root."""
-  if not folder or folder.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", folder):
-    return None
-  normal = posixpath.normpath(folder.replace("\\", "/"))
-  if normal == "." or normal == ".." or normal.startswith("../"):
-    return None
-  return normal
-
-
 def read_list(path: str) -> VideoList:
   """Reads 'folder num_frames label' lines; bad lines are skipped and described, not fatal.
 
@@ -134,7 +123,7 @@ def read_list(path: str) -> VideoList:
     if len(parts) < 3 or not parts[-2].isdigit() or not parts[-1].lstrip("-").isdigit():
       problems.append(f"{path} line {line_no}: expected 'folder num_frames label', got {line!r}")
       continue
-    folder = _contained(" ".join(parts[:-2]))
+    folder = textlist.contained_path(" ".join(parts[:-2]))
     if folder is None:
       problems.append(f"{path} line {line_no}: folder {' '.join(parts[:-2])!r} is not a relative "
                       "path inside the dataset root")

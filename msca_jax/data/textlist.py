@@ -6,6 +6,8 @@ part of a class name or a folder, so each is dropped rather than turned into a n
 
 from __future__ import annotations
 
+import posixpath
+import re
 from typing import Callable
 
 import tensorflow as tf
@@ -51,3 +53,15 @@ def check_unique(path: str, lines: list[tuple[int, str]], what: str = "class") -
       raise DataError(f"{path} line {line_no}: {what} {name!r} repeats line {first[name]} "
                       f"({what} names must be unique)")
     first[name] = line_no
+
+
+def contained_path(folder: str) -> str | None:
+  """A list's folder as a normalised relative path, or None when it would leave the list's root
+  (absolute, a drive letter, or climbing out with '..'). On the text alone: 'a/../b' is 'b', and a
+  symlink the root itself holds is followed like any folder."""
+  if not folder or folder.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", folder):
+    return None
+  normal = posixpath.normpath(folder.replace("\\", "/"))
+  if normal == "." or normal == ".." or normal.startswith("../"):
+    return None
+  return normal

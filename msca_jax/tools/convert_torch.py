@@ -32,6 +32,10 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Weights file (.pth / .pth
                                   required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the orbax checkpoint.", required=True)
 _NO_HEAD = flags.DEFINE_bool("no_head", False, "Skip the checkpoint's head; the new head starts at zero.")
+_KEY = flags.DEFINE_string(
+    "checkpoint_key", "", "The entry of a training checkpoint to convert ({'state_dict_ema': ..., "
+    "'state_dict': ...}); by default the first of " + ", ".join(pretrained.STATE_DICT_KEYS) +
+    " that it holds (EMA weights first).")
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file, e.g. configs/msca_kv.py.")
 
 
@@ -40,8 +44,13 @@ def _refusal(checkpoint_path: str, error: Exception) -> pretrained.WeightsError:
   return pretrained._torch_refusal(checkpoint_path, error, "converted")  # pylint: disable=protected-access
 
 
-def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool = True) -> str:
-  """Any file pretrained.load reads -> an orbax params directory for config.model."""
+def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool = True,
+            key: str = "", head_option: str = "load_head=False") -> str:
+  """Any file pretrained.load reads -> an orbax params directory for config.model.
+
+  `head_option` is what a head that does not fit tells the user to pass ('--no_head' from the
+  command line).
+  """
   if not checkpoint_path.endswith(pretrained.NPZ_SUFFIXES + pretrained.SAFETENSORS_SUFFIXES):
     try:
       import torch  # pylint: disable=unused-import  # optional dependency: only torch files need it
@@ -56,8 +65,8 @@ def convert(checkpoint_path: str, model_config, output: str, *, load_head: bool 
     contents = pretrained.read_torch(checkpoint_path, verb="converted")
   params, report = pretrained.load(
       contents, models.abstract_variables(model_config)[2]["params"], load_head=load_head,
-      name=checkpoint_path, with_report=True)
-  metadata = {"source": checkpoint_path, "model": model_config.to_dict(),
+      name=checkpoint_path, with_report=True, key=key, head_option=head_option)
+  metadata = {"source": checkpoint_path, "entry": report.entry, "model": model_config.to_dict(),
               "loaded": len(report.loaded), "resized": report.resized,
               "zero_initialised": report.zero_initialised, "dropped": report.dropped}
   return pretrained.save_params(output, params, json.loads(json.dumps(metadata, default=str)))
@@ -69,9 +78,11 @@ def main(argv):
     raise app.UsageError("--config is required (e.g. configs/msca_kv.py)")
   if not os.path.isfile(_CHECKPOINT.value):
     raise UserError(f"--checkpoint {_CHECKPOINT.value}: no such file")
-  path = convert(_CHECKPOINT.value, _CONFIG.value.model, _OUTPUT.value, load_head=not _NO_HEAD.value)
+  path = convert(_CHECKPOINT.value, _CONFIG.value.model, _OUTPUT.value, load_head=not _NO_HEAD.value,
+                 key=_KEY.value, head_option="--no_head")
   logging.info("wrote %s", path)
-  print(f"wrote params checkpoint to {path}")
+  entry = pretrained.read_params_metadata(path).get("entry")
+  print(f"wrote params checkpoint to {path}" + (f" (from entry {entry!r})" if entry else ""))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ and in both cases
 
 A rerun with the same arguments resumes: finished chunks and shards are kept (to retry the failed
 videos of one, delete it, or its part, and rerun). A video that cannot be used is reported and
-skipped; the run fails only when nothing at all could be written. DMVR shards or a TFDS dataset
+skipped; the run fails only when nothing at all could be written (exit status 2 and one line,
+as for any input that cannot be used; 1 when chunks failed, which a rerun retries). DMVR shards or a TFDS dataset
 made earlier convert to frame folders without decoding: msca_jax.tools.convert_to_frames.
 """
 
@@ -543,10 +544,11 @@ UNION_SPLIT = "videos"   # UCF101 / HMDB51: every video once; the official split
 
 
 def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output: str,
-                    **kwargs) -> tuple[list[preparation.Summary], list[SplitCount]]:
+                    **kwargs) -> tuple[list[preparation.Summary], list[SplitCount | datasets.VideoList]]:
   """Prepares a dataset from its official files (docs/datasets.md) into one frame-folder root.
 
-  SSv2: splits 'train' and 'validation'. UCF101 and HMDB51: each video once, in split 'videos',
+  SSv2: splits 'train' and 'validation', and the test set's videos (unlabelled) listed in
+  OUTPUT/test_videos.txt for predict. UCF101 and HMDB51: each video once, in split 'videos',
   then the lists 'train1', 'test1', ... 'test3' of it (each with a manifest), so every official
   split is there for config.data.train_split / eval_split. Resumable as `prepare` is; keyword
   arguments go to it (fps None or absent: every frame for SSv2, else 25).
@@ -558,10 +560,12 @@ def prepare_dataset(dataset: str, annotations_dir: str, video_root: str, output:
     kwargs["fps"] = 0.0 if dataset == "ssv2" else DecodeSettings.fps
   classes, splits = datasets.read_official(dataset, annotations_dir, video_root)
   if dataset == "ssv2":
-    summaries = [prepare(os.path.join(annotations_dir, datasets.SSV2_FILES[split]), output, split,
+    files = datasets.ssv2_files(annotations_dir)
+    summaries = [prepare(files[split], output, split,
                          video_root=video_root, listing=Listing(dataset, entries, classes), **kwargs)
                  for split, entries in splits.items()]
-    return summaries, []
+    test = datasets.write_ssv2_test_list(annotations_dir, video_root, output)
+    return summaries, [test] if test else []
   union: dict[str, annotations.Entry] = {}
   for entries in splits.values():
     for e in entries:
@@ -646,8 +650,11 @@ def main(argv: Sequence[str]) -> int:
                     output_format=f.format)
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
-    print("prepare_videos: error: no video could be written", file=sys.stderr)
-    return 1
+    # Nothing usable in the input: a user error, exit status 2 as every program gives one.
+    where = f" (each with its reason in {summary.failures_path})" if summary.failures_path else ""
+    print(f"prepare_videos: error: no video could be written: {summary.videos_failed} of "
+          f"{summary.videos_total} failed{where}", file=sys.stderr)
+    return 2
   return 0
 
 

@@ -5,7 +5,8 @@ r"""The mean over UCF101's / HMDB51's three official splits, as papers report it
 Each argument is a workdir evaluated with `python -m msca_jax.main --mode=evaluate` (or trained
 with train_and_evaluate); its latest test report (WORKDIR/eval/test_step*/SPLIT_metrics.json,
 `evaluate.write_reports`) is read. Prints each split's top-1, top-5 and mean class accuracy and
-their mean over the workdirs. Each workdir must be evaluated on a different split. Exit status 2
+their mean over the workdirs, and for each the step it was trained to, or, for a workdir that
+evaluated config.init's weights, their source and its step. Each workdir must be evaluated on a different split. Exit status 2
 names a workdir without a report or two workdirs with the same split.
 """
 
@@ -29,9 +30,17 @@ class SplitReport:
   workdir: str
   path: str
   split: str
-  step: int
+  step: int | None
   num_videos: int
   metrics: dict[str, float | None]
+  # Where the weights came from when not from the workdir's own training (config.init), and the
+  # step is theirs (None: not a training checkpoint of ours).
+  weights: str | None = None
+
+  def describe(self) -> str:
+    if self.weights is None:
+      return f"step {self.step}"
+    return f"weights {self.weights}" + (f", step {self.step}" if self.step is not None else "")
 
 
 def latest_report(workdir: str) -> SplitReport:
@@ -51,13 +60,17 @@ def latest_report(workdir: str) -> SplitReport:
     metrics = report["metrics"]
     split = report["split"]
     num_videos = int(report["num_videos"])
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    protocol = report.get("protocol") or {}
+    weights = protocol.get("weights")
+    if weights is not None:
+      step = protocol.get("step")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise UserError(f"{path}: not a readable evaluation report ({e})") from e
   # Top-5 is top-C with fewer than 5 classes (evaluate.EvalResult.metrics names it so).
   top_k = next((k for k in metrics if re.fullmatch(r"top\d+", k) and k != "top1"), None)
   metrics = {"top1": metrics.get("top1"), "top5": metrics.get(top_k) if top_k else None,
              "mean_class_accuracy": metrics.get("mean_class_accuracy")}
-  return SplitReport(workdir, path, split, step, num_videos, metrics)
+  return SplitReport(workdir, path, split, step, num_videos, metrics, weights)
 
 
 def split_mean(workdirs: Sequence[str]) -> tuple[list[SplitReport], dict[str, float | None]]:
@@ -87,7 +100,7 @@ def format_table(reports: Sequence[SplitReport], mean: dict[str, float | None]) 
   for r in reports:
     lines.append(f"{r.split:<12} {r.num_videos:>7} {_pct(r.metrics.get('top1'))} "
                  f"{_pct(r.metrics.get('top5'))} {_pct(r.metrics.get('mean_class_accuracy')):>10}"
-                 f"  {r.workdir} (step {r.step})")
+                 f"  {r.workdir} ({r.describe()})")
   lines.append(f"{'mean':<12} {'':>7} {_pct(mean['top1'])} {_pct(mean['top5'])} "
                f"{_pct(mean['mean_class_accuracy']):>10}")
   return "\n".join(lines)

@@ -8,6 +8,8 @@
                            converted TokShift/MSCA PyTorch checkpoint), or a training workdir (or
                            its checkpoints/ or one step of it), whose latest parameters are taken.
   config.init.load_head    False leaves the head at zero (fine-tuning to another label set).
+  config.init.weights_key  the entry of a training checkpoint in config.init.weights to load ('':
+                           the first of pretrained.STATE_DICT_KEYS it holds, EMA weights first).
 
 Only parameters are taken; the optimiser starts fresh. Resuming an interrupted run is not this:
 the trainer resumes from its own workdir automatically, optimiser and data stream included.
@@ -25,6 +27,7 @@ from flax import traverse_util
 from msca_jax import pretrained
 from msca_jax.train import checkpoint
 
+HEAD_OPTION = "config.init.load_head=False"  # how a run skips a checkpoint's head
 # Items that hold parameters: 'params' in params checkpoints, 'state' (TrainState) in training ones.
 _PARAMS_ITEMS = ("params", "state")
 
@@ -101,6 +104,23 @@ def read_checkpoint_params(directory: str) -> dict[str, np.ndarray]:
   return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
+def source_of(init_cfg) -> tuple[str | None, int | None]:
+  """(what config.init loads, the training step of those weights): the step directory and its
+  step for a training checkpoint of ours, the file or directory with None otherwise (a weights
+  file, a converted params checkpoint); (None, None) for a random start."""
+  for field in ("weights", "vit_npz"):
+    if init_cfg.get(field):
+      return os.path.abspath(init_cfg[field]), None
+  if not init_cfg.get("checkpoint"):
+    return None, None
+  try:
+    found = step_dir(init_cfg["checkpoint"])
+  except pretrained.WeightsError:  # initial_params says why
+    return os.path.abspath(init_cfg["checkpoint"]), None
+  trained = os.path.isdir(os.path.join(found, "state")) and os.path.basename(found).isdigit()
+  return os.path.abspath(found), int(os.path.basename(found)) if trained else None
+
+
 def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.LoadReport] | None:
   """(params in the template's structure and boxes, report), or None for a random start.
 
@@ -113,7 +133,8 @@ def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.Load
   if weights:
     if not os.path.isfile(weights):
       raise FileNotFoundError(f"config.init.weights: {weights} does not exist")
-    return pretrained.load(weights, params_template, load_head=load_head, with_report=True)
+    return pretrained.load(weights, params_template, load_head=load_head, with_report=True,
+                           key=init_cfg.get("weights_key") or "", head_option=HEAD_OPTION)
   if vit_npz:
     if not os.path.isfile(vit_npz):
       raise FileNotFoundError(f"config.init.vit_npz: {vit_npz} does not exist")
@@ -125,6 +146,7 @@ def initial_params(init_cfg, params_template: Any) -> tuple[Any, pretrained.Load
     if not load_head:
       report.dropped.extend(k for k in sorted(arrays) if k.startswith(pretrained.HEAD + "/"))
       arrays = {k: v for k, v in arrays.items() if not k.startswith(pretrained.HEAD + "/")}
-    params = pretrained.fill(params_template, arrays, report, zero_init=zero_init)
+    params = pretrained.fill(params_template, arrays, report, zero_init=zero_init,
+                             head_option=HEAD_OPTION)
     return params, report
   return None

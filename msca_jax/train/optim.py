@@ -344,6 +344,53 @@ def update_count(opt_state: Any) -> jax.Array:
   return found[0].count
 
 
+class AccumulationError(ValueError):
+  """A checkpoint's unfinished accumulation does not fit the new accumulation count."""
+
+  def __init__(self, message: str, pending: int):
+    super().__init__(message)
+    self.pending = pending
+
+
+def change_accumulation(opt_state: Any, fresh_state: Any, old_k: int, new_k: int) -> Any:
+  """A `make_optimizer` state of accumulation count `old_k` as one of count `new_k`.
+
+  The optimiser's own state (momentum, Adam moments and their count) carries over as it is, and so
+  do the micro-batches of an unfinished update with their mean gradient, which the next update
+  then completes to `new_k`. The schedule's count becomes the updates a run with `new_k` would
+  have made over the same micro-batches (to the nearest update), so the learning rate keeps to
+  its epochs; the peak rate follows the new effective batch, as it does for a new batch size.
+  `fresh_state` is `make_optimizer(new_k).init(params)`, whose accumulator (zeros) and structure
+  the result takes where `opt_state` has none. Raises AccumulationError when the unfinished update
+  already holds `new_k` micro-batches or more (with `new_k` = 1: any).
+  """
+  if old_k > 1:
+    inner, pending = opt_state.inner_opt_state, int(jax.device_get(opt_state.mini_step))
+    accumulated = opt_state.acc_grads
+  else:
+    inner, pending, accumulated = opt_state, 0, None
+  if pending >= new_k:
+    raise AccumulationError(f"the checkpoint holds {pending} micro-batch(es) of an unfinished update, "
+                            f"which an update of {new_k} cannot complete", pending)
+  updates = int(jax.device_get(update_count(inner)))
+  count = int(round(updates * old_k / new_k))
+
+  def recount(s):
+    if isinstance(s, optax.ScaleByScheduleState):
+      return s._replace(count=jnp.asarray(count, s.count.dtype))
+    return s
+
+  inner = jax.tree_util.tree_map(recount, inner,
+                                 is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState))
+  if new_k == 1:
+    return inner
+  return fresh_state._replace(
+      mini_step=jnp.asarray(pending, fresh_state.mini_step.dtype),
+      gradient_step=jnp.asarray(count, fresh_state.gradient_step.dtype),
+      inner_opt_state=inner,
+      acc_grads=fresh_state.acc_grads if accumulated is None else accumulated)
+
+
 def current_learning_rate(train_cfg, steps_per_epoch: int, opt_state_or_step: Any) -> jax.Array:
   """The lr of the next optimiser update, from a `make_optimizer` state or an update count.
 

@@ -236,11 +236,18 @@ def run_evaluation(exp: Experiment, eval_step, params, *, num_clips: int, num_cr
 
 def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *, name: str,
                       step: int, num_clips: int, num_crops: int, writer: MetricsWriter | None,
-                      table: bool) -> dict[str, float]:
-  """Writes the reports (process 0), logs the metrics and returns them as scalars."""
+                      table: bool, weights: str | None = None,
+                      weights_step: int | None = None) -> dict[str, float]:
+  """Writes the reports (process 0), logs the metrics and returns them as scalars.
+
+  `weights` names where the weights came from when they are not the workdir's own (config.init),
+  `weights_step` their training step there (None: not a training checkpoint of ours).
+  """
   result = accumulator.result()
   protocol = {"num_clips": num_clips, "num_crops": num_crops, "split": exp.config.data.eval_split,
               "step": step}
+  if weights is not None:
+    protocol.update(step=weights_step, weights=weights)
   scalars = {f"{name}/{k}": v for k, v in result.metrics().items() if v is not None}
   scalars[f"{name}/num_videos"] = result.num_videos
   if exp.eval_source.num_classes % 2 == 0 and exp.config.data.source == "synthetic":
@@ -250,9 +257,10 @@ def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *,
   if _is_main():
     directory = os.path.join(exp.workdir, "eval", f"{name}_step{step}")
     evaluate.write_reports(directory, exp.config.data.eval_split, result, accumulator, protocol)
+    what = f"{name} at step {step}" if weights is None else f"{name} of {_weights_text(weights, weights_step)}"
     if table:
-      print(evaluate.format_summary_table(result, protocol, title=f"{name} at step {step}"), flush=True)
-    logging.info("%s at step %d: %s (reports in %s)", name, step,
+      print(evaluate.format_summary_table(result, protocol, title=what), flush=True)
+    logging.info("%s: %s (reports in %s)", what,
                  ", ".join(f"{k.split('/')[1]}={v:.4g}" for k, v in scalars.items()), directory)
   if result.num_videos != exp.num_eval - result.num_skipped and _is_main():
     logging.warning("%s: evaluated %d videos + %d skipped, but the split has %d records", name,
@@ -260,6 +268,10 @@ def report_evaluation(exp: Experiment, accumulator: evaluate.EvalAccumulator, *,
   if writer:
     writer.write(step, scalars)
   return scalars
+
+
+def _weights_text(weights: str, step: int | None) -> str:
+  return weights + (f" (step {step})" if step is not None else "")
 
 
 # ------------------------------------------------------------------------------------ training
@@ -324,9 +336,75 @@ def _check_same_model(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abst
                     f"{more}; {hint}")
 
 
+def _check_same_optimizer(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract,
+                          step: int) -> int:
+  """Refuses a config.train whose optimiser state has another structure than the checkpoint's.
+
+  Returns the checkpoint's accumulation count (the given one when the checkpoint saved no config).
+  """
+  given_k = int(exp.config.train.grad_accum_steps)
+  saved = saved_config.read_train_config(os.path.join(checkpointer.directory, str(step)))
+  if saved is None:  # _check_same_model has warned
+    return given_k
+  diffs = saved_config.optimizer_differences(saved, exp.config.train, abstract.params,
+                                             exp.steps_per_epoch)
+  if diffs:
+    values = "value" if len(diffs) == 1 else "values"
+    raise UserError(
+        f"{exp.workdir} holds a checkpoint whose optimiser state this config.train cannot continue: "
+        f"{saved_config.describe(diffs, given_as='config given', group='train')}; rerun with the "
+        f"checkpoint's {values}, or start a new run from its weights with "
+        f"--config.init.checkpoint={exp.workdir} and another --workdir")
+  saved_k = saved.get("grad_accum_steps", given_k)
+  return saved_k if isinstance(saved_k, int) and not isinstance(saved_k, bool) and saved_k >= 1 else given_k
+
+
+def _with_accumulation(train_cfg, k: int):
+  train_cfg = train_cfg.copy_and_resolve_references()
+  train_cfg.grad_accum_steps = k
+  return train_cfg
+
+
+def _change_accumulation(exp: Experiment, state, abstract, saved_k: int, step: int):
+  """The restored state of accumulation count saved_k, continued with the config's count."""
+  given_k = int(exp.config.train.grad_accum_steps)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract.opt_state)
+  fresh = (jax.jit(exp.tx.init, out_shardings=shardings)(state.params) if given_k > 1 else None)
+  try:
+    opt_state = optim.change_accumulation(state.opt_state, fresh, saved_k, given_k)
+  except optim.AccumulationError as e:
+    raise UserError(
+        f"{exp.workdir}: config.train.grad_accum_steps: {saved_k} in the checkpoint (step {step}), "
+        f"{given_k} in the config given: {e}; rerun with a count above {e.pending}, or with "
+        f"{saved_k} until a step that is a multiple of {saved_k}") from None
+  _log("config.train.grad_accum_steps: %d in the checkpoint, %d now: the optimiser state carries "
+       "over, the schedule continues at update %d", saved_k, given_k,
+       int(jax.device_get(optim.update_count(opt_state))))
+  return state.replace(opt_state=jax.device_put(opt_state, shardings))
+
+
 def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step: int):
   _check_same_model(exp, checkpointer, abstract, step)
-  state, streams, metadata = checkpointer.restore(step, abstract, exp.mesh)
+  saved_k = _check_same_optimizer(exp, checkpointer, abstract, step)
+  target = abstract
+  if (saved_k > 1) != (exp.config.train.grad_accum_steps > 1):
+    # Accumulation on or off: the state on disk has (or lacks) optax.MultiSteps' wrapper.
+    saved_tx = optim.make_optimizer(_with_accumulation(exp.config.train, saved_k), exp.steps_per_epoch)
+    target, _ = state_lib.abstract_state(exp.model, saved_tx, exp.clip, exp.mesh, exp.rules)
+  try:
+    state, streams, metadata = checkpointer.restore(step, target, exp.mesh)
+  except ValueError as e:
+    if "tree structures do not match" not in str(e):
+      raise
+    # A checkpoint that saved no config (or one this version cannot build): orbax's own words.
+    raise UserError(f"{exp.workdir} holds a checkpoint whose optimiser state has another structure "
+                    f"than config.train gives (saved by another version, or with other "
+                    f"config.train.optimizer, momentum, weight_decay, grad_clip_norm, layer_decay or "
+                    f"trainable); rerun with the config.train it was trained with, or start a new run "
+                    f"from its weights with --config.init.checkpoint={exp.workdir} and another "
+                    f"--workdir") from None
+  if saved_k != exp.config.train.grad_accum_steps:
+    state = _change_accumulation(exp, state, abstract, saved_k, step)
   stream = stream_lib.resume_state(exp.train_source, streams, jax.process_index(),
                                    jax.process_count())
   if len(streams) != jax.process_count():
@@ -342,22 +420,40 @@ def _resume(exp: Experiment, checkpointer: ckpt_lib.Checkpointer, abstract, step
   return state, stream
 
 
-def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, directory: str) -> dict:
+def _fetch_window(pending: list[tuple[int, dict]], last_good: int | None, directory: str,
+                  config) -> dict:
   """Means of the window's metrics; raises NonFiniteLossError at the first bad step."""
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), metrics in zip(pending, fetched):
     bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
     if bad:
-      raise _nonfinite(f"{' and '.join(bad)} became {metrics[bad[0]]}", step, last_good, directory)
+      raise _nonfinite(f"{' and '.join(bad)} became {metrics[bad[0]]}", step, last_good, directory,
+                       config)
   return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
-def _nonfinite(what: str, step: int, last_good: int | None, directory: str) -> NonFiniteLossError:
+def nonfinite_advice(config) -> str:
+  """What may keep a run finite, of the changes this config has not made yet."""
+  t = config.train
+  advice = [f"lower config.train.base_lr (now {t.base_lr:g})"]
+  if float(t.grad_clip_norm) > 0:
+    advice.append(f"lower config.train.grad_clip_norm (now {t.grad_clip_norm:g})")
+  else:
+    advice.append("clip the gradients (config.train.grad_clip_norm=1.0)")
+  if float(t.warmup_epochs) == 0:
+    advice.append("warm up (config.train.warmup_epochs=1)")
+  if config.model.dtype != "float32":
+    advice.append(f"compute in float32 (config.model.dtype='float32', now {config.model.dtype!r})")
+  return ", ".join(advice[:-1]) + " or " + advice[-1]
+
+
+def _nonfinite(what: str, step: int, last_good: int | None, directory: str,
+               config) -> NonFiniteLossError:
   where = (f"the last good checkpoint is step {last_good} in {directory}"
            if last_good is not None else "no checkpoint was written")
-  return NonFiniteLossError(
-      f"{what} at step {step}; stopping before this state is saved ({where}). Lower "
-      f"config.train.base_lr, check config.train.grad_clip_norm, or use config.model.dtype='float32'.")
+  advice = nonfinite_advice(config)
+  return NonFiniteLossError(f"{what} at step {step}; stopping before this state is saved ({where}). "
+                            f"{advice[0].upper()}{advice[1:]}.")
 
 
 def _stop_requested(stop: ckpt_lib.StopSignal, checkpointer: ckpt_lib.Checkpointer, step: int) -> bool:
@@ -420,7 +516,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
     if bad:
       what = {"params": "the parameters", "opt_state": "the optimiser state"}
       raise _nonfinite(" and ".join(what[b] for b in bad) + " became NaN or Inf", step, last_saved,
-                       checkpointer.directory)
+                       checkpointer.directory, config)
     if checkpointer.save(step, state, ckpt_lib.streams_array(stream, mesh), metadata, force=force):
       last_saved = step
 
@@ -447,7 +543,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
       saving = is_last or stopping or checkpointer.manager.should_save(step)
       evaluating = eval_every > 0 and step % eval_every == 0 and not (is_last and evaluate_at_end)
       if step % t.log_every_steps == 0 or saving or evaluating:
-        means = _fetch_window(pending, last_saved, checkpointer.directory)  # syncs with the devices
+        means = _fetch_window(pending, last_saved, checkpointer.directory, config)  # syncs with the devices
         pending = []
         now = time.monotonic()
         steps_per_s = (step - window_step) / max(now - window_start, 1e-9)
@@ -514,12 +610,16 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
   next batch with nothing written: an evaluation has no state worth saving, a rerun starts it over.
   """
   config = exp.config
-  init, step = config.init, 0
+  init, step, weights, weights_step = config.init, 0, None, None
   try:
     step_dir = initialise.step_dir(exp.workdir)
     init, step = {"vit_npz": "", "checkpoint": step_dir, "load_head": True}, int(os.path.basename(step_dir))
   except initialise.pretrained.WeightsError:
-    _log("%s has no finished checkpoint: evaluating config.init's weights", exp.workdir)
+    weights, weights_step = initialise.source_of(config.init)
+    # The reports are named by the step the weights were trained to, and say whose they are.
+    step = weights_step or 0
+    _log("%s has no finished checkpoint: evaluating config.init's weights, %s", exp.workdir,
+         _weights_text(weights, weights_step))
   abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
   try:
     loaded = initialise.initial_params(init, abstract_params)
@@ -547,7 +647,7 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
   try:
     test = report_evaluation(exp, accumulator, name="test", step=step,
                              num_clips=config.data.eval_clips, num_crops=config.data.eval_crops,
-                             writer=writer, table=True)
+                             writer=writer, table=True, weights=weights, weights_step=weights_step)
   finally:
     writer.close()
   return {"step": step, "test": test, "interrupted": False, "exit_status": 0}

@@ -43,10 +43,11 @@ def write_text(path, lines) -> None:
     f.write("".join(line + "\n" for line in lines))
 
 
-def make_ssv2(root) -> tuple[str, str]:
+def make_ssv2(root, naming=datasets.SSV2_FILES, test_ids=()) -> tuple[str, str]:
+  """SSv2's files under `naming`'s names; a test JSON of `test_ids` (the even ones have videos)."""
   ann, videos = os.path.join(root, "annotations"), os.path.join(root, "videos")
   os.makedirs(ann)
-  with open(os.path.join(ann, datasets.SSV2_FILES["labels"]), "w") as f:
+  with open(os.path.join(ann, naming["labels"]), "w") as f:
     json.dump({name: str(i) for i, name in enumerate(SSV2_CLASSES)}, f)   # index order kept
 
   def entry(i, template):
@@ -60,9 +61,12 @@ def make_ssv2(root) -> tuple[str, str]:
                 entry(23, templates[0]),                  # its video is missing
                 entry(24, templates[0])]                  # its video is not a video
   for name, items in (("train", train), ("validation", validation)):
-    with open(os.path.join(ann, datasets.SSV2_FILES[name]), "w") as f:
+    with open(os.path.join(ann, naming[name]), "w") as f:
       json.dump(items, f)
-  for item in train + validation[:2]:
+  if test_ids:
+    with open(os.path.join(ann, naming["test"]), "w") as f:
+      json.dump([{"id": str(i)} for i in test_ids], f)   # the test JSON: ids only, no labels
+  for item in train + validation[:2] + [{"id": str(i)} for i in test_ids if i % 2 == 0]:
     write_clip(os.path.join(videos, f"{item['id']}.webm"), 40 * int(item["id"]) % 250, "libvpx-vp9")
   write_garbage(os.path.join(videos, "24.webm"))
   return ann, videos
@@ -140,6 +144,42 @@ def test_ssv2_bad_validation_entries_are_reported_skipped_and_counted(prepared):
   assert reasons["24"]   # undecodable: the decoder's own reason
   with open(os.path.join(output, "validation.failures.tsv")) as f:
     assert len(f.read().strip().split("\n")) == 1 + 3
+
+
+def test_ssv2_as_downloaded_today_with_its_unlabelled_test_set_for_predict(prepared, tmp_path):
+  from msca_jax import predict
+  old_ann, _, old_output, _, old_lists = prepared["ssv2"]   # 20BN's names, no test JSON
+  assert old_lists == [] and not os.path.exists(os.path.join(old_output, datasets.SSV2_TEST_LIST))
+  ann, videos = make_ssv2(str(tmp_path / "ssv2"), naming=datasets.SSV2_NAMINGS[0], test_ids=(30, 31, 32))
+  assert sorted(os.listdir(ann)) == ["labels.json", "test.json", "train.json", "validation.json"]
+  output = tmp_path / "frames"
+  summaries, lists = prepare("ssv2", ann, videos, output)
+  assert [s.split for s in summaries] == ["train", "validation"]
+  for split in ("train", "validation"):
+    assert read_list(output, split) == read_list(old_output, split)
+  with open(os.path.join(output, "labels.txt")) as f:
+    assert f.read().split("\n")[:3] == SSV2_CLASSES
+  test_list = os.path.join(output, datasets.SSV2_TEST_LIST)
+  want = [os.path.abspath(os.path.join(videos, f"{i}.webm")) for i in (30, 32)]
+  assert predict.list_videos(test_list) == want
+  assert [entry.format() for entry in lists] == [
+      f"split 'test': 2 of 3 videos listed in {test_list}, unlabelled: for predict "
+      f"--video={test_list}, not for evaluation; 1 not found (31)"]
+  assert not os.path.exists(frames.list_path(str(output), "test"))   # not an evaluation split
+
+  # Each file under either name; a missing one names both.
+  mixed = tmp_path / "mixed"
+  os.makedirs(mixed)
+  for role, name in (("labels", "labels.json"), ("train", datasets.SSV2_FILES["train"]),
+                     ("validation", "validation.json")):
+    (mixed / name).write_text("[]")
+  assert datasets.ssv2_files(str(mixed)) == {
+      "labels": str(mixed / "labels.json"), "train": str(mixed / datasets.SSV2_FILES["train"]),
+      "validation": str(mixed / "validation.json")}
+  os.remove(mixed / "validation.json")
+  with pytest.raises(DataError, match=r"mixed: no Something-Something v2 validation file: neither "
+                     r"validation\.json nor something-something-v2-validation\.json is there$"):
+    prepare("ssv2", str(mixed), videos, tmp_path / "none")
 
 
 def test_ssv2_keeps_every_frame_and_the_recipe_refuses_flips(prepared):

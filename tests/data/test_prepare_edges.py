@@ -211,6 +211,23 @@ def test_frame_folders_of_absurd_shape_are_skipped_too(tmp_path):
 # --- 13a. Frame-list lines stay inside the dataset root -----------------------------------------
 
 
+def test_prepare_videos_input_lists_stay_inside_their_root(tmp_path):
+  """The issue's '../../../../etc' in a list prepare_videos reads: one failure naming the line,
+  not a look inside /etc, and the good lines prepared."""
+  root = tmp_path / "extracted"
+  ff.write_video(str(root), "a/v0", 0, num_frames=3)
+  ff.write_video(str(root), "a/v1", 1, num_frames=3)
+  listed = tmp_path / "lists" / "train.txt"
+  ff.write_list_lines(str(listed), ["a/v0 3 0", "../../../../etc 3 1", "/etc 3 1",
+                                    "a/../../extracted/a/v1 3 1", "a/x/../v1 3 1"])
+  summary = run(listed, tmp_path / "out", video_root=str(root), short_side=0)
+  assert summary.videos_total == 5 and summary.videos_written == 2
+  assert {f.key: f.reason for f in summary.failures} == {
+      folder: f"{listed} line {n}: folder {folder!r} is not a relative path inside {root}"
+      for n, folder in ((2, "../../../../etc"), (3, "/etc"), (4, "a/../../extracted/a/v1"))}
+  assert "no image files" not in summary.format()
+
+
 def test_frame_list_lines_cannot_leave_the_root(tmp_path):
   """The issue's line, in SPLIT.txt and in a list kept elsewhere (config.data.train_list, the
   reference's absolute list paths): the folders are always under config.data.path."""

@@ -641,6 +641,19 @@ def test_two_workers_match_an_inline_run(tmp_path, fmt):
     assert (tmp_path / "workers" / name).read_bytes() == (tmp_path / "inline" / name).read_bytes()
 
 
+def test_a_tree_with_no_good_video_exits_2_naming_the_failures(tmp_path):
+  make_garbage(tmp_path / "v" / "c0" / "a.mp4")
+  make_garbage(tmp_path / "v" / "c1" / "b.mp4")
+  result = _cli("--videos", str(tmp_path / "v"), "--output", str(tmp_path / "out"), "--split=train",
+                "--short_side=32", "--workers=0")
+  errors = [line for line in result.stderr.splitlines() if "error:" in line]
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert errors == [f"prepare_videos: error: no video could be written: 2 of 2 failed (each with "
+                    f"its reason in {tmp_path / 'out' / 'train.failures.tsv'})"], result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  assert len((tmp_path / "out" / "train.failures.tsv").read_text().strip().split("\n")) == 1 + 2
+
+
 def test_cli_errors_are_one_clear_line(tmp_path):
   result = _cli("--videos", str(tmp_path / "nowhere.csv"), "--output", str(tmp_path / "out"),
                 "--split=train")

@@ -144,15 +144,23 @@ def test_three_official_splits_and_their_mean(run):
   assert all(r.num_videos == 2 for r in reports)
   for name in split_mean.METRICS:
     assert mean[name] == pytest.approx(sum(r.metrics[name] for r in reports) / 3)
-  assert split_mean.format_table(reports, mean).splitlines()[-1].startswith("mean")
+  table = split_mean.format_table(reports, mean).splitlines()
+  assert table[-1].startswith("mean")
+  # Fresh workdirs evaluating config.init's weights: named by their source and its step, not step 0.
+  source = str(root / "run" / "checkpoints" / "2")
+  assert all(r.weights == source and r.step == 2 for r in reports)
+  assert all(line.endswith(f"{w} (weights {source}, step 2)") for line, w in zip(table[1:4], workdirs))
+  report = json.loads((root / "ucf_split1" / "eval" / "test_step2" / "test1_metrics.json").read_text())
+  assert report["protocol"]["weights"] == source and report["protocol"]["step"] == 2
+  assert not (root / "ucf_split1" / "eval" / "test_step0").exists()
 
 
-def _report(root, name, split, step, top1, top5, mca):
+def _report(root, name, split, step, top1, top5, mca, protocol=None):
   directory = root / name / "eval" / f"test_step{step}"
   directory.mkdir(parents=True)
   (directory / f"{split}_metrics.json").write_text(json.dumps(
-      {"split": split, "num_videos": 10, "metrics": {"top1": top1, "top5": top5,
-                                                     "mean_class_accuracy": mca}}))
+      {"split": split, "num_videos": 10, "protocol": protocol or {"step": step},
+       "metrics": {"top1": top1, "top5": top5, "mean_class_accuracy": mca}}))
   return str(root / name)
 
 
@@ -170,3 +178,10 @@ def test_split_mean_by_hand(tmp_path, capsys):
   assert "both evaluated on split 'test2'" in capsys.readouterr().err
   assert split_mean.main(["split_mean", a, str(tmp_path / "none")]) == 2
   assert capsys.readouterr().err.strip().count("\n") == 0
+  # Weights from elsewhere (config.init): a training step of ours, or a file without one.
+  e = _report(tmp_path, "e", "test2", 7, 0.6, 1.0, 0.55, {"step": 7, "weights": "/runs/a/checkpoints/7"})
+  f = _report(tmp_path, "f", "test3", 0, 0.7, 0.8, 0.70, {"step": None, "weights": "/w/vit.npz"})
+  assert split_mean.main(["split_mean", a, e, f]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1].endswith(f"{a} (step 5)") and lines[2].endswith(f"{e} (weights /runs/a/checkpoints/7, step 7)")
+  assert lines[3].endswith(f"{f} (weights /w/vit.npz)")

@@ -365,6 +365,10 @@ def test_a_nonfinite_loss_stops_before_saving_it(tmp_path):
   bad_step, good_step = int(match.group(2)), int(match.group(3))
   assert match.group(4) == str(tmp_path / "checkpoints")
   assert "config.train.base_lr" in message
+  # float32 already: no advice to use it (docs/training.md#checkpoints-and-resume).
+  assert "config.model.dtype" not in message and message.endswith(
+      "Lower config.train.base_lr (now 1e+30), lower config.train.grad_clip_norm (now 1) or warm up "
+      "(config.train.warmup_epochs=1)."), message
   assert good_step < bad_step and max(_finished_steps(tmp_path)) == good_step
 
   # The checkpoint is whole: as initial weights, and as the trainer resumes it.
@@ -384,6 +388,16 @@ def test_a_nonfinite_loss_stops_before_saving_it(tmp_path):
           for k, v in traverse_util.flatten_dict(jax.device_get(state.params)).items()}
   for name in params:
     np.testing.assert_array_equal(flat[name], params[name])
+
+
+def test_the_nonfinite_advice_is_what_the_config_has_not_tried():
+  config = tiny_config(**{"model.dtype": "bfloat16", "train.grad_clip_norm": 0.0,
+                          "train.warmup_epochs": 1})
+  assert trainer.nonfinite_advice(config) == (
+      "lower config.train.base_lr (now 0.001), clip the gradients (config.train.grad_clip_norm=1.0) "
+      "or compute in float32 (config.model.dtype='float32', now 'bfloat16')")
+  assert trainer.nonfinite_advice(tiny_config(**{"train.warmup_epochs": 1})) == (
+      "lower config.train.base_lr (now 0.001) or lower config.train.grad_clip_norm (now 1)")
 
 
 def test_main_exits_3_on_a_nonfinite_loss(tmp_path):
