@@ -1,12 +1,12 @@
-"""The input benchmark on a tiny configuration: every measurement is there, and the layouts differ
-as they should (a frame-folder clip reads about its own frames, a DMVR clip its whole video; a
-frame-folder stream resumes anywhere for the same bytes)."""
+"""The input benchmark on a tiny configuration: every measurement is there, its derived figures
+follow from what it measured, the report prints those figures, and the layouts differ as they
+should (a frame-folder clip reads about its own frames, a DMVR clip its whole video; a frame-folder
+stream resumes anywhere for the same bytes)."""
 
 import dataclasses
 import json
 import os
 
-import numpy as np
 import pytest
 import tensorflow as tf
 

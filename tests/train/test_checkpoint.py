@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import pytest
 
 from msca_jax.data.pipeline import StreamState
 from msca_jax.train import checkpoint as ckpt_lib
