@@ -61,7 +61,7 @@ from ml_collections import config_flags
 from msca_jax.configs import get as load_variant, label
 from msca_jax import cli, host_memory, models, progress
 from msca_jax.data import pipeline
-from benchmarks import step_analysis
+from benchmarks import common, step_analysis
 from msca_jax.train import mesh as mesh_lib
 from msca_jax.train import optim, trainer
 from msca_jax.train import state as state_lib
@@ -328,7 +328,7 @@ def _device_info() -> dict:
   d = jax.devices()[0]
   return {"platform": d.platform, "device_kind": d.device_kind, "count": jax.device_count(),
           "processes": jax.process_count(), "jax": jax.__version__,
-          "cpu_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+          "cpu_cores": common.num_cores()}
 
 
 def batch_sweep(configs: dict[str, Any], batches: Sequence[int], *, remats: Sequence[bool] = (False,),

@@ -829,8 +829,8 @@ def format_report(results: dict) -> str:
           for row in results["feeding"]]
   add(common.table(["accelerator", "clips/s"] + [f"cores: {k.replace('_', ', ')}" for k in keys]
              + [f"MB/s read: {l}" for l in layouts], rows))
-  add("  the accelerator rates are README 'What to expect''s (50 % MFU, computed, not measured); "
-      "MB/s read = clips/s x the measured MB read per clip (what the storage must deliver)")
+  add("  the accelerator rates are docs/performance.md's 'What to expect' (50 % MFU, computed, not "
+      "measured); MB/s read = clips/s x the measured MB read per clip (what the storage must deliver)")
   add(f"\nruntime {results['runtime_s']:.0f} s; load average (1 min) {results['load_average_start']:.2f} "
       f"at the start, {results['load_average_end']:.2f} at the end (other processes on the "
       f"{cores} cores would show here and slow the figures)")

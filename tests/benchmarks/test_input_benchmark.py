@@ -1,8 +1,8 @@
-"""The input benchmark on a tiny configuration: every measurement is there, and the layouts differ
-as they should (a frame-folder clip reads about its own frames, a DMVR clip its whole video; a
-frame-folder stream resumes anywhere for the same bytes)."""
+"""The input benchmark on a tiny configuration: every measurement is there, its derived figures
+follow from what it measured, the report prints those figures, and the layouts differ as they
+should (a frame-folder clip reads about its own frames, a DMVR clip its whole video; a frame-folder
+stream resumes anywhere for the same bytes)."""
 
-import dataclasses
 import json
 import os
 
@@ -23,16 +23,10 @@ SETTINGS = ib.Settings(
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("input_benchmark"))
-
-
-@pytest.fixture(scope="module")
-def results(cache_dir):
-  lines = []
-  out = ib.run_benchmark(dataclasses.replace(SETTINGS, cache_dir=cache_dir), log=lines.append)
+def results(run_tiny):
+  out, lines = run_tiny(ib, SETTINGS)
   assert any("clips/s" in line for line in lines) and lines[-1].endswith("done")
-  return json.loads(json.dumps(out))  # what --json writes
+  return out
 
 
 def test_stand_in_layouts_hold_the_same_jpegs(cache_dir):

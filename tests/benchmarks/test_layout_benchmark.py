@@ -1,9 +1,6 @@
 """The layout benchmark on tiny data: both read paths read exactly a clip's frames, every
 measurement has its row, and the report prints the figures the run measured."""
 
-import dataclasses
-import json
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -16,16 +13,10 @@ TINY = lb.Settings(videos=3, frames_per_video=40, frame_size=(48, 64), stride=4,
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("layout_benchmark"))
-
-
-@pytest.fixture(scope="module")
-def results(cache_dir):
-  lines = []
-  out = lb.run_benchmark(dataclasses.replace(TINY, cache_dir=cache_dir), log=lines.append)
+def results(run_tiny):
+  out, lines = run_tiny(lb, TINY)
   assert lines[-1] == "done"
-  return json.loads(json.dumps(out))  # what --json writes
+  return out
 
 
 def test_a_clip_reads_its_frames_and_nothing_else(results):

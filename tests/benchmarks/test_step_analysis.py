@@ -30,7 +30,7 @@ def test_known_peaks():
   assert step_analysis.known_peak("cpu", "float32") == (None, "unknown peak for device 'cpu'")
   assert step_analysis.known_peak("TPU v4", "float16") == (None, "no known float16 peak for TPU v4")
   assert step_analysis.peak_for("float32", 2.5) == (2.5, "--peak_tflops")
-  assert step_analysis.peak_for("float32")[0] is None            # this CPU
+  assert step_analysis.peak_for("float32")[0] is None            # the CPU the tests run on
 
 
 def test_throughput_and_mfu():
