@@ -9,7 +9,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_ROOT, ".jax_cac
 # Every compilation is cached: the subprocess tests then reuse what the in-process ones compiled.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# 8 fake CPU devices, so sharded runs can be compared with single-device runs.
+# 8 fake CPU devices, so sharded runs can be compared with single-device runs; on a GPU or TPU
+# host too (the suite is the CPU's: the accelerators are measured by benchmarks/).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
