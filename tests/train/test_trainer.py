@@ -33,8 +33,6 @@ from msca_jax.tools.compare import read_metrics
 from msca_jax.train import trainer
 from tests import helpers
 
-pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (fake) devices")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "msca_kv.py")
 NUM_STEPS = 30
