@@ -5,23 +5,27 @@ plus one primitive: some slices of an activation take their value from frame
 t+1 or t-1 instead of frame t. Which slices move is a static integer pattern,
 so the shift is pure data movement with no gather.
 
-When the pattern is a few contiguous runs along one axis (MSCA's head folds,
-TokenShift's channel folds), only the moving runs are shifted (a roll over time,
-masked at a zero boundary) and the runs are concatenated back: the shifted activation
-is written once, in one kernel, and nothing else is materialised. A roll and a
-select of the whole activation per direction, the general form kept for the
-interleaved patch-axis pattern, made XLA write two full rolled copies of K and
-of V in every block (measured in the compiled ViT-B/16 train step on CPU: 24
-more kernels than the frame-wise ViT; with runs, the same kernel count as ViT).
-Both forms give bitwise the same values and gradients.
+When the pattern is a few contiguous runs along one axis (MSCA's head folds),
+only the moving runs are read, shifted (a roll over time, masked at a zero
+boundary) and written back into the activation in place (dynamic_update_slice),
+with a VJP of the same form in the other direction: the heads that stay are
+neither copied nor concatenated, forward or backward. Slicing every run and
+concatenating them back made XLA:TPU copy K and V whole several times per block
+(docs/tpu_compile.md has the compiler's estimates). A roll and a select of the
+whole activation per direction, the general form kept for the interleaved
+patch-axis pattern, writes two full rolled copies. Every form gives bitwise the
+same values and gradients.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 Boundary = Literal["zero", "circular"]
 BOUNDARIES = ("zero", "circular")
@@ -56,13 +60,34 @@ def temporal_shift(x: jnp.ndarray, offsets: np.ndarray, boundary: Boundary = "ze
   if runs is None:
     return roll_and_select(x, offsets, boundary)
   axis, pieces = runs
-  parts = []
-  for start, stop, step in pieces:
-    index = [slice(None)] * x.ndim
-    index[axis] = slice(start, stop)
-    part = x[tuple(index)]
-    parts.append(part if step == 0 else _shift_frames(part, step, boundary))
-  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+  moving = tuple((start, stop, step) for start, stop, step in pieces if step)
+  return _shift_runs(x, axis, moving, boundary)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _shift_runs(x, axis: int, runs: tuple, boundary: Boundary):
+  """x with each (start, stop, step) run along `axis` replaced by its frames t + step."""
+  return _write_runs(x, axis, runs, boundary)
+
+
+def _write_runs(x, axis: int, runs: tuple, boundary: Boundary):
+  out = x
+  for start, stop, step in runs:
+    moved = _shift_frames(lax.slice_in_dim(x, start, stop, axis=axis), step, boundary)
+    out = lax.dynamic_update_slice_in_dim(out, moved, start, axis)
+  return out
+
+
+def _shift_runs_fwd(x, axis, runs, boundary):
+  return _write_runs(x, axis, runs, boundary), None
+
+
+def _shift_runs_bwd(axis, runs, boundary, _, cotangent):
+  # y[t] = x[t + s] (zero or wrapped outside the clip) is transposed by x[t] = y[t - s], alike.
+  return (_write_runs(cotangent, axis, tuple((a, b, -s) for a, b, s in runs), boundary),)
+
+
+_shift_runs.defvjp(_shift_runs_fwd, _shift_runs_bwd)
 
 
 def _runs(x: jnp.ndarray, offsets: np.ndarray):

@@ -43,14 +43,19 @@ def test_one_frame_reads_zeros_or_itself():
 
 
 def test_contiguous_folds_move_only_their_slices():
-  """MSCA's head folds and TokenShift's channel folds take the run form: no select over the whole
-  activation; the only rolled and masked (moved) data are the folds."""
+  """MSCA's head folds take the run form: only the moving heads are read, shifted and written
+  back in place, forward and backward; nothing selects, rolls or concatenates all the heads."""
   x = jax.ShapeDtypeStruct((2, 8, 197, 12, 64), jnp.float32)
   pattern = shift.head_fold_offsets(12, 12)[None, :, None]
-  text = jax.jit(lambda x: shift.temporal_shift(x, pattern, "zero")).lower(x).as_text()
-  shapes = re.findall(r"stablehlo\.select [^\n]*?tensor<([\dx]+)xf32>", text)
-  assert shapes and set(shapes) == {"2x8x197x1x64"}       # the masks cover one head each way
-  assert "2x8x197x12x64xi1" not in text                  # nothing selects over all heads
+  f = lambda x: shift.temporal_shift(x, pattern, "zero")
+  for text in (jax.jit(f).lower(x).as_text(),
+               jax.jit(jax.grad(lambda x: jnp.sum(f(x) ** 2))).lower(x).as_text()):
+    selects = re.findall(r"stablehlo\.select [^\n]*?tensor<([\dx]+)xf32>", text)
+    assert selects and set(selects) == {"2x8x197x1x64"}       # the masks cover one head each way
+    assert text.count("stablehlo.dynamic_update_slice") >= 2
+    rolled = re.findall(r"stablehlo\.concatenate [^\n]*-> tensor<([\dx]+)xf32>", text)
+    assert set(rolled) <= {"2x8x197x1x64"}                    # the roll of one head over time
+    assert "2x8x197x12x64xi1" not in text
   assert shift._runs(jnp.zeros((2, 8, 197, 768)), shift.channel_fold_offsets(768, 4))[1] == [
       (0, 192, 1), (192, 384, -1), (384, 768, 0)]
   # The patch-axis interleave has one run per patch: the general form.
