@@ -649,8 +649,9 @@ def evaluate_checkpoint(exp: Experiment, stop: ckpt_lib.StopSignal | None = None
     weights, weights_step = initialise.source_of(config.init)
     # The reports are named by the step the weights were trained to, and say whose they are.
     step = weights_step or 0
-    _log("%s has no finished checkpoint: evaluating config.init's weights, %s", exp.workdir,
-         _weights_text(weights, weights_step))
+    if weights is not None:
+      _log("%s has no finished checkpoint: evaluating config.init's weights, %s", exp.workdir,
+           _weights_text(weights, weights_step))
   abstract_params = jax.eval_shape(exp.model.init, jax.random.key(0), exp.clip)["params"]
   try:
     loaded = initialise.initial_params(init, abstract_params)
