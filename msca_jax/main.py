@@ -9,9 +9,9 @@ Any config field can be overridden with --config.FIELD=VALUE. Rerunning a comman
 workdir's latest checkpoint. Exit status: 0 done, 143 stopped by SIGTERM (130: by Ctrl-C) after
 saving a checkpoint (rerun to resume), 2 a mistake in the flags, the config or the files they name
 (one line on stderr: `error: ...`; also every checkpoint in the workdir damaged), 3 the loss or the
-state to save became NaN or Inf (the last good checkpoint is kept), 4 a checkpoint could not be
-saved (read-only or full directory, lost permission: the previous one is intact; rerun to resume
-once fixed).
+state to save became NaN or Inf (the last good checkpoint is kept), 4 a checkpoint (or the
+metrics) could not be saved (read-only or full directory, lost permission: the previous checkpoint
+is intact; rerun to resume once fixed).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ model has no place for) is an error that names the key and both shapes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -480,8 +481,11 @@ def read_torch(path: str | os.PathLike, verb: str = "read") -> Any:
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
   try:
     # argparse.Namespace: the 'args' that timm's, DeiT's and MAE's train scripts save beside the
-    # weights. Unpickling one only sets attributes: no code of the file's choosing runs.
-    with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+    # weights. Unpickling one only sets attributes: no code of the file's choosing runs. (A torch
+    # without safe_globals refuses such files, naming the class.)
+    safe_globals = getattr(getattr(torch, "serialization", None), "safe_globals", None)
+    allowed = safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext()
+    with warnings.catch_warnings(), allowed:
       warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused anyway
       return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises several types for a bad or pickled file

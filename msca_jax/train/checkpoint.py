@@ -21,9 +21,11 @@ import json
 import logging as std_logging
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any
+import traceback
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -155,16 +157,107 @@ def failure_reason(error: BaseException) -> str:
   return f"{type(chain[-1]).__name__}: {first}" if first else type(chain[-1]).__name__
 
 
-class _OrbaxTracebacks(std_logging.Filter):
-  """Keeps orbax's own error lines but not their tracebacks: SaveError reports the cause once."""
+def _from_orbax(exc_value: BaseException | None, tb) -> bool:
+  """An exception of orbax's write machinery: raised in orbax's code, or tensorstore completing a
+  write into the event loop orbax has closed after a failure ('Event loop is closed')."""
+  if isinstance(exc_value, RuntimeError) and "Event loop is closed" in str(exc_value):
+    return True
+  tb = tb if tb is not None else getattr(exc_value, "__traceback__", None)
+  return tb is not None and any("/orbax/" in frame.filename for frame in traceback.extract_tb(tb))
 
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    if record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname:
-      record.exc_info, record.exc_text = None, None
+
+class _SaveNoise(std_logging.Filter):
+  """What orbax's threads print about a failing save, held back: SaveError reports the cause once.
+
+  When a save fails (a full disk), orbax's threads log the storage error many times (each
+  signalling thread, the commit, the finalisation) before the failure reaches the caller;
+  tensorstore's writes that complete after orbax closed its event loop raise 'Event loop is
+  closed'; and asyncio logs every other failed write task ('Task exception was never retrieved',
+  a traceback each) when the loop is collected, usually at exit. While a save is in flight all of
+  that is held (orbax's error lines without their tracebacks, as always) and let through once
+  the save has finished well; after a failure it is dropped until the process ends, or until a
+  new Checkpointer starts. Installed as a filter on absl's logger (orbax logs there) and
+  asyncio's, and around sys.excepthook, threading.excepthook and sys.unraisablehook.
+  """
+
+  def __init__(self):
+    super().__init__()
+    self._lock = threading.Lock()
+    self._held: list[Callable[[], None]] = []
+    self.holding = False
+    self.dropping = False
+    self._hooked = False
+
+  def _keep(self, replay: Callable[[], None]) -> bool:
+    """True when the caller should go on as usual; else held (to replay) or dropped."""
+    with self._lock:
+      if self.dropping:
+        return False
+      if self.holding:
+        self._held.append(replay)
+        return False
     return True
 
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if getattr(record, "msca_released", False) or record.levelno < std_logging.ERROR:
+      return True
+    if "/orbax/" in record.pathname:
+      record.exc_info, record.exc_text = None, None
+    elif not (record.name == "asyncio" and ("/orbax/" in record.getMessage() or (
+        record.exc_info and _from_orbax(record.exc_info[1], record.exc_info[2])))):
+      return True
 
-_ORBAX_FILTER = _OrbaxTracebacks()
+    def replay(record=record):
+      record.msca_released = True
+      std_logging.getLogger(record.name).handle(record)
+    return self._keep(replay)
+
+  def install(self) -> None:
+    logging.get_absl_logger().addFilter(self)   # adding a filter twice adds it once
+    std_logging.getLogger("asyncio").addFilter(self)
+    if self._hooked:
+      return
+    self._hooked = True
+    previous_except, previous_thread, previous_unraisable = (
+        sys.excepthook, threading.excepthook, sys.unraisablehook)
+
+    def except_hook(kind, value, tb):
+      if not _from_orbax(value, tb) or self._keep(lambda: previous_except(kind, value, tb)):
+        previous_except(kind, value, tb)
+
+    def thread_hook(args):
+      if not _from_orbax(args.exc_value, args.exc_traceback) or self._keep(
+          lambda: previous_thread(args)):
+        previous_thread(args)
+
+    def unraisable_hook(unraisable):
+      if not _from_orbax(unraisable.exc_value, unraisable.exc_traceback) or self._keep(
+          lambda: previous_unraisable(unraisable)):
+        previous_unraisable(unraisable)
+
+    sys.excepthook, threading.excepthook, sys.unraisablehook = except_hook, thread_hook, unraisable_hook
+
+  def hold(self) -> None:
+    with self._lock:
+      self.holding = True
+
+  def release(self) -> None:
+    with self._lock:
+      held, self._held, self.holding = self._held, [], False
+    for replay in held:
+      replay()
+
+  def drop(self) -> None:
+    with self._lock:
+      self._held, self.holding, self.dropping = [], False, True
+
+  def reset(self) -> None:
+    self.release()
+    with self._lock:
+      self.dropping = False
+
+
+_SAVE_NOISE = _SaveNoise()
 
 
 # ------------------------------------------------------------------------------------ finite state
@@ -211,7 +304,8 @@ class Checkpointer:
         enable_async_checkpointing=True, create=True,
         async_options=ocp.AsyncOptions(create_directories_asynchronously=False,
                                        post_finalization_callback=self._finalised))
-    logging.get_absl_logger().addFilter(_ORBAX_FILTER)
+    _SAVE_NOISE.install()
+    _SAVE_NOISE.reset()
     try:
       # Handlers named up front, so that item_metadata can describe a checkpoint before restoring.
       self.manager = ocp.CheckpointManager(directory, options=options, item_handlers={
@@ -233,11 +327,13 @@ class Checkpointer:
 
   def _raise_save_error(self, step: int | None, error: BaseException):
     self._failed = True
+    _SAVE_NOISE.drop()
     what = f"checkpoint save to {self.directory}" + (f" (step {step})" if step is not None else "")
     raise SaveError(f"{what} failed: {failure_reason(error)}; the previous checkpoint "
-                    f"({self._last_finished()}) is intact") from error
+                    f"({self.last_finished()}) is intact") from error
 
-  def _last_finished(self) -> str:
+  def last_finished(self) -> str:
+    """'step N' of the newest finished checkpoint, 'none', or 'unknown' when storage fails."""
     try:
       self.manager.reload()
       step = self.manager.latest_step()
@@ -260,6 +356,7 @@ class Checkpointer:
       if not (force or self.manager.should_save(step)):
         return False
       self._saving = step
+      _SAVE_NOISE.hold()
       started = self.manager.save(step, args=args, force=force)
       if started and not self._async:
         self.manager.wait_until_finished()
@@ -326,6 +423,7 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       self._raise_save_error(self._saving, e)
+    _SAVE_NOISE.release()   # no failure: what orbax logged meanwhile was about something else
 
   def close(self) -> None:
     """Waits for the save in flight and closes; after a reported failure, closes quietly."""
@@ -338,6 +436,8 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         if not self._failed:
           self._raise_save_error(self._saving, e)
+      if not self._failed:
+        _SAVE_NOISE.release()
 
 
 def _stream_state(row: np.ndarray, columns: list[str] | None) -> StreamState:

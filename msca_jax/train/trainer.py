@@ -167,29 +167,59 @@ _SCALAR_METADATA = summary_pb2.SummaryMetadata(
 
 
 class MetricsWriter:
-  """TensorBoard scalars and metrics.jsonl in the workdir, written by process 0 only."""
+  """TensorBoard scalars and metrics.jsonl in the workdir, written by process 0 only.
 
-  def __init__(self, workdir: str):
+  A write that fails (a full disk, a lost permission) raises SaveError naming the cause in one
+  line, as a failed checkpoint save does; `checkpoint_state()` (e.g. the checkpointer's
+  last_finished) says what the checkpoints are then.
+  """
+
+  def __init__(self, workdir: str, checkpoint_state=None):
     self.enabled = _is_main()
+    self.workdir = workdir
+    self._checkpoint_state = checkpoint_state
+    self._failed = False
     if self.enabled:
-      tf.io.gfile.makedirs(workdir)
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
-      self._jsonl = tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._guarded(lambda: tf.io.gfile.makedirs(workdir))
+      self._tb = self._guarded(
+          lambda: tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")))
+      self._jsonl = self._guarded(
+          lambda: tf.io.gfile.GFile(os.path.join(workdir, "metrics.jsonl"), "a"))
+
+  def _guarded(self, write):
+    try:
+      return write()
+    except (tf.errors.OpError, OSError) as e:
+      self._failed = True
+      state = f"; the previous checkpoint ({self._checkpoint_state()}) is intact" if (
+          self._checkpoint_state) else ""
+      raise ckpt_lib.SaveError(f"writing the metrics in {self.workdir} failed: "
+                               f"{ckpt_lib.failure_reason(e)}{state}") from e
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    with self._tb.as_default(step=step):
-      for name, value in scalars.items():
-        # tf.summary.scalar's body, minus its import of the tensorboard package.
-        tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
-    self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-    self._jsonl.flush()
+
+    def write():
+      with self._tb.as_default(step=step):
+        for name, value in scalars.items():
+          # tf.summary.scalar's body, minus its import of the tensorboard package.
+          tf.summary.write(name, tf.constant(value, tf.float32), metadata=_SCALAR_METADATA)
+      self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self._jsonl.flush()
+    self._guarded(write)
 
   def close(self) -> None:
-    if self.enabled:
-      self._tb.close()
-      self._jsonl.close()
+    """Closes the files; after a failed write, quietly (that failure was reported)."""
+    if not self.enabled:
+      return
+    reported = self._failed
+    try:
+      self._guarded(self._tb.close)
+      self._guarded(self._jsonl.close)
+    except ckpt_lib.SaveError:
+      if not reported:
+        raise
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -504,7 +534,7 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
       exp.train_source, config.data, batch_size=local_batch, seed=t.seed,
       process_index=jax.process_index(), process_count=jax.process_count(), state=stream)
   rng = jax.random.key(t.seed)
-  writer = MetricsWriter(exp.workdir)
+  writer = MetricsWriter(exp.workdir, checkpoint_state=checkpointer.last_finished)
   result: dict[str, Any] = {"step": step, "interrupted": False, "exit_status": 0}
   progress = Progress(exp.total_steps, unit="steps", desc="train", initial=step,
                       min_interval_s=None) if _is_main() else None
@@ -594,10 +624,14 @@ def train(exp: Experiment, *, evaluate_at_end: bool,
             num_crops=config.data.eval_crops, writer=writer, table=True)
   finally:
     # Handlers stay ours until the saves have finished: a second signal must not cut one short.
-    checkpointer.close()
-    writer.close()
-    if own_stop:
-      stop.restore_handlers()
+    try:
+      checkpointer.close()   # a save that failed in the background raises here, its one line
+    finally:
+      try:
+        writer.close()
+      finally:
+        if own_stop:
+          stop.restore_handlers()
   return result
 
 
