@@ -1,6 +1,5 @@
 """data/stream.py: the batch layout, host/device split, padding, resume state and process rows."""
 
-import itertools
 
 import numpy as np
 import pytest

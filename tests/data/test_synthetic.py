@@ -169,7 +169,6 @@ def test_dataset_is_read_by_the_pipeline(written, positions, dtype):
 
 
 def test_bad_synthetic_config_names_the_field(tmp_path):
-  from msca_jax.data import dmvr
   with pytest.raises(DataError, match="config.data.synthetic.train_size"):
     synthetic.ensure_dataset(_synthetic_config(tmp_path, train_size=0))
   assert not (tmp_path / "synthetic").exists() and not list(tmp_path.iterdir())
