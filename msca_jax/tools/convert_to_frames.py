@@ -394,8 +394,11 @@ def main(argv: Sequence[str]) -> int:
   summary = convert(f.source, f.path, f.split, f.output, tfds_name=f.tfds_name, workers=workers)
   print(summary.format())
   if summary.videos_written + summary.videos_done_before == 0:
-    print("convert_to_frames: error: no video could be converted", file=sys.stderr)
-    return 1
+    # Nothing usable in the input: a user error, exit status 2 as prepare_videos gives one.
+    where = f" (each with its reason in {summary.failures_path})" if summary.failures_path else ""
+    print(f"convert_to_frames: error: no video could be converted: {summary.videos_failed} of "
+          f"{summary.videos_total} failed{where}", file=sys.stderr)
+    return cli.EXIT_USER_ERROR
   return 0
 
 

@@ -359,3 +359,19 @@ def test_bad_path_or_split_is_one_clear_line(converted, tmp_path):
   with pytest.raises(DataError, match=r"is the --path directory"):
     convert_to_frames.convert("dmvr", str(converted["input"]), "train", str(converted["input"]))
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_no_convertible_video_is_one_line_and_exit_2(tmp_path):
+  """Every record bad (unparseable, no frames): a user error, as prepare_videos gives it."""
+  directory = tmp_path / "bad"
+  os.makedirs(directory)
+  dmvr.write_labels(str(directory), shards.CLASSES)
+  with dmvr.ShardWriter(str(directory / dmvr.shard_name("train", 0, 1))) as writer:
+    writer.write(b"not a SequenceExample")
+    writer.write(dmvr.make_example([], 0, shards.CLASSES[0], "empty"))
+  result = _cli("--source=dmvr", f"--path={directory}", "--split=train",
+                f"--output={tmp_path / 'out'}", "--workers=0")
+  assert result.returncode == 2, result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("convert_to_frames: error: no video could be converted: 2 of 2 failed")
+  assert "train.failures.tsv" in last and "Traceback" not in result.stderr
