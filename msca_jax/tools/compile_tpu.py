@@ -98,14 +98,16 @@ def parse_topology(name: str) -> tuple[str, str, int]:
 def topology_devices(gen: str, topology: str) -> list:
   """The compile-only devices of a slice, from libtpu's description of it (no TPU needed)."""
   from jax.experimental import topologies
+  chip = CHIPS[gen]
+  chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
   # libtpu reads these when it loads; without them it guesses from the host and warns.
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{CHIPS[gen].cloud}-{CHIPS[gen].cores_per_chip}")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{chip.cloud}-{chips * chip.cores_per_chip}")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_WORKER_ID", "0")
   # Compiling opens no chip: leave libtpu's one-process lock to a run that uses the TPU.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   # v4 and v5p: one device per chip (its two TensorCores as one, as on a Cloud slice).
-  extra = {"chip_config_name": "megacore"} if CHIPS[gen].cores_per_chip == 2 else {}
+  extra = {"chip_config_name": "megacore"} if chip.cores_per_chip == 2 else {}
   return list(topologies.get_topology_desc(platform="tpu", topology_name=topology, **extra).devices)
 
 
@@ -317,8 +319,9 @@ def notes(gen: str, topology: str, devices: list) -> str:
   import jax
   import importlib.metadata as md
   chip = CHIPS[gen]
-  return (f"{topology}: {len(devices)} chips x {devices[0].device_kind}, "
-          f"{len({d.process_index for d in devices})} host(s); HBM {_gib(chip.hbm_bytes)} GiB and bf16 peak "
+  hosts = len({d.process_index for d in devices})
+  return (f"{topology}: {len(devices)} chips x {devices[0].device_kind}, {hosts} host(s) of "
+          f"{len(devices) // hosts}; HBM {_gib(chip.hbm_bytes)} GiB and bf16 peak "
           f"{chip.bf16_tflops:g} TFLOP/s per chip (docs/tpu_compile.md); memory in GiB per chip; "
           f"est. = the compiler's estimate (cost_analysis optimal_seconds), not a measurement; "
           f"jax {jax.__version__}, libtpu {md.version('libtpu')}")
@@ -326,15 +329,19 @@ def notes(gen: str, topology: str, devices: list) -> str:
 
 # ------------------------------------------------------------------------------------ command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py.")
-flags.DEFINE_string("topology", None, "TPU slice: a Cloud name (v5p-8, v5litepod-16, v4-32, v6e-64) "
-                    "or the compiler's notation (v5p:2x2x2).")
-flags.DEFINE_list("variants", None, "Config names under configs/ (default: the --config file's).")
-flags.DEFINE_integer("batch_per_chip", 8, "Clips per chip per train step (global batch / chips).")
-flags.DEFINE_list("batch_sweep", [], "Clips per chip to sweep instead, e.g. 8,16,32,64.")
-flags.DEFINE_bool("remat_sweep", False, "In the sweep, try remat off and on.")
-flags.DEFINE_bool("eval", True, "Also compile the eval step (one view per clip; not in sweeps).")
-flags.DEFINE_string("json", "", "Also write the results here.")
+def define_flags() -> None:
+  """The command line's flags (defined when run as a program: other tools define --config too)."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/msca_kv.py.")
+  flags.DEFINE_string("topology", None, "TPU slice: a Cloud name (v5p-8, v5litepod-16, v4-32, "
+                      "v6e-64) or the compiler's notation (v5p:2x2x2).")
+  flags.DEFINE_list("variants", None, "Config names under configs/ (default: the --config file's).")
+  flags.DEFINE_integer("batch_per_chip", 8, "Clips per chip per train step (global batch / chips).")
+  flags.DEFINE_list("batch_sweep", [], "Clips per chip to sweep instead, e.g. 8,16,32,64.")
+  flags.DEFINE_bool("remat_sweep", False, "In the sweep, try remat off and on.")
+  flags.DEFINE_bool("eval", True, "Also compile the eval step (one view per clip; not in sweeps).")
+  flags.DEFINE_string("json", "", "Also write the results here.")
+
+
 FLAGS = flags.FLAGS
 
 
@@ -346,7 +353,7 @@ def configs_from_flags() -> dict:
   out = {}
   for name in FLAGS.variants or [own]:
     if name == own:  # the config as given (it may live outside configs/)
-      out[name] = _CONFIG.value
+      out[name] = FLAGS.config
       continue
     try:
       config = load_variant(name, arg or None)
@@ -361,7 +368,7 @@ def main(argv) -> None:
   del argv
   if importlib.util.find_spec("libtpu") is None:
     cli.exit_user_error(INSTALL_HINT)
-  if _CONFIG.value is None or not FLAGS.topology:
+  if FLAGS.config is None or not FLAGS.topology:
     raise app.UsageError("--config and --topology are required, e.g. --config=configs/msca_kv.py "
                          "--topology=v5p-8")
   try:
@@ -398,7 +405,9 @@ def main(argv) -> None:
       if base and row["train"].get("estimate_s"):
         print(f"{label(row['variant'])} / {label(results['rows'][0]['variant'])}: "
               f"{row['train']['estimate_s'] / base:.3f}x by the compiler's estimate")
-  results.update(topology=topology, requested=FLAGS.topology, notes=notes(gen, topology, devices))
+  chip = {k: v for k, v in dataclasses.asdict(CHIPS[gen]).items() if k != "shapes"}
+  results.update(topology=topology, requested=FLAGS.topology, chip=chip,
+                 notes=notes(gen, topology, devices))
   if FLAGS.json:
     with open(FLAGS.json, "w") as f:
       json.dump(results, f, indent=2, default=str)
@@ -406,4 +415,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main, user_errors=(TopologyError,))
