@@ -37,6 +37,7 @@ from ml_collections import config_flags
 
 from msca_jax import cli
 from msca_jax.configs import get as load_variant, label
+from msca_jax.errors import UserError
 
 LIBTPU_PIN = "libtpu==0.0.42.*"   # jax 0.10.2's own pin for jax[tpu] (pyproject.toml's tpu-compile)
 INSTALL_HINT = (f"the TPU compiler needs libtpu ({LIBTPU_PIN}): pip install -e '.[tpu-compile]'")
@@ -206,8 +207,10 @@ def compile_variant(config, gen: str, devices: list, batch_per_chip: int, *,
 
   chip = CHIPS[gen]
   batch = batch_per_chip * len(devices)
-  mesh = mesh_lib.make_mesh(config.mesh, devices)
-  rules = mesh_lib.rules(config.mesh)
+  try:
+    mesh, rules = mesh_lib.make_mesh(config.mesh, devices), mesh_lib.rules(config.mesh)
+  except ValueError as e:  # config.mesh's shape or rules do not fit the slice
+    raise UserError(f"{e} (on {len(devices)} chips)") from e
   model = models.build(config.model)
   tx = optim.make_optimizer(config.train, STEPS_PER_EPOCH)
   abstract, shardings = state_lib.abstract_state(model, tx, models.clip_spec(config.model), mesh, rules)
