@@ -185,6 +185,7 @@ def analyse(lower, chip: Chip, batch_per_chip: int, flops_per_chip: float | None
   row["estimate_note"] = ("compiler's estimate (cost_analysis optimal_seconds)" if usable else
                           f"no usable compiler's estimate (optimal_seconds = {seconds})")
   row["compiled_flops_per_chip"] = cost.get("flops")
+  row["bytes_accessed_per_chip"] = cost.get("bytes accessed")
   if usable:
     row["est_clips_per_s_per_chip"] = batch_per_chip / seconds
     if flops_per_chip:
