@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -32,12 +33,18 @@ import tempfile
 import time
 from typing import Any
 
+import jax
 from absl import app, flags
+from jax.experimental import topologies
 from ml_collections import config_flags
 
-from msca_jax import cli
+from msca_jax import cli, models
 from msca_jax.configs import get as load_variant, label
+from msca_jax.data import pipeline
+from msca_jax.data.decode import DecodeSettings
 from msca_jax.errors import UserError
+from msca_jax.train import mesh as mesh_lib, optim, trainer
+from msca_jax.train import state as state_lib
 
 LIBTPU_PIN = "libtpu==0.0.42.*"   # jax 0.10.2's own pin for jax[tpu] (pyproject.toml's tpu-compile)
 INSTALL_HINT = (f"the TPU compiler needs libtpu ({LIBTPU_PIN}): pip install -e '.[tpu-compile]'")
@@ -98,7 +105,6 @@ def parse_topology(name: str) -> tuple[str, str, int]:
 
 def topology_devices(gen: str, topology: str) -> list:
   """The compile-only devices of a slice, from libtpu's description of it (no TPU needed)."""
-  from jax.experimental import topologies
   chip = CHIPS[gen]
   chips = math.prod(int(d) for d in topology.split(":")[1].split("x"))
   # libtpu reads these when it loads; without them it guesses from the host and warns.
@@ -199,13 +205,6 @@ def analyse(lower, chip: Chip, batch_per_chip: int, flops_per_chip: float | None
 def compile_variant(config, gen: str, devices: list, batch_per_chip: int, *,
                     with_eval: bool = True) -> dict:
   """The trainer's train (and eval) step of `config` on `devices`, compiled from abstract shapes."""
-  import jax
-  from msca_jax import models
-  from msca_jax.data import pipeline
-  from msca_jax.data.decode import DecodeSettings
-  from msca_jax.train import mesh as mesh_lib, optim, trainer
-  from msca_jax.train import state as state_lib
-
   chip = CHIPS[gen]
   batch = batch_per_chip * len(devices)
   try:
@@ -246,12 +245,6 @@ def compile_variant(config, gen: str, devices: list, batch_per_chip: int, *,
 def model_flops(config, batch: int, window: int | None) -> float | None:
   """The step's FLOPs as the project counts them (tools/benchmark.py): XLA's cost analysis of
   the same train step, remat off, lowered for one CPU device (the TPU lowering has none)."""
-  import jax
-  from msca_jax import models
-  from msca_jax.data import pipeline
-  from msca_jax.train import mesh as mesh_lib, optim, trainer
-  from msca_jax.train import state as state_lib
-
   twin = config.copy_and_resolve_references()
   twin.model.remat = False
   twin.mesh.shape.update(data=1, fsdp=1, model=1)
@@ -320,15 +313,13 @@ def format_row(row: dict, step: str) -> str:
 
 
 def notes(gen: str, topology: str, devices: list) -> str:
-  import jax
-  import importlib.metadata as md
   chip = CHIPS[gen]
   hosts = len({d.process_index for d in devices})
   return (f"{topology}: {len(devices)} chips x {devices[0].device_kind}, {hosts} host(s) of "
           f"{len(devices) // hosts}; HBM {_gib(chip.hbm_bytes)} GiB and bf16 peak "
           f"{chip.bf16_tflops:g} TFLOP/s per chip (docs/tpu_compile.md); memory in GiB per chip; "
           f"est. = the compiler's estimate (cost_analysis optimal_seconds), not a measurement; "
-          f"jax {jax.__version__}, libtpu {md.version('libtpu')}")
+          f"jax {jax.__version__}, libtpu {importlib.metadata.version('libtpu')}")
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -383,7 +374,6 @@ def main(argv) -> None:
     raise app.UsageError("--batch_per_chip and --batch_sweep: clips per chip must be positive")
   gen, topology, _ = parse_topology(FLAGS.topology)
   configs = configs_from_flags()
-  import jax
   jax.config.update("jax_platforms", "cpu")   # the host's own backend; the slice is compile-only
   devices = topology_devices(gen, topology)
   print(notes(gen, topology, devices), flush=True)
