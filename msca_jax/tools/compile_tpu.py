@@ -62,16 +62,17 @@ class Chip:
   shapes: dict            # chips -> the compiler's topology of the Cloud slice
 
 
-GiB, GB = 2**30, 10**9
+GiB = 2**30
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
        256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-# Sources (Cloud TPU system architecture pages) in docs/tpu_compile.md.
+# Sources (Cloud TPU system architecture pages) in docs/tpu_compile.md. Their "95 GB" (v5p) and
+# "32 GB" (v6e) are GiB: the compiler fits 92.3 GiB per v5p chip.
 CHIPS = {
     "v4": Chip(32 * GiB, 275.0, 4, 2, "v4", _3D),
     "v5e": Chip(16 * GiB, 197.0, 4, 1, "v5litepod", _2D),
-    "v5p": Chip(95 * GB, 459.0, 4, 2, "v5p", _3D),
-    "v6e": Chip(32 * GB, 918.0, 4, 1, "v6e", _2D),
+    "v5p": Chip(95 * GiB, 459.0, 4, 2, "v5p", _3D),
+    "v6e": Chip(32 * GiB, 918.0, 4, 1, "v6e", _2D),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
