@@ -156,8 +156,14 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 def _optimised_hlo(lowered) -> tuple[Any, str, str]:
   """(compiled, optimised HLO text, where it came from): as_text() where the compiler gives it,
   else XLA's dump of the module after optimisations (some libtpu versions fail in as_text)."""
+  cache = jax.config.jax_enable_compilation_cache
+  # A compile-only executable cannot be read back from JAX's persistent cache: keep it out.
+  jax.config.update("jax_enable_compilation_cache", False)
   with tempfile.TemporaryDirectory() as dump:
-    compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+    try:
+      compiled = lowered.compile(compiler_options={"xla_dump_to": dump})
+    finally:
+      jax.config.update("jax_enable_compilation_cache", cache)
     try:
       return compiled, compiled.as_text(), "compiled.as_text()"
     except Exception:  # pylint: disable=broad-except  (the dump below is the fallback)
