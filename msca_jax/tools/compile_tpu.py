@@ -66,8 +66,8 @@ GiB = 2**30
 _3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
        256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-# Sources (Cloud TPU system architecture pages) in docs/tpu_compile.md. Their "95 GB" (v5p) and
-# "32 GB" (v6e) are GiB: the compiler fits 92.3 GiB per v5p chip.
+# Sources (Cloud TPU system architecture pages) in docs/tpu_compile.md. Their "95 GB" (v5p) is
+# GiB (the compiler fits 92.3 GiB per v5p chip); v6e's "32 GB" is taken as GiB likewise.
 CHIPS = {
     "v4": Chip(32 * GiB, 275.0, 4, 2, "v4", _3D),
     "v5e": Chip(16 * GiB, 197.0, 4, 1, "v5litepod", _2D),
