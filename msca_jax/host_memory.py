@@ -18,11 +18,17 @@ step's buffers live on the device, and a host that never returns memory is a cos
 measured gain. So it does nothing when JAX_PLATFORMS names an accelerator first, or when an
 accelerator plugin is installed and JAX_PLATFORMS does not ask for the CPU; nor on a non-glibc
 system, nor with MSCA_JAX_HOST_MALLOC=default.
+
+libtpu alone is no TPU: it is also the TPU compiler that tools/compile_tpu.py runs on any host
+(docs/tpu_compile.md). Where no TPU chip is attached, `cpu_unless_tpu_attached` (called when the
+package is imported) tells JAX to run on the CPU, as it would without libtpu: otherwise JAX starts
+libtpu first, which prints its warnings and takes its lock file before JAX falls back to the CPU.
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -37,6 +43,22 @@ _state: str | None = None
 # Modules that give JAX a GPU or TPU backend (jax[cuda12], jax[tpu], ROCm).
 _ACCELERATOR_MODULES = ("libtpu", "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
                         "jax_rocm7_plugin")
+# TPU chips on the PCI bus (Google's vendor id, the chips' device ids), as JAX itself finds them
+# (jax/_src/hardware_utils.py); Google's virtual NIC shares the vendor id, not the device ids.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = ("0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076")
+
+
+def tpu_attached() -> bool:
+  """Whether a TPU chip is on this host's PCI bus (read from /sys, without starting JAX)."""
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f, open(os.path.join(os.path.dirname(vendor), "device")) as g:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR and g.read().strip() in _TPU_PCI_DEVICES:
+          return True
+    except OSError:
+      continue
+  return False
 
 
 def accelerator_backend() -> str:
@@ -46,10 +68,24 @@ def accelerator_backend() -> str:
     first = platforms.split(",")[0].strip()
     return "" if first == "cpu" else f"JAX_PLATFORMS={platforms}"
   for module in _ACCELERATOR_MODULES:
-    if importlib.util.find_spec(module) is not None:
+    if importlib.util.find_spec(module) is not None and (module != "libtpu" or tpu_attached()):
       return module
   plugins = [entry.name for entry in importlib.metadata.entry_points(group="jax_plugins")]
   return plugins[0] if plugins else ""
+
+
+def cpu_unless_tpu_attached() -> None:
+  """JAX_PLATFORMS=cpu where libtpu is installed, no TPU chip is attached and no other
+  accelerator is installed; nothing where JAX_PLATFORMS is set."""
+  if (os.environ.get("JAX_PLATFORMS", "").strip() or importlib.util.find_spec("libtpu") is None
+      or accelerator_backend()):
+    return
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.config.jax_platforms is not None:
+    return   # chosen in code
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  if jax is not None:  # imported first: it read the variable already, and its backends wait
+    jax.config.update("jax_platforms", "cpu")
 
 
 def keep_freed_memory() -> str:

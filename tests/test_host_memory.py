@@ -60,19 +60,45 @@ class KeepFreedMemoryTest(absltest.TestCase):
     self.assertIn("JAX_PLATFORMS=cuda,cpu", state)
     self.assertGreater(faults, 1000)   # the freed block went back to the OS
 
-  def test_an_installed_accelerator_plugin_means_an_accelerator(self):
+  def _with_plugin(self, plugin: str, chip: bool, then: str) -> str:
+    """`then`'s output in a process where `plugin` alone looks installed (libtpu, installed or
+    not, only when named) and a TPU chip attached or not."""
     env = dict(os.environ, JAX_PLATFORMS="")
     env.pop("JAX_PLATFORMS")
-    probe = ("import importlib.util, sys; from msca_jax import host_memory; "
+    probe = ("import importlib.util, os, sys; from msca_jax import host_memory; "
              "real = importlib.util.find_spec; "
-             "importlib.util.find_spec = lambda name, *a: object() if name == 'libtpu' else real(name, *a); "
-             "print(host_memory.accelerator_backend())")
+             f"importlib.util.find_spec = lambda name, *a: object() if name == {plugin!r} else "
+             "None if name == 'libtpu' else real(name, *a); "
+             f"host_memory.tpu_attached = lambda: {chip}; os.environ.pop('JAX_PLATFORMS', None); "
+             + then)
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                             check=True)
-    self.assertEqual(result.stdout.strip(), "libtpu")
-    cpu = subprocess.run([sys.executable, "-c", probe.replace("libtpu'", "nothing'")], env=env,
-                         capture_output=True, text=True, check=True)
-    self.assertEqual(cpu.stdout.strip(), "")   # a host without an accelerator plugin, the CPU
+    return result.stdout.strip()
+
+  def test_an_installed_accelerator_plugin_means_an_accelerator(self):
+    backend = "print(host_memory.accelerator_backend())"
+    self.assertEqual(self._with_plugin("libtpu", True, backend), "libtpu")
+    self.assertEqual(self._with_plugin("jax_cuda12_plugin", False, backend), "jax_cuda12_plugin")
+    # libtpu is also the TPU compiler (docs/tpu_compile.md): without a TPU chip JAX runs on the CPU.
+    self.assertEqual(self._with_plugin("libtpu", False, backend), "")
+    self.assertEqual(self._with_plugin("nothing", False, backend), "")
+
+  def test_libtpu_without_a_tpu_chip_keeps_jax_on_the_cpu(self):
+    platforms = ("host_memory.cpu_unless_tpu_attached(); "
+                 "print(os.environ.get('JAX_PLATFORMS', 'unset'))")
+    self.assertEqual(self._with_plugin("libtpu", False, platforms), "cpu")
+    self.assertEqual(self._with_plugin("libtpu", True, platforms), "unset")
+    self.assertEqual(self._with_plugin("nothing", False, platforms), "unset")
+    given = ("os.environ['JAX_PLATFORMS'] = 'cpu,tpu'; " + platforms)
+    self.assertEqual(self._with_plugin("libtpu", False, given), "cpu,tpu")
+
+  def test_no_tpu_chip_on_this_host_unless_jax_sees_one(self):
+    try:
+      from jax._src import hardware_utils   # what JAX itself counts (private)
+    except ImportError:
+      self.skipTest("jax._src.hardware_utils moved")
+    self.assertEqual(host_memory.tpu_attached(),
+                     hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0)
 
   def test_bad_setting_names_the_variable(self):
     env = dict(os.environ, **{host_memory.ENV_VAR: "yes"})
