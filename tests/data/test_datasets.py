@@ -147,7 +147,7 @@ def test_ssv2_bad_validation_entries_are_reported_skipped_and_counted(prepared):
 
 
 def test_ssv2_as_downloaded_today_with_its_unlabelled_test_set_for_predict(prepared, tmp_path):
-  from msca_jax import predict
+  from msca_jax import inference
   old_ann, _, old_output, _, old_lists = prepared["ssv2"]   # 20BN's names, no test JSON
   assert old_lists == [] and not os.path.exists(os.path.join(old_output, datasets.SSV2_TEST_LIST))
   ann, videos = make_ssv2(str(tmp_path / "ssv2"), naming=datasets.SSV2_NAMINGS[0], test_ids=(30, 31, 32))
@@ -161,7 +161,7 @@ def test_ssv2_as_downloaded_today_with_its_unlabelled_test_set_for_predict(prepa
     assert f.read().split("\n")[:3] == SSV2_CLASSES
   test_list = os.path.join(output, datasets.SSV2_TEST_LIST)
   want = [os.path.abspath(os.path.join(videos, f"{i}.webm")) for i in (30, 32)]
-  assert predict.list_videos(test_list) == want
+  assert inference.list_videos(test_list) == want
   assert [entry.format() for entry in lists] == [
       f"split 'test': 2 of 3 videos listed in {test_list}, unlabelled: for predict "
       f"--video={test_list}, not for evaluation; 1 not found (31)"]

@@ -283,26 +283,26 @@ def test_frame_folder_list(tmp_path, fmt):
   (frames / "broken" / "img_00000.jpg").write_bytes(b"\xff\xd8\xff garbage")
   list_path = tmp_path / "lists" / "train.txt"
   list_path.parent.mkdir()
-  # Relative to the list's directory, as the reference's lists often are ('..' must not leave
-  # the output's split folder).
-  list_path.write_text("../frames/vid1 5 0\n../frames/vid2 3 2\n../frames/vid3 2 -1\n"
-                       "../frames/missing 4 1\n../frames/empty 0 1\n../frames/broken 1 1\n")
-  summary = run(list_path, tmp_path / "out", short_side=40, num_shards=1, output_format=fmt)
+  # Relative to --video_root (lines may not climb out of it: tests/data/test_prepare_edges.py).
+  list_path.write_text("frames/vid1 5 0\nframes/vid2 3 2\nframes/vid3 2 -1\n"
+                       "frames/missing 4 1\nframes/empty 0 1\nframes/broken 1 1\n")
+  summary = run(list_path, tmp_path / "out", short_side=40, num_shards=1, output_format=fmt,
+                video_root=str(tmp_path))
   records = read_split(tmp_path / "out", "train", fmt)
-  assert sorted(records) == ["../frames/vid1", "../frames/vid2"]
-  assert records["../frames/vid1"]["encoded"] == vid1  # byte for byte
-  assert (records["../frames/vid1"]["label"], records["../frames/vid1"]["text"]) == (0, "0")
-  vid2 = records["../frames/vid2"]
+  assert sorted(records) == ["frames/vid1", "frames/vid2"]
+  assert records["frames/vid1"]["encoded"] == vid1  # byte for byte
+  assert (records["frames/vid1"]["label"], records["frames/vid1"]["text"]) == (0, "0")
+  vid2 = records["frames/vid2"]
   assert (vid2["label"], vid2["text"], vid2["frames"].shape) == (2, "2", (3, 40, 53, 3))
   np.testing.assert_allclose(vid2["frames"].mean(axis=(1, 2, 3)), [0, 30, 60], atol=2)
   assert dmvr.read_labels(str(tmp_path / "out")) == ["0", "1", "2"]
   reasons = {f.key: f.reason for f in summary.failures}
-  assert sorted(reasons) == ["../frames/broken", "../frames/empty", "../frames/missing",
-                             "../frames/vid3"]
-  assert "outside the class list" in reasons["../frames/vid3"]
-  assert "not found" in reasons["../frames/missing"]
-  assert "no image files" in reasons["../frames/empty"]
-  assert "not a readable image" in reasons["../frames/broken"]
+  assert sorted(reasons) == ["frames/broken", "frames/empty", "frames/missing",
+                             "frames/vid3"]
+  assert "outside the class list" in reasons["frames/vid3"]
+  assert "not found" in reasons["frames/missing"]
+  assert "no image files" in reasons["frames/empty"]
+  assert "not a readable image" in reasons["frames/broken"]
   if fmt == "frames":
     assert vid2["folder"] == "train/frames/vid2"
     assert sorted(os.listdir(tmp_path / "out" / "train" / "frames")) == ["vid1", "vid2"]
