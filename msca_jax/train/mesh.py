@@ -48,8 +48,14 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg.shape, len(devices))
   # Auto axes: shardings propagate from the annotated inputs and the logical constraints.
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
+  except NotImplementedError as e:  # a TPU torus whose sides the axis sizes do not tile
+    first = str(e).split(". ")[0]
+    raise ValueError(f"config.mesh.shape {dict(zip(MESH_AXES, shape))} does not fit the "
+                     f"{len(devices)} devices' physical mesh: each axis must be a product of some "
+                     f"of its sides ({first})") from None
 
 
 def rules(mesh_cfg) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:

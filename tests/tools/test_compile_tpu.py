@@ -121,3 +121,17 @@ def test_a_multi_host_slice_compiles_fsdp_and_an_impossible_batch_is_an_oom_resu
   huge = compile_tpu.compile_variant(_tiny(), gen, devices, batch_per_chip=50_000, with_eval=False)
   assert huge["train"]["fits"] is False and "memory" not in huge["train"]
   assert "RESOURCE_EXHAUSTED" in huge["train"]["oom"] or "memory" in huge["train"]["oom"].lower()
+
+
+@needs_libtpu
+def test_a_mesh_axis_that_does_not_tile_the_torus_is_one_line():
+  """v5p-128 is a 4x4x4 torus: fsdp=8 is no product of its sides (4, 16 or 64 would be)."""
+  from msca_jax.train import mesh as mesh_lib
+
+  gen, topology, _ = compile_tpu.parse_topology("v5p-128")
+  devices = compile_tpu.topology_devices(gen, topology)
+  with pytest.raises(ValueError, match=r"^config\.mesh\.shape \{'data': 8, 'fsdp': 8, 'model': 1\} "
+                                       r"does not fit the 64 devices' physical mesh") as error:
+    mesh_lib.make_mesh(_tiny(fsdp=8).mesh, devices)
+  assert "\n" not in str(error.value)
+  assert mesh_lib.make_mesh(_tiny(fsdp=16).mesh, devices).shape["fsdp"] == 16
