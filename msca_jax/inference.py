@@ -365,7 +365,8 @@ def classify(config, params, video_path: str, views: str = "test", top_k: int = 
   probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])
   if len(names) != probabilities.shape[0]:
     raise InferenceError(f"{len(names)} class names for a model with {probabilities.shape[0]} classes")
-  return Prediction(top=_top(probabilities, names, top_k), probabilities=probabilities, view_logits=logits,
+  return Prediction(top=top_classes(probabilities, names, top_k), probabilities=probabilities,
+                    view_logits=logits,
                     num_frames_decoded=len(frames), decode=decode,
                     protocol=describe_protocol(config.data, views))
 
@@ -460,7 +461,9 @@ def batch_probabilities(config, params, views: np.ndarray) -> np.ndarray:
   return evaluate.softmax(np.asarray(evaluate.average_views(logits, num_views)))
 
 
-def _top(probabilities: np.ndarray, names: Sequence[str], top_k: int) -> list[tuple[int, str, float]]:
+def top_classes(probabilities: np.ndarray, names: Sequence[str],
+                top_k: int) -> list[tuple[int, str, float]]:
+  """[(class index, name, probability)] of the top_k most probable classes, best first."""
   order = np.argsort(-probabilities, kind="stable")[:top_k]
   return [(int(i), names[i], float(probabilities[i])) for i in order]
 
@@ -487,7 +490,7 @@ def classify_many(config, params, paths: Sequence[str], views: str = "test", top
     for keys, statuses, batch in view_batches(loaders, config.data, views, batch_size):
       probabilities = batch_probabilities(config, params, batch)
       for i, (key, status) in enumerate(zip(keys, statuses)):
-        rows.append((key, status, _top(probabilities[i], names, top_k) if status == "ok" else []))
+        rows.append((key, status, top_classes(probabilities[i], names, top_k) if status == "ok" else []))
       bar.update(len(keys), failed=sum(r[1] != "ok" for r in rows))
   return rows
 
@@ -570,7 +573,7 @@ def classify_windows(config, params, path: str, window_seconds: float, hop_secon
     for keys, statuses, batch in view_batches(windows(), config.data, views, batch_size):
       probabilities = batch_probabilities(config, params, batch)
       for i, (key, status) in enumerate(zip(keys, statuses)):
-        top = _top(probabilities[i], names, top_k) if status == "ok" else []
+        top = top_classes(probabilities[i], names, top_k) if status == "ok" else []
         rows.append((*spans[key], status, top, probabilities[i]))
       bar.update(len(keys))
   return rows

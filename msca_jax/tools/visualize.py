@@ -395,8 +395,7 @@ def run(flag_values: flags.FlagValues, out=None) -> int:
     return fail(str(e))
   logits, attention = attention_probabilities(config, params, views)
   probabilities = evaluate.softmax(np.asarray(evaluate.average_views(logits[None]))[0])
-  order = np.argsort(-probabilities, kind="stable")[:flag_values.top_k]
-  top = [(int(i), names[i], float(probabilities[i])) for i in order]
+  top = inference.top_classes(probabilities, names, flag_values.top_k)
   details = [f"video {flag_values.video}: {len(frames)} frames decoded at {decode.describe()}",
              f"views: {inference.describe_protocol(config.data, flag_values.views)}; drawn: view "
              f"{flag_values.view}",
