@@ -13,6 +13,10 @@ heads [0, fold) have s_h = +1 and the last fold heads s_h = -1.
 Patch axis (our interpretation, docs/interpretations.md): every head, but patch tokens
 interleaved on the patch index move (CLS never does).
 
+When Q, K and V of a head all come from frame t+s (MSCA-QKV, head axis), the head is
+frame t+s's own attention output: that output is shifted instead of Q, K and V, one tensor
+moved instead of three, the same values (zero frames attend to zero values: a zero head).
+
 MSCA-KV, the paper's best variant, lets a few heads of frame t query the tokens
 of the neighbouring frames: temporal cross-attention at the cost of ViT.
 """
@@ -47,3 +51,14 @@ def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: 
   return tuple(
       shift.temporal_shift(x, pattern, boundary) if name in targets else x
       for name, x in zip("qkv", (q, k, v)))
+
+
+def shifts_output(targets: str, axis: str) -> bool:
+  """Whether the variant is computed by shifting the attention output of whole heads."""
+  return targets == "qkv" and axis == "head"
+
+
+def cross_frame_output(out: jnp.ndarray, *, shift_div: int, boundary: shift.Boundary) -> jnp.ndarray:
+  """MSCA-QKV (head axis) from frame-wise attention output out: (batch, time, tokens, heads, head_dim)."""
+  pattern = offsets("head", num_tokens=out.shape[2], num_heads=out.shape[3], shift_div=shift_div)
+  return shift.temporal_shift(out, pattern, boundary)

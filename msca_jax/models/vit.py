@@ -150,17 +150,22 @@ class Attention(nn.Module):
         kernel_init=_init(xavier((0,), (1, 2)), ("embed", "heads", "kv")),
         bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
     q, k, v = (project(name)(x) for name in ("query", "key", "value"))
-    if self.temporal.kind == "msca":
+    # A caller that makes 'intermediates' mutable asks for the probabilities; otherwise this
+    # lowers to exactly the fused attention below (tests/models/test_attention_maps.py).
+    capture = self.is_mutable_collection("intermediates")
+    explicit = capture or (train and self.attention_dropout_rate > 0.0)
+    # Shifting the output is exact for the output only: captured maps and dropout masks belong
+    # to the frame the inputs were moved to, so those paths move the inputs.
+    shift_output = (self.temporal.kind == "msca" and not explicit
+                    and msca.shifts_output(self.temporal.msca_targets, self.temporal.msca_axis))
+    if self.temporal.kind == "msca" and not shift_output:
       q, k, v = msca.cross_frame_qkv(
           q, k, v, targets=self.temporal.msca_targets, axis=self.temporal.msca_axis,
           shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
 
     # Frames are independent attention problems: fold time into the batch.
     q, k, v = (y.reshape(batch * frames, tokens, self.num_heads, head_dim) for y in (q, k, v))
-    # A caller that makes 'intermediates' mutable asks for the probabilities; otherwise this
-    # lowers to exactly the fused attention below (tests/models/test_attention_maps.py).
-    capture = self.is_mutable_collection("intermediates")
-    if capture or (train and self.attention_dropout_rate > 0.0):
+    if explicit:
       out, weights = self._explicit_attention(q, k, v, train)
       if capture:
         self.sow("intermediates", "attention",
@@ -170,6 +175,9 @@ class Attention(nn.Module):
                                                 q.dtype, head_dim)
       out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
+    if shift_output:
+      out = msca.cross_frame_output(out, shift_div=self.temporal.shift_div,
+                                    boundary=self.temporal.boundary)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
     return nn.Einsum(
         (self.num_heads, head_dim, width), "...hk,hkd->...d", dtype=self.dtype, name="out",

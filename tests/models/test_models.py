@@ -350,3 +350,18 @@ class ConfigErrorsTest(parameterized.TestCase):
     params = helpers.init_params(model, helpers.random_clip())
     with pytest.raises(ValueError, match="pos_embedding has shape"):
       model.apply({"params": params}, helpers.random_clip(height=48))
+
+
+@pytest.mark.parametrize("boundary", ["zero", "circular"])
+def test_qkv_by_shifted_output_equals_shifted_inputs(boundary, monkeypatch):
+  # MSCA-QKV (head axis) shifts the attention output instead of Q, K and V: same logits and
+  # same gradients as moving the three inputs (docs/tpu_compile.md#msca-at-vits-cost).
+  model = helpers.small_model(name="msca", msca_targets="qkv", shift_div=4, boundary=boundary,
+                              head_zeroinit=False)
+  clip = helpers.random_clip(batch=2, frames=4)
+  params = helpers.init_params(model, clip)
+  loss = lambda p: jnp.sum(model.apply({"params": p}, clip) ** 2)
+  by_output = jax.jit(jax.value_and_grad(loss))(params)
+  monkeypatch.setattr(msca, "shifts_output", lambda targets, axis: False)
+  by_inputs = jax.jit(jax.value_and_grad(loss))(params)
+  chex.assert_trees_all_close(by_output, by_inputs, atol=1e-6, rtol=1e-5)
