@@ -190,6 +190,10 @@ def analyse(lower, chip: Chip, batch_per_chip: int, flops_per_chip: float | None
   memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
                      + memory["generated_code"])
   row.update(memory=memory, hbm_bytes=chip.hbm_bytes, margin_bytes=chip.hbm_bytes - memory["total"])
+  if row["margin_bytes"] < 0:
+    # Seen on v4, v5e and v6e slices: the compile-only target compiles programs larger than the
+    # chip's HBM without rematerialising, so the memory analysis decides.
+    row.update(fits=False, over_hbm=True)
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   seconds = cost.get("optimal_seconds")
@@ -272,7 +276,8 @@ def model_flops(config, batch: int, window: int | None) -> float | None:
 
 def sweep(configs: dict, gen: str, devices: list, batches: list[int], remats: tuple[bool, ...],
           log=print) -> dict:
-  """Each variant (and remat setting) at each batch per chip, ascending, until the first OOM."""
+  """Each variant (and remat setting) at each batch per chip, ascending, until the first that does
+  not fit (the compiler's OOM, or a memory analysis over the chip's HBM)."""
   rows, summary = [], []
   for name, config in configs.items():
     for remat in remats:
@@ -304,8 +309,8 @@ HEADER = (f"{'variant':<12} {'step':<5} {'remat':<5} {'clips/chip':>10} {'fits':
 def format_row(row: dict, step: str) -> str:
   r = row[step]
   head = (f"{label(row['variant']):<12} {step:<5} {'yes' if row['remat'] else 'no':<5} "
-          f"{row['batch_per_chip']:>10} {'yes' if r['fits'] else 'OOM':<4} ")
-  if not r["fits"]:
+          f"{row['batch_per_chip']:>10} {'yes' if r['fits'] else 'over' if r.get('over_hbm') else 'OOM':<4} ")
+  if not r["fits"] and not r.get("over_hbm"):
     return head + f"compile {r['compile_s']:.0f} s; {r['oom'][:160]}"
   m = r["memory"]
   coll = ", ".join(f"{k} {v['count']} ({_gib(v['bytes'])} GiB)" for k, v in r["collectives"].items())
@@ -391,7 +396,8 @@ def main(argv) -> None:
     for s in results["summary"]:
       print(f"{label(s['variant'])}, remat {'on' if s['remat'] else 'off'}: largest batch per chip "
             f"that fits {s['largest_fitting_batch_per_chip']}"
-            + (f" (OOM at {s['first_oom']})" if s["first_oom"] else " (no OOM in the sweep)"))
+            + (f" (does not fit at {s['first_oom']})" if s["first_oom"] else
+               " (every batch of the sweep fits)"))
   else:
     results = {"rows": []}
     for name, config in configs.items():

@@ -2,6 +2,7 @@
 collectives, the message without libtpu, and a small model's train step compiled for a single-host
 and a multi-host slice, with an impossible batch reported as an out-of-memory result."""
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -135,3 +136,21 @@ def test_a_mesh_axis_that_does_not_tile_the_torus_is_one_line():
     mesh_lib.make_mesh(_tiny(fsdp=8).mesh, devices)
   assert "\n" not in str(error.value)
   assert mesh_lib.make_mesh(_tiny(fsdp=16).mesh, devices).shape["fsdp"] == 16
+
+
+@needs_libtpu
+def test_a_program_over_the_chips_hbm_does_not_fit_though_the_compiler_took_it(monkeypatch):
+  # v4, v5e and v6e compile-only targets compile programs larger than HBM (seen at 32 clips per
+  # v5e chip: 16.7 of 16 GiB); the memory analysis is then the verdict, and the sweep stops there.
+  gen, topology, _ = compile_tpu.parse_topology("v5e:2x2")
+  devices = compile_tpu.topology_devices(gen, topology)
+  monkeypatch.setitem(compile_tpu.CHIPS, "v5e",
+                      dataclasses.replace(compile_tpu.CHIPS["v5e"], hbm_bytes=2**20))
+  results = compile_tpu.sweep({"msca_kv": _tiny()}, gen, devices, [1, 2], (False,), log=lambda _: None)
+  (row,) = results["rows"]
+  train = row["train"]
+  assert train["fits"] is False and train["over_hbm"] and train["margin_bytes"] < 0
+  assert train["memory"]["total"] > 2**20
+  assert compile_tpu.format_row(row, "train").split()[4] == "over"
+  assert results["summary"] == [{"variant": "msca_kv", "remat": False,
+                                 "largest_fitting_batch_per_chip": None, "first_oom": 1}]
