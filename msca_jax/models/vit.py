@@ -156,9 +156,10 @@ class Attention(nn.Module):
     explicit = capture or (train and self.attention_dropout_rate > 0.0)
     # Shifting the output is exact for the output only: captured maps and dropout masks belong
     # to the frame the inputs were moved to, so those paths move the inputs.
-    shift_output = (self.temporal.kind == "msca" and not explicit
+    cross_frame = self.temporal.kind == "msca"
+    shift_output = (cross_frame and not explicit
                     and msca.shifts_output(self.temporal.msca_targets, self.temporal.msca_axis))
-    if self.temporal.kind == "msca" and not shift_output:
+    if cross_frame and not shift_output:
       q, k, v = msca.cross_frame_qkv(
           q, k, v, targets=self.temporal.msca_targets, axis=self.temporal.msca_axis,
           shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)

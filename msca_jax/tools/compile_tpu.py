@@ -308,9 +308,10 @@ HEADER = (f"{'variant':<12} {'step':<5} {'remat':<5} {'clips/chip':>10} {'fits':
 
 def format_row(row: dict, step: str) -> str:
   r = row[step]
+  verdict = "yes" if r["fits"] else "over" if r.get("over_hbm") else "OOM"
   head = (f"{label(row['variant']):<12} {step:<5} {'yes' if row['remat'] else 'no':<5} "
-          f"{row['batch_per_chip']:>10} {'yes' if r['fits'] else 'over' if r.get('over_hbm') else 'OOM':<4} ")
-  if not r["fits"] and not r.get("over_hbm"):
+          f"{row['batch_per_chip']:>10} {verdict:<4} ")
+  if verdict == "OOM":  # the compiler refused it: no memory analysis, its message instead
     return head + f"compile {r['compile_s']:.0f} s; {r['oom'][:160]}"
   m = r["memory"]
   coll = ", ".join(f"{k} {v['count']} ({_gib(v['bytes'])} GiB)" for k, v in r["collectives"].items())
