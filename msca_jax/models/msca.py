@@ -11,7 +11,11 @@ frame t+1 or t-1 instead of frame t (zeros outside the clip):
 Head axis (the paper, official MSCA-KV code): with fold = num_heads // shift_div,
 heads [0, fold) have s_h = +1 and the last fold heads s_h = -1.
 Patch axis (our interpretation, docs/interpretations.md): every head, but patch tokens
-interleaved on the patch index move (CLS never does).
+interleaved on the patch index move (CLS never does). The encoder holds those tokens grouped
+by p % shift_div (`group_tokens`, once after the position embedding): the moving patches are then
+two contiguous runs, moved in place like heads, where the interleave would roll and select all of
+K and V. Every block is token-wise or attention, which is indifferent to the order of its tokens,
+and CLS stays at position 0, so the logits are the same.
 
 When Q, K and V of a head all come from frame t+s (MSCA-QKV, head axis), the head is
 frame t+s's own attention output: that output is shifted instead of Q, K and V, one tensor
@@ -23,6 +27,9 @@ of the neighbouring frames: temporal cross-attention at the cost of ViT.
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -32,22 +39,93 @@ TARGETS = ("q", "k", "v", "qk", "qv", "kv", "qkv")
 AXES = ("head", "patch")
 
 
-def offsets(axis: str, *, num_tokens: int, num_heads: int, shift_div: int) -> np.ndarray:
-  """Where each (token, head, channel) slice of Q/K/V reads from, as {-1, 0, +1}."""
+def offsets(axis: str, *, num_tokens: int, num_heads: int, shift_div: int,
+            grouped: bool = False) -> np.ndarray:
+  """Where each (token, head, channel) slice of Q/K/V reads from, as {-1, 0, +1}; with
+  `grouped`, the tokens are in `token_order`."""
   if axis == "head":
     return shift.head_fold_offsets(num_heads, shift_div)[None, :, None]
   if axis == "patch":
-    return shift.patch_interleave_offsets(num_tokens, shift_div)[:, None, None]
+    pattern = shift.patch_interleave_offsets(num_tokens, shift_div)
+    if grouped:
+      pattern = pattern[token_order(num_tokens, shift_div)]
+    return pattern[:, None, None]
   raise ValueError(f"msca_axis must be one of {AXES}, got {axis!r}")
 
 
+def groups_tokens(axis: str) -> bool:
+  """Whether the encoder holds its tokens in `token_order` rather than the image's."""
+  return axis == "patch"
+
+
+def token_order(num_tokens: int, shift_div: int) -> np.ndarray:
+  """The image's token index at each grouped position: CLS, then patches by (p % shift_div, p)."""
+  patch = np.arange(num_tokens - 1)
+  return np.concatenate([[0], 1 + np.argsort(patch % shift_div, kind="stable")])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def group_tokens(x: jnp.ndarray, shift_div: int) -> jnp.ndarray:
+  """x: (..., tokens, channels) in the image's order -> in `token_order`."""
+  return jnp.concatenate([x[..., :1, :]] + [x[..., 1 + r::shift_div, :] for r in range(shift_div)],
+                         axis=-2)
+
+
+def ungroup_tokens(y: jnp.ndarray, shift_div: int) -> jnp.ndarray:
+  """The inverse of `group_tokens`: y (..., tokens, channels) in `token_order` -> the image's."""
+  patches = y.shape[-2] - 1
+  sizes = [len(range(r, patches, shift_div)) for r in range(shift_div)]
+  longest, starts = sizes[0], np.cumsum([1] + sizes)
+  # Class r holds patches r, r + shift_div, ...: padded to one length, the classes are the
+  # columns of the (longest, shift_div) grid of patches, read back row by row.
+  leading = [(0, 0)] * (y.ndim - 2)
+  columns = [jnp.pad(y[..., a:a + n, :], leading + [(0, longest - n), (0, 0)])
+             for a, n in zip(starts, sizes)]
+  grid = jnp.stack(columns, axis=-2)  # (..., longest, shift_div, channels)
+  rows = grid.reshape(y.shape[:-2] + (longest * shift_div, y.shape[-1]))[..., :patches, :]
+  return jnp.concatenate([y[..., :1, :], rows], axis=-2)
+
+
+# The transpose of strided slices is a sum of strided pads, which XLA:TPU runs slowly, once per
+# step but on the whole activation; the inverse permutation is a pad and a transpose.
+group_tokens.defvjp(lambda x, shift_div: (group_tokens(x, shift_div), None),
+                    lambda shift_div, _, cotangent: (ungroup_tokens(cotangent, shift_div),))
+
+
+def projects_shifted_tokens(axis: str) -> bool:
+  """Whether the variant moves the tokens before the projections rather than Q, K, V after."""
+  return axis == "patch"
+
+
+def cross_frame_tokens(x: jnp.ndarray, *, shift_div: int, boundary: shift.Boundary,
+                       grouped: bool = False):
+  """Patch axis: (x moved, where the moved tokens came from inside the clip, or None).
+
+  Every head of a moving patch moves, so its Q, K or V from frame t+s is the projection of
+  frame t+s's token: the projections named in the targets read the moved x (one tensor moved
+  for K and V together, in x's layout rather than the attention's) and are zeroed where the
+  token came from outside the clip (a projection of zeros would be the bias).
+  x: (batch, time, tokens, width).
+  """
+  pattern = offsets("patch", num_tokens=x.shape[2], num_heads=1, shift_div=shift_div,
+                    grouped=grouped)[:, :, 0]
+  moved = shift.temporal_shift(x, pattern, boundary)
+  if boundary == "circular":
+    return moved, None
+  frames = x.shape[1]
+  source = np.arange(frames)[:, None] + pattern[None, :, 0]
+  return moved, ((source >= 0) & (source < frames))[:, :, None, None]
+
+
 def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: str, axis: str,
-                    shift_div: int, boundary: shift.Boundary):
+                    shift_div: int, boundary: shift.Boundary, grouped: bool = False):
   """Takes the projections named in `targets` from the neighbouring frames.
 
-  q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included).
+  q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included); with `grouped`,
+  the tokens are in `token_order`.
   """
-  pattern = offsets(axis, num_tokens=q.shape[2], num_heads=q.shape[3], shift_div=shift_div)
+  pattern = offsets(axis, num_tokens=q.shape[2], num_heads=q.shape[3], shift_div=shift_div,
+                    grouped=grouped)
   return tuple(
       shift.temporal_shift(x, pattern, boundary) if name in targets else x
       for name, x in zip("qkv", (q, k, v)))

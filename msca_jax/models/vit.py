@@ -134,6 +134,7 @@ class Attention(nn.Module):
   temporal: TemporalMixing = TemporalMixing()
   attention_dropout_rate: float = 0.0
   attention_impl: str = "auto"  # 'auto' | 'xla' | 'cudnn'
+  grouped_tokens: bool = False  # x's tokens are in msca.token_order (the encoder's, patch axis)
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -149,28 +150,42 @@ class Attention(nn.Module):
         (width, self.num_heads, head_dim), "...d,dhk->...hk", dtype=self.dtype, name=name,
         kernel_init=_init(xavier((0,), (1, 2)), ("embed", "heads", "kv")),
         bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
-    q, k, v = (project(name)(x) for name in ("query", "key", "value"))
+    cross_frame = self.temporal.kind == "msca"
+    targets, axis = self.temporal.msca_targets, self.temporal.msca_axis
+    if cross_frame and msca.projects_shifted_tokens(axis):
+      moved, inside = msca.cross_frame_tokens(x, shift_div=self.temporal.shift_div,
+                                              boundary=self.temporal.boundary,
+                                              grouped=self.grouped_tokens)
+      project_from = lambda name: (
+          project(name)(x) if name[0] not in targets
+          else project(name)(moved) if inside is None
+          else jnp.where(inside, project(name)(moved), 0))
+      q, k, v = (project_from(name) for name in ("query", "key", "value"))
+    else:
+      q, k, v = (project(name)(x) for name in ("query", "key", "value"))
     # A caller that makes 'intermediates' mutable asks for the probabilities; otherwise this
     # lowers to exactly the fused attention below (tests/models/test_attention_maps.py).
     capture = self.is_mutable_collection("intermediates")
     explicit = capture or (train and self.attention_dropout_rate > 0.0)
     # Shifting the output is exact for the output only: captured maps and dropout masks belong
     # to the frame the inputs were moved to, so those paths move the inputs.
-    cross_frame = self.temporal.kind == "msca"
-    shift_output = (cross_frame and not explicit
-                    and msca.shifts_output(self.temporal.msca_targets, self.temporal.msca_axis))
-    if cross_frame and not shift_output:
+    shift_output = cross_frame and not explicit and msca.shifts_output(targets, axis)
+    if cross_frame and not shift_output and not msca.projects_shifted_tokens(axis):
       q, k, v = msca.cross_frame_qkv(
           q, k, v, targets=self.temporal.msca_targets, axis=self.temporal.msca_axis,
-          shift_div=self.temporal.shift_div, boundary=self.temporal.boundary)
+          shift_div=self.temporal.shift_div, boundary=self.temporal.boundary,
+          grouped=self.grouped_tokens)
 
     # Frames are independent attention problems: fold time into the batch.
     q, k, v = (y.reshape(batch * frames, tokens, self.num_heads, head_dim) for y in (q, k, v))
     if explicit:
       out, weights = self._explicit_attention(q, k, v, train)
       if capture:
-        self.sow("intermediates", "attention",
-                 weights.reshape(batch, frames, self.num_heads, tokens, tokens))
+        weights = weights.reshape(batch, frames, self.num_heads, tokens, tokens)
+        if self.grouped_tokens:  # maps are read in the image's token order
+          image = np.argsort(msca.token_order(tokens, self.temporal.shift_div))
+          weights = weights[..., image, :][..., image]
+        self.sow("intermediates", "attention", weights)
     else:
       implementation = attention_implementation(self.attention_impl, jax.default_backend(),
                                                 q.dtype, head_dim)
@@ -206,6 +221,7 @@ class EncoderBlock(nn.Module):
   attention_impl: str = "auto"
   layer_norm_eps: float = LN_EPSILON
   mlp_activation: str = "gelu"
+  grouped_tokens: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -217,8 +233,8 @@ class EncoderBlock(nn.Module):
     y = _layer_norm("LayerNorm_0", self.dtype, self.layer_norm_eps)(x)
     y = Attention(num_heads=self.num_heads, temporal=self.temporal,
                   attention_dropout_rate=self.attention_dropout_rate,
-                  attention_impl=self.attention_impl, dtype=self.dtype,
-                  name="MultiHeadDotProductAttention_1")(y, train)
+                  attention_impl=self.attention_impl, grouped_tokens=self.grouped_tokens,
+                  dtype=self.dtype, name="MultiHeadDotProductAttention_1")(y, train)
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
     x = x + _drop_path(self, y, self.drop_path_rate, train)
 
@@ -233,6 +249,7 @@ class EncoderBlock(nn.Module):
 
 class AddPositionEmbs(nn.Module):
   """Learned position embedding shared by all frames (no temporal embedding)."""
+  grouped_by: int = 0  # x's tokens are in msca.token_order for this shift_div; 0: the image's
 
   @nn.compact
   def __call__(self, x):
@@ -246,6 +263,8 @@ class AddPositionEmbs(nn.Module):
             "for the new resolution (msca_jax.pretrained.resize_pos_embedding)")
     pos = self.param("pos_embedding", _init(nn.initializers.normal(stddev=0.02), (None, None, "embed")),
                      shape)
+    if self.grouped_by:  # the parameter stays in the image's order, as checkpoints hold it
+      pos = msca.group_tokens(pos, self.grouped_by)
     return x + pos.astype(x.dtype)
 
 
@@ -267,7 +286,14 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = AddPositionEmbs(name="posembed_input")(x)
+    # Patch-axis MSCA: the moving patches become contiguous runs (msca.py). The output keeps
+    # that order; the classifier reads only CLS, at position 0 in both. Grouping before the
+    # position embedding keeps its gradient a plain sum over clips.
+    grouped = self.temporal.kind == "msca" and msca.groups_tokens(self.temporal.msca_axis)
+    if grouped:
+      x = msca.group_tokens(x, self.temporal.shift_div)
+    x = AddPositionEmbs(grouped_by=self.temporal.shift_div if grouped else 0,
+                        name="posembed_input")(x)
     if self.pre_norm:
       x = _layer_norm("pre_norm", self.dtype, self.layer_norm_eps)(x)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
@@ -283,7 +309,7 @@ class Encoder(nn.Module):
                 dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
                 drop_path_rate=rate, attention_impl=self.attention_impl,
                 layer_norm_eps=self.layer_norm_eps, mlp_activation=self.mlp_activation,
-                dtype=self.dtype, name=f"encoderblock_{i}")(x, train)
+                grouped_tokens=grouped, dtype=self.dtype, name=f"encoderblock_{i}")(x, train)
     return _layer_norm("encoder_norm", self.dtype, self.layer_norm_eps)(x)
 
 

@@ -365,3 +365,42 @@ def test_qkv_by_shifted_output_equals_shifted_inputs(boundary, monkeypatch):
   monkeypatch.setattr(msca, "shifts_output", lambda targets, axis: False)
   by_inputs = jax.jit(jax.value_and_grad(loss))(params)
   chex.assert_trees_all_close(by_output, by_inputs, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("targets,shift_div", [("kv", 4), ("q", 3), ("qkv", 2)])
+def test_patch_axis_with_grouped_tokens_equals_the_image_order(targets, shift_div, monkeypatch):
+  # The encoder holds patch-axis tokens grouped by p % shift_div so the moving patches are runs
+  # (msca.group_tokens): same logits, gradients and captured maps (in the image's order) as the
+  # interleaved pattern on the image's order.
+  model = helpers.small_model(name="msca", msca_targets=targets, msca_axis="patch",
+                              shift_div=shift_div, head_zeroinit=False)
+  clip = helpers.random_clip(batch=2, frames=4)
+  params = helpers.init_params(model, clip)
+  loss = lambda p: jnp.sum(model.apply({"params": p}, clip) ** 2)
+  maps = lambda p: model.apply({"params": p}, clip, mutable=["intermediates"])[1]
+  grouped = jax.jit(jax.value_and_grad(loss))(params), maps(params)
+  monkeypatch.setattr(msca, "groups_tokens", lambda axis: False)
+  image_order = jax.jit(jax.value_and_grad(loss))(params), maps(params)
+  # Attention sums its keys in another order: float32 rounding (gradients reach ~30 here).
+  chex.assert_trees_all_close(grouped, image_order, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_tokens_make_the_patch_pattern_two_runs():
+  order = msca.token_order(197, 12)
+  np.testing.assert_array_equal(np.sort(order), np.arange(197))
+  pattern = msca.offsets("patch", num_tokens=197, num_heads=12, shift_div=12, grouped=True)
+  np.testing.assert_array_equal(pattern[:, 0, 0], shift.patch_interleave_offsets(197, 12)[order])
+  np.testing.assert_array_equal(pattern[:, 0, 0], [0] + [1] * 17 + [-1] * 17 + [0] * 162)
+
+
+@pytest.mark.parametrize("tokens,shift_div", [(197, 12), (17, 4), (7, 3), (10, 2), (5, 1), (2, 12)])
+def test_grouping_tokens_is_a_permutation_with_its_inverse_as_gradient(tokens, shift_div):
+  order = msca.token_order(tokens, shift_div)
+  np.testing.assert_array_equal(np.sort(order), np.arange(tokens))
+  x = jnp.asarray(np.random.RandomState(0).normal(size=(2, 3, tokens, 5)), jnp.float32)
+  grouped = msca.group_tokens(x, shift_div)
+  np.testing.assert_array_equal(grouped, np.asarray(x)[:, :, order])
+  np.testing.assert_array_equal(msca.ungroup_tokens(grouped, shift_div), x)
+  cotangent = jnp.asarray(np.random.RandomState(1).normal(size=grouped.shape), jnp.float32)
+  grad = jax.vjp(lambda x: msca.group_tokens(x, shift_div), x)[1](cotangent)[0]
+  np.testing.assert_array_equal(grad, jax.vjp(lambda x: x[:, :, order], x)[1](cotangent)[0])
