@@ -11,11 +11,13 @@ frame t+1 or t-1 instead of frame t (zeros outside the clip):
 Head axis (the paper, official MSCA-KV code): with fold = num_heads // shift_div,
 heads [0, fold) have s_h = +1 and the last fold heads s_h = -1.
 Patch axis (our interpretation, docs/interpretations.md): every head, but patch tokens
-interleaved on the patch index move (CLS never does). The encoder holds those tokens grouped
-by p % shift_div (`group_tokens`, once after the position embedding): the moving patches are then
-two contiguous runs, moved in place like heads, where the interleave would roll and select all of
-K and V. Every block is token-wise or attention, which is indifferent to the order of its tokens,
-and CLS stays at position 0, so the logits are the same.
+interleaved on the patch index move (CLS never does). Two forms make it cost what the head
+axis costs (docs/tpu_compile.md#msca-at-vits-cost): the encoder holds the tokens grouped by
+p % shift_div (`group_tokens`, once, before the position embedding), so the moving patches are
+two contiguous runs, and since all heads of a moving patch move, its Q, K or V from frame t+s is
+the projection of frame t+s's token: the input of those projections is shifted (one tensor for
+K and V together). Every block is token-wise or attention, which is indifferent to the order of
+its tokens, and CLS stays at position 0, so the logits are the same.
 
 When Q, K and V of a head all come from frame t+s (MSCA-QKV, head axis), the head is
 frame t+s's own attention output: that output is shifted instead of Q, K and V, one tensor
@@ -118,14 +120,13 @@ def cross_frame_tokens(x: jnp.ndarray, *, shift_div: int, boundary: shift.Bounda
 
 
 def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: str, axis: str,
-                    shift_div: int, boundary: shift.Boundary, grouped: bool = False):
+                    shift_div: int, boundary: shift.Boundary):
   """Takes the projections named in `targets` from the neighbouring frames.
 
-  q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included); with `grouped`,
-  the tokens are in `token_order`.
+  q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included), tokens in the
+  image's order. The model moves patch-axis inputs instead (`cross_frame_tokens`).
   """
-  pattern = offsets(axis, num_tokens=q.shape[2], num_heads=q.shape[3], shift_div=shift_div,
-                    grouped=grouped)
+  pattern = offsets(axis, num_tokens=q.shape[2], num_heads=q.shape[3], shift_div=shift_div)
   return tuple(
       shift.temporal_shift(x, pattern, boundary) if name in targets else x
       for name, x in zip("qkv", (q, k, v)))

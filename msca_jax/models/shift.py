@@ -12,8 +12,9 @@ with a VJP of the same form in the other direction: the heads that stay are
 neither copied nor concatenated, forward or backward. Slicing every run and
 concatenating them back made XLA:TPU copy K and V whole several times per block
 (docs/tpu_compile.md has the compiler's estimates). A roll and a select of the
-whole activation per direction, the general form kept for the interleaved
-patch-axis pattern, writes two full rolled copies. Every form gives bitwise the
+whole activation per direction, the general form for patterns of many runs
+(the patch-axis interleave in the image's token order), writes two full rolled
+copies. Every form gives bitwise the
 same values and gradients.
 """
 

@@ -171,10 +171,9 @@ class Attention(nn.Module):
     # to the frame the inputs were moved to, so those paths move the inputs.
     shift_output = cross_frame and not explicit and msca.shifts_output(targets, axis)
     if cross_frame and not shift_output and not msca.projects_shifted_tokens(axis):
-      q, k, v = msca.cross_frame_qkv(
-          q, k, v, targets=self.temporal.msca_targets, axis=self.temporal.msca_axis,
-          shift_div=self.temporal.shift_div, boundary=self.temporal.boundary,
-          grouped=self.grouped_tokens)
+      q, k, v = msca.cross_frame_qkv(q, k, v, targets=targets, axis=axis,
+                                     shift_div=self.temporal.shift_div,
+                                     boundary=self.temporal.boundary)
 
     # Frames are independent attention problems: fold time into the batch.
     q, k, v = (y.reshape(batch * frames, tokens, self.num_heads, head_dim) for y in (q, k, v))

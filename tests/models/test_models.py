@@ -367,19 +367,23 @@ def test_qkv_by_shifted_output_equals_shifted_inputs(boundary, monkeypatch):
   chex.assert_trees_all_close(by_output, by_inputs, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("boundary", ["zero", "circular"])
 @pytest.mark.parametrize("targets,shift_div", [("kv", 4), ("q", 3), ("qkv", 2)])
-def test_patch_axis_with_grouped_tokens_equals_the_image_order(targets, shift_div, monkeypatch):
+def test_patch_axis_with_grouped_tokens_equals_the_image_order(targets, shift_div, boundary,
+                                                              monkeypatch):
   # The encoder holds patch-axis tokens grouped by p % shift_div so the moving patches are runs
-  # (msca.group_tokens): same logits, gradients and captured maps (in the image's order) as the
-  # interleaved pattern on the image's order.
+  # (msca.group_tokens), and the projections read the moved tokens (msca.cross_frame_tokens):
+  # same logits, gradients and captured maps (in the image's order) as moving Q, K, V on the
+  # image's order.
   model = helpers.small_model(name="msca", msca_targets=targets, msca_axis="patch",
-                              shift_div=shift_div, head_zeroinit=False)
+                              shift_div=shift_div, boundary=boundary, head_zeroinit=False)
   clip = helpers.random_clip(batch=2, frames=4)
   params = helpers.init_params(model, clip)
   loss = lambda p: jnp.sum(model.apply({"params": p}, clip) ** 2)
   maps = lambda p: model.apply({"params": p}, clip, mutable=["intermediates"])[1]
   grouped = jax.jit(jax.value_and_grad(loss))(params), maps(params)
   monkeypatch.setattr(msca, "groups_tokens", lambda axis: False)
+  monkeypatch.setattr(msca, "projects_shifted_tokens", lambda axis: False)
   image_order = jax.jit(jax.value_and_grad(loss))(params), maps(params)
   # Attention sums its keys in another order: float32 rounding (gradients reach ~30 here).
   chex.assert_trees_all_close(grouped, image_order, atol=1e-4, rtol=1e-4)
