@@ -11,8 +11,8 @@ frame t+1 or t-1 instead of frame t (zeros outside the clip):
 Head axis (the paper, official MSCA-KV code): with fold = num_heads // shift_div,
 heads [0, fold) have s_h = +1 and the last fold heads s_h = -1.
 Patch axis (our interpretation, docs/interpretations.md): every head, but patch tokens
-interleaved on the patch index move (CLS never does). Two forms make it cost what the head
-axis costs (docs/tpu_compile.md#msca-at-vits-cost): the encoder holds the tokens grouped by
+interleaved on the patch index move (CLS never does). Two forms bring its cost near the head
+axis's (docs/tpu_compile.md#the-patch-axis): the encoder holds the tokens grouped by
 p % shift_div (`group_tokens`, once, before the position embedding), so the moving patches are
 two contiguous runs, and since all heads of a moving patch move, its Q, K or V from frame t+s is
 the projection of frame t+s's token: the input of those projections is shifted (one tensor for
@@ -114,9 +114,7 @@ def cross_frame_tokens(x: jnp.ndarray, *, shift_div: int, boundary: shift.Bounda
   moved = shift.temporal_shift(x, pattern, boundary)
   if boundary == "circular":
     return moved, None
-  frames = x.shape[1]
-  source = np.arange(frames)[:, None] + pattern[None, :, 0]
-  return moved, ((source >= 0) & (source < frames))[:, :, None, None]
+  return moved, shift.reads_inside(x.shape[1], pattern[:, 0])[:, :, None, None]
 
 
 def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: str, axis: str,

@@ -14,8 +14,7 @@ concatenating them back made XLA:TPU copy K and V whole several times per block
 (docs/tpu_compile.md has the compiler's estimates). A roll and a select of the
 whole activation per direction, the general form for patterns of many runs
 (the patch-axis interleave in the image's token order), writes two full rolled
-copies. Every form gives bitwise the
-same values and gradients.
+copies. Every form gives bitwise the same values and gradients.
 """
 
 from __future__ import annotations
@@ -112,10 +111,15 @@ def _shift_frames(y: jnp.ndarray, step: int, boundary: Boundary) -> jnp.ndarray:
   moved = jnp.roll(y, -step, axis=1)  # moved[:, t] = y[:, t + step]
   if boundary == "zero":
     num_frames = y.shape[1]
-    source = np.arange(num_frames) + step
-    inside = (source >= 0) & (source < num_frames)
+    inside = reads_inside(num_frames, np.asarray(step))
     moved = jnp.where(inside.reshape((num_frames,) + (1,) * (y.ndim - 2)), moved, 0)
   return moved
+
+
+def reads_inside(num_frames: int, offsets: np.ndarray) -> np.ndarray:
+  """(num_frames, *offsets.shape) bool: frame t + offset lies inside the clip."""
+  source = np.arange(num_frames).reshape((num_frames,) + (1,) * offsets.ndim) + offsets
+  return (source >= 0) & (source < num_frames)
 
 
 def roll_and_select(x: jnp.ndarray, offsets: np.ndarray, boundary: Boundary) -> jnp.ndarray:

@@ -152,7 +152,8 @@ class Attention(nn.Module):
         bias_init=_init(nn.initializers.zeros, ("heads", "kv")))
     cross_frame = self.temporal.kind == "msca"
     targets, axis = self.temporal.msca_targets, self.temporal.msca_axis
-    if cross_frame and msca.projects_shifted_tokens(axis):
+    shift_tokens = cross_frame and msca.projects_shifted_tokens(axis)
+    if shift_tokens:
       moved, inside = msca.cross_frame_tokens(x, shift_div=self.temporal.shift_div,
                                               boundary=self.temporal.boundary,
                                               grouped=self.grouped_tokens)
@@ -170,7 +171,7 @@ class Attention(nn.Module):
     # Shifting the output is exact for the output only: captured maps and dropout masks belong
     # to the frame the inputs were moved to, so those paths move the inputs.
     shift_output = cross_frame and not explicit and msca.shifts_output(targets, axis)
-    if cross_frame and not shift_output and not msca.projects_shifted_tokens(axis):
+    if cross_frame and not shift_output and not shift_tokens:
       q, k, v = msca.cross_frame_qkv(q, k, v, targets=targets, axis=axis,
                                      shift_div=self.temporal.shift_div,
                                      boundary=self.temporal.boundary)

@@ -302,16 +302,16 @@ def _gib(n) -> str:
 
 
 VARIANT_WIDTH = 16  # "MSCA-QKV (patch)"
-HEADER = (f"{'variant':<{VARIANT_WIDTH}} {'step':<5} {'remat':<5} {'clips/chip':>10} {'fits':<4} {'args':>6} "
-          f"{'outs':>6} {'temps':>6} {'code':>5} {'alias':>6} {'total':>6} {'HBM':>6} {'margin':>7} "
+HEADER = (f"{'variant':<{VARIANT_WIDTH}} {'step':<5} {'remat':<5} {'clips/chip':>10} {'fits':<4} "
+          f"{'args':>6} {'outs':>6} {'temps':>6} {'code':>5} {'alias':>6} {'total':>6} {'HBM':>6} {'margin':>7} "
           f"{'est. s':>8} {'est. clips/s':>12} {'est. MFU':>8} {'compile s':>9}  collectives")
 
 
 def format_row(row: dict, step: str) -> str:
   r = row[step]
   verdict = "yes" if r["fits"] else "over" if r.get("over_hbm") else "OOM"
-  head = (f"{label(row['variant']):<{VARIANT_WIDTH}} {step:<5} {'yes' if row['remat'] else 'no':<5} "
-          f"{row['batch_per_chip']:>10} {verdict:<4} ")
+  head = (f"{label(row['variant']):<{VARIANT_WIDTH}} {step:<5} "
+          f"{'yes' if row['remat'] else 'no':<5} {row['batch_per_chip']:>10} {verdict:<4} ")
   if verdict == "OOM":  # the compiler refused it: no memory analysis, its message instead
     return head + f"compile {r['compile_s']:.0f} s; {r['oom'][:160]}"
   m = r["memory"]
