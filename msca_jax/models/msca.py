@@ -19,9 +19,14 @@ the projection of frame t+s's token: the input of those projections is shifted (
 K and V together). Every block is token-wise or attention, which is indifferent to the order of
 its tokens, and CLS stays at position 0, so the logits are the same.
 
-When Q, K and V of a head all come from frame t+s (MSCA-QKV, head axis), the head is
-frame t+s's own attention output: that output is shifted instead of Q, K and V, one tensor
-moved instead of three, the same values (zero frames attend to zero values: a zero head).
+When V of a head comes from frame t+s (head axis), the head of frame t is the frame-wise
+attention of frame t+s once the other inputs are moved back by s: Q and K that stay in frame t
+move by -s, the attention runs within each frame, and its output moves by +s. At a zero
+boundary a head whose V lies outside the clip attends to zero values, a zero head, which is what
+the moved output reads there. MSCA-QKV moves one tensor instead of three; MSCA-KV and MSCA-QV
+move Q (or K) and the output instead of K and V (or Q and V), two for two, cheaper by the TPU
+compiler's estimate (docs/tpu_compile.md#msca-at-vits-cost). MSCA-V would move three for one
+and keeps the direct form.
 
 MSCA-KV, the paper's best variant, lets a few heads of frame t query the tokens
 of the neighbouring frames: temporal cross-attention at the cost of ViT.
@@ -118,24 +123,34 @@ def cross_frame_tokens(x: jnp.ndarray, *, shift_div: int, boundary: shift.Bounda
 
 
 def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: str, axis: str,
-                    shift_div: int, boundary: shift.Boundary):
-  """Takes the projections named in `targets` from the neighbouring frames.
+                    shift_div: int, boundary: shift.Boundary, backwards: bool = False):
+  """Takes the projections named in `targets` from the neighbouring frames (with `backwards`,
+  from the frames on the other side).
 
   q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included), tokens in the
   image's order. The model moves patch-axis inputs instead (`cross_frame_tokens`).
   """
   pattern = offsets(axis, num_tokens=q.shape[2], num_heads=q.shape[3], shift_div=shift_div)
+  if backwards:
+    pattern = -pattern
   return tuple(
       shift.temporal_shift(x, pattern, boundary) if name in targets else x
       for name, x in zip("qkv", (q, k, v)))
 
 
 def shifts_output(targets: str, axis: str) -> bool:
-  """Whether the variant is computed by shifting the attention output of whole heads."""
-  return targets == "qkv" and axis == "head"
+  """Whether the variant is computed by shifting the attention output of whole heads: head axis,
+  V moving, and no more tensors moved that way than the direct form moves."""
+  return axis == "head" and "v" in targets and len(targets) >= 2
+
+
+def staying_inputs(targets: str) -> str:
+  """The output form's inputs moved backwards: those of Q and K that stay in the direct form."""
+  return "".join(name for name in "qk" if name not in targets)
 
 
 def cross_frame_output(out: jnp.ndarray, *, shift_div: int, boundary: shift.Boundary) -> jnp.ndarray:
-  """MSCA-QKV (head axis) from frame-wise attention output out: (batch, time, tokens, heads, head_dim)."""
+  """The output form's last step, on frame-wise attention output out: (batch, time, tokens,
+  heads, head_dim)."""
   pattern = offsets("head", num_tokens=out.shape[2], num_heads=out.shape[3], shift_div=shift_div)
   return shift.temporal_shift(out, pattern, boundary)

@@ -353,10 +353,13 @@ class ConfigErrorsTest(parameterized.TestCase):
 
 
 @pytest.mark.parametrize("boundary", ["zero", "circular"])
-def test_qkv_by_shifted_output_equals_shifted_inputs(boundary, monkeypatch):
-  # MSCA-QKV (head axis) shifts the attention output instead of Q, K and V: same logits and
-  # same gradients as moving the three inputs (docs/tpu_compile.md#msca-at-vits-cost).
-  model = helpers.small_model(name="msca", msca_targets="qkv", shift_div=4, boundary=boundary,
+@pytest.mark.parametrize("targets", ["qkv", "kv", "qv"])
+def test_by_shifted_output_equals_shifted_inputs(targets, boundary, monkeypatch):
+  # Head axis with V moving: the attention output moves, and Q or K that stay move the other
+  # way, instead of the targets: same logits and same gradients as moving the targets
+  # (docs/tpu_compile.md#msca-at-vits-cost).
+  assert msca.shifts_output(targets, "head")
+  model = helpers.small_model(name="msca", msca_targets=targets, shift_div=4, boundary=boundary,
                               head_zeroinit=False)
   clip = helpers.random_clip(batch=2, frames=4)
   params = helpers.init_params(model, clip)
