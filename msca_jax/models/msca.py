@@ -123,16 +123,17 @@ def cross_frame_tokens(x: jnp.ndarray, *, shift_div: int, boundary: shift.Bounda
 
 
 def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: str, axis: str,
-                    shift_div: int, boundary: shift.Boundary, backwards: bool = False):
-  """Takes the projections named in `targets` from the neighbouring frames (with `backwards`,
-  from the frames on the other side).
+                    shift_div: int, boundary: shift.Boundary, output_form: bool = False):
+  """Takes the projections named in `targets` from the neighbouring frames; with `output_form`,
+  moves what the output form moves before the attention instead (`shifts_output`): Q and K that
+  stay, from the frames on the other side.
 
   q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included), tokens in the
   image's order. The model moves patch-axis inputs instead (`cross_frame_tokens`).
   """
   pattern = offsets(axis, num_tokens=q.shape[2], num_heads=q.shape[3], shift_div=shift_div)
-  if backwards:
-    pattern = -pattern
+  if output_form:
+    targets, pattern = staying_inputs(targets), -pattern
   return tuple(
       shift.temporal_shift(x, pattern, boundary) if name in targets else x
       for name, x in zip("qkv", (q, k, v)))
@@ -140,8 +141,9 @@ def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: 
 
 def shifts_output(targets: str, axis: str) -> bool:
   """Whether the variant is computed by shifting the attention output of whole heads: head axis,
-  V moving, and no more tensors moved that way than the direct form moves."""
-  return axis == "head" and "v" in targets and len(targets) >= 2
+  V moving, and no more tensors moved that way (the output and the staying Q, K) than the
+  direct form moves."""
+  return axis == "head" and "v" in targets and 1 + len(staying_inputs(targets)) <= len(targets)
 
 
 def staying_inputs(targets: str) -> str:

@@ -172,10 +172,9 @@ class Attention(nn.Module):
     # to the frame the inputs were moved to, so those paths move the inputs.
     shift_output = cross_frame and not explicit and msca.shifts_output(targets, axis)
     if cross_frame and not shift_tokens:
-      q, k, v = msca.cross_frame_qkv(
-          q, k, v, targets=msca.staying_inputs(targets) if shift_output else targets, axis=axis,
-          shift_div=self.temporal.shift_div, boundary=self.temporal.boundary,
-          backwards=shift_output)
+      q, k, v = msca.cross_frame_qkv(q, k, v, targets=targets, axis=axis,
+                                     shift_div=self.temporal.shift_div,
+                                     boundary=self.temporal.boundary, output_form=shift_output)
 
     # Frames are independent attention problems: fold time into the batch.
     q, k, v = (y.reshape(batch * frames, tokens, self.num_heads, head_dim) for y in (q, k, v))
