@@ -19,14 +19,17 @@ the projection of frame t+s's token: the input of those projections is shifted (
 K and V together). Every block is token-wise or attention, which is indifferent to the order of
 its tokens, and CLS stays at position 0, so the logits are the same.
 
-When V of a head comes from frame t+s (head axis), the head of frame t is the frame-wise
-attention of frame t+s once the other inputs are moved back by s: Q and K that stay in frame t
-move by -s, the attention runs within each frame, and its output moves by +s. At a zero
-boundary a head whose V lies outside the clip attends to zero values, a zero head, which is what
-the moved output reads there. MSCA-QKV moves one tensor instead of three; MSCA-KV and MSCA-QV
-move Q (or K) and the output instead of K and V (or Q and V), two for two, cheaper by the TPU
-compiler's estimate (docs/tpu_compile.md#msca-at-vits-cost). MSCA-V would move three for one
-and keeps the direct form.
+On the head axis, a head of frame t whose Q, K and V come from frames t+a, t+b, t+c with a, b, c
+in {0, s} is the frame-wise attention of frame t+s once the inputs that stay in frame t are moved
+back by -s: the attention runs within each frame and its output moves by +s. At a zero boundary
+the moved output reads what the direct form's head computes there: a zero head where V lies
+outside the clip, and where only Q and K do, zero logits, uniform weights, the mean of frame t's
+V over its tokens (a small tensor, written into the two boundary frames); the frames whose
+moved-back inputs came from outside are dropped by the last move. MSCA-QKV moves one tensor
+instead of three; MSCA-KV, -QV and -QK move the staying input and the output instead of their two
+targets, two for two, cheaper by the TPU compiler's estimate
+(docs/tpu_compile.md#msca-at-vits-cost). MSCA-Q, -K and -V would move three tensors for one and
+keep the direct form.
 
 MSCA-KV, the paper's best variant, lets a few heads of frame t query the tokens
 of the neighbouring frames: temporal cross-attention at the cost of ViT.
@@ -39,6 +42,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from msca_jax.models import shift
 
@@ -125,8 +129,8 @@ def cross_frame_tokens(x: jnp.ndarray, *, shift_div: int, boundary: shift.Bounda
 def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: str, axis: str,
                     shift_div: int, boundary: shift.Boundary, output_form: bool = False):
   """Takes the projections named in `targets` from the neighbouring frames; with `output_form`,
-  moves what the output form moves before the attention instead (`shifts_output`): Q and K that
-  stay, from the frames on the other side.
+  moves what the output form moves before the attention instead (`shifts_output`): the inputs
+  that stay, from the frames on the other side.
 
   q, k, v: (batch, time, tokens, heads, head_dim), projected (bias included), tokens in the
   image's order. The model moves patch-axis inputs instead (`cross_frame_tokens`).
@@ -141,18 +145,33 @@ def cross_frame_qkv(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *, targets: 
 
 def shifts_output(targets: str, axis: str) -> bool:
   """Whether the variant is computed by shifting the attention output of whole heads: head axis,
-  V moving, and no more tensors moved that way (the output and the staying Q, K) than the
-  direct form moves."""
-  return axis == "head" and "v" in targets and 1 + len(staying_inputs(targets)) <= len(targets)
+  and no more tensors moved that way (the output and the staying inputs) than the direct form
+  moves."""
+  return axis == "head" and 1 + len(staying_inputs(targets)) <= len(targets)
 
 
 def staying_inputs(targets: str) -> str:
-  """The output form's inputs moved backwards: those of Q and K that stay in the direct form."""
-  return "".join(name for name in "qk" if name not in targets)
+  """The output form's inputs moved backwards: those of Q, K and V that stay in the direct form."""
+  return "".join(name for name in "qkv" if name not in targets)
 
 
-def cross_frame_output(out: jnp.ndarray, *, shift_div: int, boundary: shift.Boundary) -> jnp.ndarray:
-  """The output form's last step, on frame-wise attention output out: (batch, time, tokens,
-  heads, head_dim)."""
+def cross_frame_output(out: jnp.ndarray, v: jnp.ndarray, *, targets: str, shift_div: int,
+                       boundary: shift.Boundary) -> jnp.ndarray:
+  """The output form's last step, on frame-wise attention output out and the unmoved values v:
+  (batch, time, tokens, heads, head_dim)."""
   pattern = offsets("head", num_tokens=out.shape[2], num_heads=out.shape[3], shift_div=shift_div)
-  return shift.temporal_shift(out, pattern, boundary)
+  out = shift.temporal_shift(out, pattern, boundary)
+  if boundary == "circular" or "v" in targets:
+    return out
+  # A moved head whose Q and K lie outside the clip attends uniformly to its own frame's tokens:
+  # the frame t with t + s outside, of each (contiguous) run of heads moved by s.
+  frames, tokens = out.shape[1], out.shape[2]
+  for step, frame in ((shift.FROM_NEXT, frames - 1), (shift.FROM_PREVIOUS, 0)):
+    heads = np.flatnonzero(pattern.reshape(-1) == step)
+    if not heads.size:
+      continue
+    values = v[:, frame:frame + 1, :, heads[0]:heads[-1] + 1]
+    mean = jnp.mean(values, axis=2, keepdims=True, dtype=jnp.float32).astype(out.dtype)
+    uniform = jnp.broadcast_to(mean, values.shape[:2] + (tokens,) + values.shape[3:])
+    out = lax.dynamic_update_slice(out, uniform, (0, frame, 0, int(heads[0]), 0))
+  return out

@@ -171,6 +171,7 @@ class Attention(nn.Module):
     # Shifting the output is exact for the output only: captured maps and dropout masks belong
     # to the frame the inputs were moved to, so those paths move the inputs.
     shift_output = cross_frame and not explicit and msca.shifts_output(targets, axis)
+    values = v
     if cross_frame and not shift_tokens:
       q, k, v = msca.cross_frame_qkv(q, k, v, targets=targets, axis=axis,
                                      shift_div=self.temporal.shift_div,
@@ -192,7 +193,8 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     out = out.reshape(batch, frames, tokens, self.num_heads, head_dim)
     if shift_output:
-      out = msca.cross_frame_output(out, shift_div=self.temporal.shift_div,
+      out = msca.cross_frame_output(out, values, targets=targets,
+                                    shift_div=self.temporal.shift_div,
                                     boundary=self.temporal.boundary)
     out = nn.with_logical_constraint(out, ("batch", None, None, "heads", "kv"))
     return nn.Einsum(

@@ -353,21 +353,24 @@ class ConfigErrorsTest(parameterized.TestCase):
 
 
 @pytest.mark.parametrize("boundary", ["zero", "circular"])
-@pytest.mark.parametrize("targets", ["qkv", "kv", "qv"])
-def test_by_shifted_output_equals_shifted_inputs(targets, boundary, monkeypatch):
-  # Head axis with V moving: the attention output moves, and Q or K that stay move the other
-  # way, instead of the targets: same logits and same gradients as moving the targets
-  # (docs/tpu_compile.md#msca-at-vits-cost).
+@pytest.mark.parametrize("targets,shift_div", [("qkv", 4), ("kv", 4), ("qv", 4), ("qk", 4),
+                                               ("qk", 2), ("qk", 1)])
+def test_by_shifted_output_equals_shifted_inputs(targets, shift_div, boundary, monkeypatch):
+  # Head axis: the attention output moves, and the inputs that stay move the other way, instead
+  # of the targets; for MSCA-QK the boundary frames' moved heads are the mean of their own V.
+  # Same logits and same gradients as moving the targets (docs/tpu_compile.md#msca-at-vits-cost).
   assert msca.shifts_output(targets, "head")
-  model = helpers.small_model(name="msca", msca_targets=targets, shift_div=4, boundary=boundary,
-                              head_zeroinit=False)
+  model = helpers.small_model(name="msca", msca_targets=targets, shift_div=shift_div,
+                              boundary=boundary, head_zeroinit=False)
   clip = helpers.random_clip(batch=2, frames=4)
   params = helpers.init_params(model, clip)
   loss = lambda p: jnp.sum(model.apply({"params": p}, clip) ** 2)
   by_output = jax.jit(jax.value_and_grad(loss))(params)
   monkeypatch.setattr(msca, "shifts_output", lambda targets, axis: False)
   by_inputs = jax.jit(jax.value_and_grad(loss))(params)
-  chex.assert_trees_all_close(by_output, by_inputs, atol=1e-6, rtol=1e-5)
+  # The mean sums V in another order than the attention: float32 rounding.
+  tolerance = 1e-4 if "v" not in targets else 1e-5
+  chex.assert_trees_all_close(by_output, by_inputs, atol=tolerance / 10, rtol=tolerance)
 
 
 @pytest.mark.parametrize("boundary", ["zero", "circular"])
