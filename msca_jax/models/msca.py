@@ -165,13 +165,13 @@ def cross_frame_output(out: jnp.ndarray, v: jnp.ndarray, *, targets: str, shift_
     return out
   # A moved head whose Q and K lie outside the clip attends uniformly to its own frame's tokens:
   # the frame t with t + s outside, of each (contiguous) run of heads moved by s.
-  frames, tokens = out.shape[1], out.shape[2]
-  for step, frame in ((shift.FROM_NEXT, frames - 1), (shift.FROM_PREVIOUS, 0)):
+  for step in (shift.FROM_NEXT, shift.FROM_PREVIOUS):
     heads = np.flatnonzero(pattern.reshape(-1) == step)
     if not heads.size:
       continue
+    frame = int(np.flatnonzero(~shift.reads_inside(out.shape[1], np.asarray(step)))[0])
     values = v[:, frame:frame + 1, :, heads[0]:heads[-1] + 1]
     mean = jnp.mean(values, axis=2, keepdims=True, dtype=jnp.float32).astype(out.dtype)
-    uniform = jnp.broadcast_to(mean, values.shape[:2] + (tokens,) + values.shape[3:])
-    out = lax.dynamic_update_slice(out, uniform, (0, frame, 0, int(heads[0]), 0))
+    out = lax.dynamic_update_slice(out, jnp.broadcast_to(mean, values.shape),
+                                   (0, frame, 0, int(heads[0]), 0))
   return out
